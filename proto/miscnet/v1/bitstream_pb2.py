@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/miscnet/v1/bitstream.proto\x12\nmiscnet.v1\"8\n\x0eSemanticParams\x12\x15\n\rmodel_version\x18\x01 \x01(\r\x12\x0f\n\x07objects\x18\x02 \x01(\r\":\n\tMapParams\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\x0f\n\x07objects\x18\x02 \x01(\r\x12\x0e\n\x06method\x18\x03 \x01(\t\"\xb1\x01\n\x0bPixelParams\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x13\n\x0bplane_shift\x18\x04 \x01(\r\x12\x12\n\nplane_bits\x18\x05 \x01(\r\x12\x10\n\x08residual\x18\x06 \x01(\x08\x12\x15\n\rresidual_gain\x18\x07 \x01(\r\x12\x0f\n\x07quality\x18\x08 \x01(\r\x12\x12\n\ncolorspace\x18\t \x01(\r\"\xf8\x01\n\x05Layer\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.miscnet.v1.LayerKind\x12\r\n\x05level\x18\x02 \x01(\r\x12 \n\x05\x63odec\x18\x03 \x01(\x0e\x32\x11.miscnet.v1.Codec\x12.\n\x08semantic\x18\x04 \x01(\x0b\x32\x1a.miscnet.v1.SemanticParamsH\x00\x12$\n\x03map\x18\x05 \x01(\x0b\x32\x15.miscnet.v1.MapParamsH\x00\x12(\n\x05pixel\x18\x06 \x01(\x0b\x32\x17.miscnet.v1.PixelParamsH\x00\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\x42\x08\n\x06params\"M\n\x06Header\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x13\n\x0blayer_count\x18\x04 \x01(\r\"R\n\tBitstream\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.miscnet.v1.Header\x12!\n\x06layers\x18\x02 \x03(\x0b\x32\x11.miscnet.v1.Layer*j\n\tLayerKind\x12\x1a\n\x16LAYER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13LAYER_KIND_SEMANTIC\x10\x01\x12\x12\n\x0eLAYER_KIND_MAP\x10\x02\x12\x14\n\x10LAYER_KIND_PIXEL\x10\x03*\xd4\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43ODEC_TEXT_RAW\x10\x01\x12\x15\n\x11\x43ODEC_TEXT_BROTLI\x10\x02\x12\x18\n\x14\x43ODEC_TEXT_WORDMODEL\x10\x03\x12\x16\n\x12\x43ODEC_MASK_BITPACK\x10\x10\x12\x15\n\x11\x43ODEC_PIXEL_BLOCK\x10 \x12\x14\n\x10\x43ODEC_PIXEL_WEBP\x10!\x12\x14\n\x10\x43ODEC_PIXEL_AVIF\x10\"\x12\x14\n\x10\x43ODEC_PIXEL_JPEG\x10#b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n proto/miscnet/v1/bitstream.proto\x12\nmiscnet.v1\"8\n\x0eSemanticParams\x12\x15\n\rmodel_version\x18\x01 \x01(\r\x12\x0f\n\x07objects\x18\x02 \x01(\r\"0\n\tMapParams\x12\x0c\n\x04grid\x18\x01 \x01(\r\x12\x0f\n\x07objects\x18\x02 \x01(\rJ\x04\x08\x03\x10\x04\"\xb1\x01\n\x0bPixelParams\x12\r\n\x05width\x18\x01 \x01(\r\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\x0c\n\x04step\x18\x03 \x01(\r\x12\x13\n\x0bplane_shift\x18\x04 \x01(\r\x12\x12\n\nplane_bits\x18\x05 \x01(\r\x12\x10\n\x08residual\x18\x06 \x01(\x08\x12\x15\n\rresidual_gain\x18\x07 \x01(\r\x12\x0f\n\x07quality\x18\x08 \x01(\r\x12\x12\n\ncolorspace\x18\t \x01(\r\"\xf8\x01\n\x05Layer\x12#\n\x04kind\x18\x01 \x01(\x0e\x32\x15.miscnet.v1.LayerKind\x12\r\n\x05level\x18\x02 \x01(\r\x12 \n\x05\x63odec\x18\x03 \x01(\x0e\x32\x11.miscnet.v1.Codec\x12.\n\x08semantic\x18\x04 \x01(\x0b\x32\x1a.miscnet.v1.SemanticParamsH\x00\x12$\n\x03map\x18\x05 \x01(\x0b\x32\x15.miscnet.v1.MapParamsH\x00\x12(\n\x05pixel\x18\x06 \x01(\x0b\x32\x17.miscnet.v1.PixelParamsH\x00\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\x42\x08\n\x06params\"M\n\x06Header\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\x13\n\x0blayer_count\x18\x04 \x01(\r\"R\n\tBitstream\x12\"\n\x06header\x18\x01 \x01(\x0b\x32\x12.miscnet.v1.Header\x12!\n\x06layers\x18\x02 \x03(\x0b\x32\x11.miscnet.v1.Layer*j\n\tLayerKind\x12\x1a\n\x16LAYER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13LAYER_KIND_SEMANTIC\x10\x01\x12\x12\n\x0eLAYER_KIND_MAP\x10\x02\x12\x14\n\x10LAYER_KIND_PIXEL\x10\x03*\xea\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x43ODEC_TEXT_RAW\x10\x01\x12\x15\n\x11\x43ODEC_TEXT_BROTLI\x10\x02\x12\x18\n\x14\x43ODEC_TEXT_WORDMODEL\x10\x03\x12\x16\n\x12\x43ODEC_MASK_BITPACK\x10\x10\x12\x14\n\x10\x43ODEC_MASK_RECTS\x10\x11\x12\x15\n\x11\x43ODEC_PIXEL_BLOCK\x10 \x12\x14\n\x10\x43ODEC_PIXEL_WEBP\x10!\x12\x14\n\x10\x43ODEC_PIXEL_AVIF\x10\"\x12\x14\n\x10\x43ODEC_PIXEL_JPEG\x10#b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.miscnet.v1.bitstream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LAYERKIND']._serialized_start=760
-  _globals['_LAYERKIND']._serialized_end=866
-  _globals['_CODEC']._serialized_start=869
-  _globals['_CODEC']._serialized_end=1081
+  _globals['_LAYERKIND']._serialized_start=750
+  _globals['_LAYERKIND']._serialized_end=856
+  _globals['_CODEC']._serialized_start=859
+  _globals['_CODEC']._serialized_end=1093
   _globals['_SEMANTICPARAMS']._serialized_start=48
   _globals['_SEMANTICPARAMS']._serialized_end=104
   _globals['_MAPPARAMS']._serialized_start=106
-  _globals['_MAPPARAMS']._serialized_end=164
-  _globals['_PIXELPARAMS']._serialized_start=167
-  _globals['_PIXELPARAMS']._serialized_end=344
-  _globals['_LAYER']._serialized_start=347
-  _globals['_LAYER']._serialized_end=595
-  _globals['_HEADER']._serialized_start=597
-  _globals['_HEADER']._serialized_end=674
-  _globals['_BITSTREAM']._serialized_start=676
-  _globals['_BITSTREAM']._serialized_end=758
+  _globals['_MAPPARAMS']._serialized_end=154
+  _globals['_PIXELPARAMS']._serialized_start=157
+  _globals['_PIXELPARAMS']._serialized_end=334
+  _globals['_LAYER']._serialized_start=337
+  _globals['_LAYER']._serialized_end=585
+  _globals['_HEADER']._serialized_start=587
+  _globals['_HEADER']._serialized_end=664
+  _globals['_BITSTREAM']._serialized_start=666
+  _globals['_BITSTREAM']._serialized_end=748
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,545 @@
+"""Transport endpoints, sans I/O: the same state machines run in virtual time (SimPy) and live (gRPC).
+
+Sender side (``ImageSender``): an encoded image becomes *blocks*. Block 0 carries the tiny, most
+important units (header, semantic, map) so they share one packet; each pixel level is a block of its own,
+in stream order. Every block starts with the image header, so any block that arrives is decodable even if
+block 0 is lost. A block is cut into k source symbols of one size; FEC adds repair symbols from RaptorQ
+(RFC 6330, Apache-2.0 ``raptorq`` package), with unequal protection (``strong_rate`` for block 0,
+``pixel_rate`` for pixel blocks, as code rates k/n).
+
+Error control modes:
+  none    send every source symbol once; the receiver uses what completes.
+  fec     source + repair symbols once, no feedback.
+  arq     source once, then a 12-byte POLL; the receiver answers with Feedback (selective NACKs); lost
+          source symbols are sent again, until complete, ``max_rounds`` or ``deadline_s``.
+  hybrid  fec's first round, then arq's rounds, asking for fresh repair symbols (any k of a block decode).
+Round-trip times from POLL to Feedback drive the retransmission timer (RFC 6298: SRTT, RTTVAR, backoff).
+
+Receiver side (``TransportReceiver``): verifies packets (checksum, sizes, limits), reassembles blocks
+(loss, duplication and reordering tolerated), decodes FEC, parses units and reports each layer once;
+answers POLLs with Feedback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import raptorq
+from google.protobuf.message import DecodeError
+
+from channel.packet import DATA, FEEDBACK, POLL, Datagram, Packet, PacketError, decode_packet
+from proto.miscnet.v1 import bitstream_pb2 as pb
+from proto.miscnet.v1 import transport_pb2 as tpb
+from sender.bitstream import KIND_ORDER, EncodedImage, layer_name, validate_header, validate_layer
+from sender.errors import BitstreamError, MiscError
+
+MODES = ("none", "arq", "fec", "hybrid")
+FEC_ALIGN = 8  # RaptorQ symbols are multiples of 8 bytes in the raptorq package
+MIN_FEC_SYMBOL = 64
+MAX_BLOCKS = 64
+MAX_SYMBOLS = 4096  # per block: bounds receiver memory at MAX_SYMBOLS * MTU per block
+MAX_UNIT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    mode: str = "none"
+    mtu: int = 1200  # payload bytes per packet (the 12-byte header comes on top)
+    strong_rate: float = 0.5  # code rate k/n of block 0 (header + semantic + map) under fec / hybrid
+    pixel_rate: float = 0.8  # code rate of pixel blocks
+    fec_min_symbols: int = 4  # small blocks are cut into this many symbols so one repair is not a whole copy
+    max_rounds: int = 12  # ARQ rounds after the first
+    deadline_s: float | None = None  # give up this long after the first packet
+    rto_initial_s: float = 1.0
+    rto_min_s: float = 0.2
+    rto_max_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise MiscError(f"unknown protection '{self.mode}' (use {', '.join(MODES)})")
+        if not 64 <= self.mtu <= 65000:
+            raise MiscError(f"MTU must be 64..65000 bytes of payload, not {self.mtu}")
+        for name in ("strong_rate", "pixel_rate"):
+            value = getattr(self, name)
+            if not 0.05 <= value <= 1.0:
+                raise MiscError(f"{name.replace('_', '-')} must be a code rate in [0.05, 1], not {value}")
+        if self.deadline_s is not None and self.deadline_s <= 0:
+            raise MiscError(f"deadline must be positive, not {self.deadline_s}")
+
+    @property
+    def uses_fec(self) -> bool:
+        return self.mode in ("fec", "hybrid")
+
+    @property
+    def uses_feedback(self) -> bool:
+        return self.mode in ("arq", "hybrid")
+
+
+# ---------------------------------------------------------------- units and blocks
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(data) or shift > 28:
+            raise BitstreamError("truncated or oversized length in block")
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def pack_units(header: pb.Header, layers: Iterable[pb.Layer]) -> bytes:
+    """Block payload: length-prefixed Header, then length-prefixed Layers; a zero length ends it."""
+    parts = [header.SerializeToString(), *(ly.SerializeToString() for ly in layers)]
+    return b"".join(_varint(len(p)) + p for p in parts)
+
+
+def unpack_units(data: bytes) -> tuple[pb.Header, list[pb.Layer]]:
+    units, pos = [], 0
+    while pos < len(data):
+        n, pos = _read_varint(data, pos)
+        if n == 0:  # FEC padding
+            break
+        if n > MAX_UNIT_BYTES or pos + n > len(data):
+            raise BitstreamError("unit length runs past the block")
+        units.append(data[pos : pos + n])
+        pos += n
+    if not units:
+        raise BitstreamError("empty block")
+    try:
+        header = pb.Header.FromString(units[0])
+        layers = [pb.Layer.FromString(u) for u in units[1:]]
+    except (DecodeError, RecursionError, ValueError) as exc:
+        raise BitstreamError(f"malformed unit in block: {exc}") from None
+    validate_header(header)
+    for layer in layers:
+        validate_layer(layer)
+    return header, layers
+
+
+@dataclass
+class Block:
+    index: int
+    layers: tuple[str, ...]
+    strong: bool
+    length: int  # unpadded bytes
+    symbols: list[bytes]  # k source symbols
+    fec: bool
+    _encoder: object | None = None
+    _repairs: list[bytes] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return len(self.symbols)
+
+    def repair(self, index: int) -> bytes:
+        """Repair symbol ``index`` (0-based; its symbol id is k + index), from RaptorQ."""
+        if index >= len(self._repairs):
+            want = max(index + 1, 2 * len(self._repairs), 4)
+            if self._encoder is None:
+                t = len(self.symbols[0])
+                self._encoder = raptorq.Encoder.with_defaults(b"".join(self.symbols), t + 4)
+            packets = self._encoder.get_encoded_packets(want)
+            self._repairs = [p[4:] for p in packets[self.k :]]
+        return self._repairs[index]
+
+
+def make_blocks(image: EncodedImage, config: TransportConfig) -> list[Block]:
+    header = image.header()
+    ordered = sorted(image.layers, key=lambda ly: (KIND_ORDER[ly.kind], ly.level))
+    groups = [[ly for ly in ordered if ly.kind != pb.LAYER_KIND_PIXEL]]
+    groups += [[ly] for ly in ordered if ly.kind == pb.LAYER_KIND_PIXEL]
+    groups = [g for g in groups if g]
+    if len(groups) > MAX_BLOCKS:
+        raise MiscError(f"{len(groups)} blocks, over the transport's limit of {MAX_BLOCKS}")
+    blocks = []
+    for index, group in enumerate(groups):
+        data = pack_units(header, group)
+        strong = group[0].kind != pb.LAYER_KIND_PIXEL
+        blocks.append(_cut(index, tuple(layer_name(ly) for ly in group), strong, data, config))
+    return blocks
+
+
+def _cut(index: int, names: tuple[str, ...], strong: bool, data: bytes, config: TransportConfig) -> Block:
+    n = len(data)
+    if not config.uses_fec:
+        t = min(config.mtu, n)
+        symbols = [data[i : i + t] for i in range(0, n, t)]  # the last one may be short: no padding
+    else:
+        mtu = config.mtu - config.mtu % FEC_ALIGN
+        k = math.ceil(n / mtu)
+        if k < config.fec_min_symbols:  # finer symbols: one repair covers one loss without a full copy
+            k = max(k, min(config.fec_min_symbols, n // MIN_FEC_SYMBOL))
+        t = math.ceil(math.ceil(n / k) / FEC_ALIGN) * FEC_ALIGN
+        k = math.ceil(n / t)
+        data = data + bytes(k * t - n)  # zero padding reads as the end-of-units marker
+        symbols = [data[i * t : (i + 1) * t] for i in range(k)]
+    if len(symbols) > MAX_SYMBOLS:
+        raise MiscError(f"block of {n} bytes needs {len(symbols)} symbols, over {MAX_SYMBOLS}; raise --mtu")
+    return Block(index, names, strong, n, symbols, config.uses_fec)
+
+
+def repair_count(k: int, rate: float) -> int:
+    return 0 if rate >= 1.0 else max(1, math.ceil(k / rate) - k)
+
+
+# ---------------------------------------------------------------- sender
+
+@dataclass
+class SenderStats:
+    packets_sent: int = 0
+    wire_bytes: int = 0
+    source_bytes: int = 0
+    fec_bytes: int = 0
+    retransmitted_bytes: int = 0
+    control_bytes: int = 0  # POLLs
+    rounds: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class ImageSender:
+    """Sends one image. Call ``start(now)``, then ``on_feedback`` / ``on_timer``; each returns Datagrams."""
+
+    def __init__(self, image_id: int, image: EncodedImage, config: TransportConfig):
+        if not 0 <= image_id <= 0xFFFF:
+            raise MiscError(f"image id {image_id} out of range")
+        self.image_id = image_id
+        self.config = config
+        self.blocks = make_blocks(image, config)
+        self.payload_bytes = image.payload_bytes()
+        self.stats = SenderStats()
+        self.state = "idle"  # idle -> waiting (feedback modes) -> done | failed
+        self.failure = ""
+        self.started_at = 0.0
+        self.timer_at: float | None = None
+        self._repairs_sent = [0] * len(self.blocks)
+        self._token = 0
+        self._poll_times: dict[int, float] = {}
+        self._repairs_at_poll: dict[int, list[int]] = {}
+        self._round_first_token = 0
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._rto = config.rto_initial_s
+        self._probes = 0
+
+    # -- packets
+    def _data(self, block: Block, symbol: int, role: str) -> Datagram:
+        payload = block.symbols[symbol] if symbol < block.k else block.repair(symbol - block.k)
+        data = Packet(DATA, self.image_id, block.index, symbol, block.k, payload).encode()
+        s = self.stats
+        s.packets_sent += 1
+        s.wire_bytes += len(data)
+        if role == "source":
+            s.source_bytes += len(data)
+        elif role == "repair":
+            s.fec_bytes += len(data)
+        else:
+            s.retransmitted_bytes += len(data)
+        return Datagram(data, role, self.image_id)
+
+    def _fresh_repairs(self, block: Block, count: int, role: str) -> list[Datagram]:
+        first = block.k + self._repairs_sent[block.index]
+        self._repairs_sent[block.index] += count
+        return [self._data(block, s, role) for s in range(first, first + count)]
+
+    def _poll(self, now: float) -> Datagram:
+        self._token = (self._token + 1) & 0xFFFF
+        self._poll_times[self._token] = now
+        self._repairs_at_poll[self._token] = list(self._repairs_sent)
+        data = Packet(POLL, self.image_id, 0, self._token, 0).encode()
+        self.stats.packets_sent += 1
+        self.stats.wire_bytes += len(data)
+        self.stats.control_bytes += len(data)
+        self.timer_at = now + self._rto
+        return Datagram(data, "poll", self.image_id)
+
+    # -- events
+    def start(self, now: float) -> list[Datagram]:
+        self.started_at = now
+        # Every source symbol first, in layer order, so each stage completes as early as the rate allows
+        # when nothing is lost; the repair symbols follow (most important block first) and only cost
+        # time when they are needed.
+        out = [self._data(block, s, "source") for block in self.blocks for s in range(block.k)]
+        if self.config.uses_feedback:
+            # hybrid polls before its repairs: the answer comes back while they drain, and only what
+            # they cannot cover is sent again (see on_feedback), saving most of a round trip.
+            self.state = "waiting"
+            self._round_first_token = (self._token + 1) & 0xFFFF
+            out.append(self._poll(now))
+        else:
+            self.state = "done"
+        if self.config.uses_fec:
+            for block in self.blocks:
+                rate = self.config.strong_rate if block.strong else self.config.pixel_rate
+                out += self._fresh_repairs(block, repair_count(block.k, rate), "repair")
+        return out
+
+    def on_timer(self, now: float) -> list[Datagram]:
+        """The retransmission timer fired: back off and probe with a fresh POLL."""
+        if self.state != "waiting" or self.timer_at is None or now < self.timer_at:
+            return []
+        if self._out_of_time(now):
+            return []
+        self._probes += 1
+        if self._probes > 2 * self.config.max_rounds:
+            self._fail(f"no feedback after {self._probes - 1} probes")
+            return []
+        self._rto = min(self._rto * 2, self.config.rto_max_s)
+        return [self._poll(now)]
+
+    def on_feedback(self, feedback: tpb.Feedback, now: float) -> list[Datagram]:
+        if self.state != "waiting":
+            return []
+        sent_at = self._poll_times.get(feedback.token)
+        if sent_at is None or not self._in_current_round(feedback.token):
+            return []  # stale: a newer round already acted on fresher news
+        self._sample_rtt(now - sent_at)
+        self._probes = 0
+        if feedback.complete:
+            self.state, self.timer_at = "done", None
+            return []
+        if self._out_of_time(now):
+            return []
+        if self.stats.rounds >= self.config.max_rounds:
+            self._fail(f"not complete after {self.stats.rounds} retransmission rounds")
+            return []
+        self.stats.rounds += 1
+        status = {b.block: b for b in feedback.blocks if b.block < len(self.blocks)}
+        sent_at_poll = self._repairs_at_poll[feedback.token]
+        out: list[Datagram] = []
+        for block in self.blocks:
+            st = status.get(block.index)
+            if st is not None and st.decoded:
+                continue
+            if block.fec:
+                have = st.received if st is not None else 0
+                # repairs sent after that POLL are still on their way: count them as coming
+                in_flight = self._repairs_sent[block.index] - sent_at_poll[block.index]
+                need = block.k - have - in_flight
+                if need > 0:
+                    out += self._fresh_repairs(block, need, "retransmit")
+            else:
+                missing = sorted({m for m in st.missing if m < block.k}) if st is not None else range(block.k)
+                if st is not None and not st.missing:
+                    missing = range(block.k)  # nothing named missing yet not decoded: resend all
+                out += [self._data(block, s, "retransmit") for s in missing]
+        self._round_first_token = (self._token + 1) & 0xFFFF
+        out.append(self._poll(now))
+        return out
+
+    # -- helpers
+    def _in_current_round(self, token: int) -> bool:
+        return ((token - self._round_first_token) & 0xFFFF) <= ((self._token - self._round_first_token) & 0xFFFF)
+
+    def _sample_rtt(self, rtt: float) -> None:  # RFC 6298
+        if self._srtt is None:
+            self._srtt, self._rttvar = rtt, rtt / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
+            self._srtt = 0.875 * self._srtt + 0.125 * rtt
+        self._rto = min(max(self._srtt + 4 * self._rttvar, self.config.rto_min_s), self.config.rto_max_s)
+
+    def _out_of_time(self, now: float) -> bool:
+        deadline = self.config.deadline_s
+        if deadline is not None and now - self.started_at >= deadline:
+            self._fail(f"deadline of {deadline:g} s passed")
+            return True
+        return False
+
+    def _fail(self, why: str) -> None:
+        self.state, self.failure, self.timer_at = "failed", why, None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("done", "failed")
+
+
+# ---------------------------------------------------------------- receiver
+
+@dataclass
+class _BlockState:
+    k: int
+    symbol_size: int
+    symbols: dict[int, bytes] = field(default_factory=dict)
+    decoded: bool = False
+
+
+@dataclass
+class LayerArrival:
+    image_id: int
+    header: pb.Header
+    layer: pb.Layer
+
+
+@dataclass
+class ReceiverStats:
+    packets_received: int = 0
+    bytes_received: int = 0
+    packets_bad: int = 0  # checksum, version, size, limits: dropped and counted
+    packets_duplicate: int = 0
+    blocks_bad: int = 0  # passed packet checks but did not decode into valid units
+    feedback_sent: int = 0
+    feedback_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+class _ImageState:
+    def __init__(self) -> None:
+        self.blocks: dict[int, _BlockState] = {}
+        self.header: pb.Header | None = None
+        self.layers: dict[str, pb.Layer] = {}
+
+    @property
+    def complete(self) -> bool:
+        return self.header is not None and len(self.layers) >= self.header.layer_count
+
+
+class TransportReceiver:
+    """Reassembles the images of one sender stream. ``on_datagram`` returns (arrivals, feedback bytes)."""
+
+    def __init__(self, max_images: int = 256, max_symbol_bytes: int = 65000,
+                 max_buffered_bytes: int = 64 * 1024 * 1024):
+        self.images: dict[int, _ImageState] = {}
+        self.stats = ReceiverStats()
+        self.max_images = max_images
+        self.max_symbol_bytes = max_symbol_bytes
+        self.max_buffered_bytes = max_buffered_bytes  # symbols of undecoded blocks, all images together
+        self.buffered_bytes = 0
+
+    def on_datagram(self, data: bytes) -> tuple[list[LayerArrival], list[bytes]]:
+        self.stats.packets_received += 1
+        self.stats.bytes_received += len(data)
+        try:
+            packet = decode_packet(data)
+        except PacketError:
+            self.stats.packets_bad += 1
+            return [], []
+        if packet.kind == POLL:
+            return [], [self._feedback(packet)]
+        if packet.kind != DATA:
+            self.stats.packets_bad += 1
+            return [], []
+        return self._on_data(packet), []
+
+    def image_complete(self, image_id: int) -> bool:
+        state = self.images.get(image_id)
+        return state is not None and state.complete
+
+    def forget(self, image_id: int) -> None:
+        state = self.images.pop(image_id, None)
+        if state is not None:
+            self.buffered_bytes -= sum(len(v) for b in state.blocks.values() for v in b.symbols.values())
+
+    def _image(self, image_id: int) -> _ImageState | None:
+        state = self.images.get(image_id)
+        if state is None:
+            if len(self.images) >= self.max_images:
+                return None
+            state = self.images[image_id] = _ImageState()
+        return state
+
+    def _on_data(self, p: Packet) -> list[LayerArrival]:
+        size = len(p.payload)
+        if (p.block >= MAX_BLOCKS or not 1 <= p.k <= MAX_SYMBOLS or size == 0
+                or size > self.max_symbol_bytes):
+            self.stats.packets_bad += 1
+            return []
+        image = self._image(p.image_id)
+        if image is None:
+            self.stats.packets_bad += 1
+            return []
+        block = image.blocks.get(p.block)
+        if block is None:
+            block = image.blocks[p.block] = _BlockState(p.k, size)
+        elif block.k != p.k:
+            self.stats.packets_bad += 1
+            return []
+        if block.decoded or p.symbol in block.symbols:
+            self.stats.packets_duplicate += 1
+            return []
+        if self.buffered_bytes + size > self.max_buffered_bytes:
+            self.stats.packets_bad += 1  # memory stays bounded whatever a sender claims
+            return []
+        block.symbols[p.symbol] = p.payload
+        self.buffered_bytes += size
+        data = self._try_decode(block)
+        if data is None:
+            return []
+        block.decoded = True
+        self.buffered_bytes -= sum(len(v) for v in block.symbols.values())
+        block.symbols = {}  # free memory; the units live on in image.layers
+        try:
+            header, layers = unpack_units(data)
+        except BitstreamError:
+            self.stats.blocks_bad += 1
+            return []
+        if image.header is None:
+            image.header = header
+        elif header.SerializeToString() != image.header.SerializeToString():
+            self.stats.blocks_bad += 1
+            return []
+        arrivals = []
+        for layer in layers:
+            name = layer_name(layer)
+            if name not in image.layers:
+                image.layers[name] = layer
+                arrivals.append(LayerArrival(p.image_id, header, layer))
+        return arrivals
+
+    @staticmethod
+    def _try_decode(block: _BlockState) -> bytes | None:
+        k, symbols = block.k, block.symbols
+        if all(s in symbols for s in range(k)):  # systematic: the source symbols are the data
+            return b"".join(symbols[s] for s in range(k))
+        if len(symbols) < k:
+            return None
+        t = block.symbol_size
+        if any(len(v) != t for v in symbols.values()):
+            return None  # only FEC blocks carry repair symbols, and those have equal sizes
+        decoder = raptorq.Decoder.with_defaults(k * t, t + 4)
+        for sid, payload in symbols.items():
+            result = decoder.decode(bytes([0]) + sid.to_bytes(3, "big") + payload)
+            if result is not None:
+                return bytes(result)
+        return None
+
+    def _feedback(self, poll: Packet) -> bytes:
+        image = self.images.get(poll.image_id)
+        fb = tpb.Feedback(token=poll.symbol, complete=bool(image and image.complete))
+        if image is not None and not fb.complete:
+            for index, block in sorted(image.blocks.items()):
+                status = fb.blocks.add(block=index, received=len(block.symbols), decoded=block.decoded)
+                if not block.decoded:
+                    status.missing.extend(s for s in range(block.k) if s not in block.symbols)
+        data = Packet(FEEDBACK, poll.image_id, 0, poll.symbol, 0, fb.SerializeToString()).encode()
+        self.stats.feedback_sent += 1
+        self.stats.feedback_bytes += len(data)
+        return data
+
+
+def parse_feedback(data: bytes) -> tuple[int, tpb.Feedback]:
+    """(image id, Feedback) from a FEEDBACK packet; PacketError if it is not one."""
+    packet = decode_packet(data)
+    if packet.kind != FEEDBACK:
+        raise PacketError(f"expected a feedback packet, got {packet.kind}")
+    try:
+        return packet.image_id, tpb.Feedback.FromString(packet.payload)
+    except (DecodeError, RecursionError, ValueError) as exc:
+        raise PacketError(f"malformed feedback: {exc}") from None

@@ -1,0 +1,410 @@
+"""The ``miscnet`` command line.
+
+Every user error is a MiscError, printed as one line (``miscnet: ...``) with exit status 2; outputs are
+written only after everything they depend on succeeded, and atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sender.errors import MiscError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
+    return value
+
+
+def add_encoder_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by every command that encodes (encode, simulate, sender, sweep)."""
+    g = p.add_argument_group("encoder")
+    g.add_argument("--semantics", metavar="FILE", help="JSON sidecar or MISC CSV (default: IMAGE.json beside it)")
+    g.add_argument("--map", dest="map_backend", default="boxes", choices=["none", "boxes"],
+                   help="map layer backend (default: boxes)")
+    g.add_argument("--grid", type=_positive_int, default=8, help="map grid N (N x N cells, default 8)")
+    g.add_argument("--pixel", dest="pixel_codec", default="auto",
+                   choices=["auto", "block", "webp", "avif", "jpeg", "none"], help="pixel layer codec")
+    g.add_argument("--levels", type=_positive_int, default=2, help="pixel levels, coarse first (default 2)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--budget", type=_positive_int, metavar="BYTES", help="whole-file byte budget")
+    budget.add_argument("--bpp", type=_positive_float, metavar="X", help="whole-file budget in bits per pixel")
+    g.add_argument("--strict", action="store_true", help="treat MISC's text limits as errors, not warnings")
+
+
+def encoder_config(args: argparse.Namespace):
+    from sender.encoder import EncoderConfig
+    from sender.semantics import SemanticLimits
+
+    return EncoderConfig(
+        map_backend=args.map_backend,
+        grid=args.grid,
+        pixel_codec=args.pixel_codec,
+        levels=args.levels,
+        budget_bytes=args.budget,
+        bpp=args.bpp,
+        limits=SemanticLimits(strict=args.strict),
+    )
+
+
+def load_input(image_arg: str, semantics_arg: str | None):
+    """(image array, Semantics, warnings, image path) for an IMAGE argument (path or sample:NAME)."""
+    from experiments.samples import resolve_image_arg
+    from sender.image_io import load_image
+    from sender.semantics import load_semantics
+
+    path, sidecar = resolve_image_arg(image_arg)
+    image = load_image(path)
+    source = Path(semantics_arg) if semantics_arg else sidecar
+    if source is None:
+        raise MiscError(
+            f"no semantics for {image_arg}: give --semantics FILE (JSON sidecar or MISC CSV) "
+            f"or put {path.with_suffix('.json').name} beside the image"
+        )
+    semantics, warnings = load_semantics(source, image_name=path.name)
+    return image, semantics, warnings, path
+
+
+def encode_report(result) -> dict:
+    from sender.bitstream import CODEC_NAMES, KIND_NAMES
+    from sender.semantic_codec import misc_raw_bytes
+
+    enc = result.encoded
+    total = len(result.data)
+    layers = [
+        {"kind": KIND_NAMES[ly.kind], "level": ly.level, "codec": CODEC_NAMES[ly.codec], "bytes": len(ly.payload)}
+        for ly in enc.layers
+    ]
+    report = {
+        "width": enc.width,
+        "height": enc.height,
+        "bytes": total,
+        "bpp": total * 8 / (enc.width * enc.height),
+        "payload_bytes": enc.payload_bytes(),
+        "overhead_bytes": total - enc.payload_bytes(),
+        "layers": layers,
+        "warnings": result.warnings,
+    }
+    if result.semantics is not None:
+        report["misc_text_bytes"] = misc_raw_bytes(result.semantics)
+    if result.pixel_settings is not None:
+        s = result.pixel_settings
+        report["pixel"] = {"codec": s.codec, "width": s.width, "height": s.height, "quality": s.quality,
+                           "step": s.step, "levels": s.levels}
+    return report
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from sender.encoder import encode_image
+    from sender.image_io import atomic_write_bytes
+
+    image, semantics, warnings, _ = load_input(args.image, args.semantics)
+    result = encode_image(image, semantics, encoder_config(args))
+    result.warnings[:0] = warnings
+    atomic_write_bytes(args.output, result.data)
+    report = encode_report(result)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        parts = ", ".join(f"{ly['kind']}{'.' + str(ly['level']) if ly['kind'] == 'pixel' else ''} "
+                          f"{ly['bytes']} B ({ly['codec']})" for ly in report["layers"])
+        print(f"{args.output}: {report['bytes']} bytes, {report['bpp']:.4f} bpp "
+              f"[{parts}; overhead {report['overhead_bytes']} B]")
+    return 0
+
+
+def _read_misc(path: str):
+    from sender.bitstream import from_bytes
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise MiscError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return from_bytes(data), len(data)
+    except MiscError as exc:
+        raise type(exc)(f"{path}: {exc}") from None
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from experiments.samples import resolve_image_arg
+    from receiver.classical import ClassicalDecoder
+    from receiver.stages import progressive_stages
+    from sender.image_io import atomic_write_bytes, load_image, png_bytes
+
+    encoded, total = _read_misc(args.input)
+    reference = load_image(resolve_image_arg(args.reference)[0]) if args.reference else None
+    if reference is not None and reference.shape[:2] != (encoded.height, encoded.width):
+        raise MiscError(f"reference is {reference.shape[1]}x{reference.shape[0]}, "
+                        f"the bitstream {encoded.width}x{encoded.height}")
+    decoder = ClassicalDecoder()
+    try:
+        stages = progressive_stages(encoded)
+        images = [decoder.render(stage) for stage in stages]
+    except MiscError as exc:
+        raise type(exc)(f"{args.input}: {exc}") from None
+    if not stages:
+        raise MiscError(f"{args.input}: no layers to decode")
+    rows = []
+    for i, (stage, image) in enumerate(zip(stages, images, strict=True)):
+        row = {"stage": stage.name, "layers": list(stage.layers), "payload_bytes": stage.payload_bytes,
+               "psnr": None, "ms_ssim": None}
+        if reference is not None and stage.has_pixels:
+            from experiments.metrics import quality
+
+            q = quality(reference, image)
+            row.update(psnr=q["psnr"], ms_ssim=q["ms_ssim"])
+        if args.stages:
+            row["file"] = str(Path(args.stages) / f"{i:02d}-{stage.name}.png")
+        rows.append(row)
+    # Everything decoded: now write (atomically), so a failure above leaves no output.
+    if args.stages:
+        for row, image in zip(rows, images, strict=True):
+            atomic_write_bytes(row["file"], png_bytes(image))
+    atomic_write_bytes(args.output, png_bytes(images[-1]))
+    if args.json:
+        print(json.dumps({"width": encoded.width, "height": encoded.height, "bytes": total,
+                          "output": args.output, "stages": rows}))
+    else:
+        for row in rows:
+            q = f"  PSNR {row['psnr']:.2f} dB  MS-SSIM {row['ms_ssim']:.4f}" if row["psnr"] is not None else ""
+            print(f"{row['stage']:<10} {row['payload_bytes']:>7} B{q}")
+        print(f"wrote {args.output} ({encoded.width}x{encoded.height})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from receiver.stages import stage_input
+    from sender.bitstream import CODEC_NAMES, KIND_NAMES
+    from sender.semantics import semantics_to_json
+
+    encoded, total = _read_misc(args.input)
+    try:
+        stage = stage_input(encoded.width, encoded.height, encoded.layers)
+    except MiscError as exc:
+        raise type(exc)(f"{args.input}: {exc}") from None
+    layers = []
+    for ly in encoded.layers:
+        params = getattr(ly, ly.WhichOneof("params"))
+        layers.append({"kind": KIND_NAMES[ly.kind], "level": ly.level, "codec": CODEC_NAMES[ly.codec],
+                       "bytes": len(ly.payload),
+                       "params": {f.name: v for f, v in params.ListFields()}})
+    info = {"width": encoded.width, "height": encoded.height, "bytes": total,
+            "bpp": total * 8 / (encoded.width * encoded.height),
+            "overhead_bytes": total - encoded.payload_bytes(), "layers": layers,
+            "semantics": semantics_to_json(stage.semantics) if stage.semantics else None}
+    if stage.masks is not None:
+        info["masks"] = ["".join("#" if c else "." for c in row) for m in stage.masks for row in m]
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{args.input}: {encoded.width}x{encoded.height}, {total} bytes, {info['bpp']:.4f} bpp, "
+          f"overhead {info['overhead_bytes']} B")
+    for ly in layers:
+        params = " ".join(f"{k}={v}" for k, v in ly["params"].items())
+        print(f"  {ly['kind']:<8} level {ly['level']}  {ly['codec']:<9} {ly['bytes']:>6} B  {params}")
+    if stage.semantics:
+        for obj in stage.semantics.objects:
+            print(f"  object: {obj.name}: {obj.detail}")
+        print(f"  caption: {stage.semantics.caption}")
+    return 0
+
+
+def add_link_options(p: argparse.ArgumentParser, default_rate: str | None = "64kbit") -> None:
+    """Link options shared by every command that has a link (tc / netem / mahimahi semantics)."""
+    g = p.add_argument_group("link (tc units: 64kbit, 40ms, 'random 5%', 'gemodel 1% 30% 70% 0.1%')")
+    rate = g.add_mutually_exclusive_group()
+    rate.add_argument("--rate", help=f"constant forward rate (default {default_rate})")
+    rate.add_argument("--trace", metavar="FILE", help="Mahimahi trace file for the forward rate")
+    g.add_argument("--delay", default="0ms", help="one-way propagation delay (default 0ms)")
+    g.add_argument("--jitter", default="0ms", help="delay jitter, uniform +/- (default 0ms); never reorders")
+    g.add_argument("--loss", default="none", help="loss model: none, 'random P', 'gemodel P [R [1-H [1-K]]]', "
+                   "'state P13 [P31 [P32 [P23 [P14]]]]'")
+    g.add_argument("--queue", metavar="BYTES", help="drop-tail queue limit in bytes (default unlimited)")
+    g.add_argument("--mtu", type=_positive_int, default=1200, help="packet payload bytes (default 1200)")
+    g.add_argument("--reverse-rate", default="1mbit", help="feedback link rate (default 1mbit)")
+    g.add_argument("--reverse-delay", help="feedback link delay (default: the forward delay)")
+    g.add_argument("--reverse-loss", default="none", help="feedback link loss model (default none)")
+    p.set_defaults(default_rate=default_rate)
+
+
+def link_config(args: argparse.Namespace):
+    from channel.link import DuplexConfig, LinkConfig
+
+    rate = args.rate if args.rate or args.trace else args.default_rate
+    forward = LinkConfig.from_strings(rate=rate, trace=args.trace, delay=args.delay, jitter=args.jitter,
+                                      loss=args.loss, queue=args.queue, name="uplink")
+    reverse = LinkConfig.from_strings(rate=args.reverse_rate, delay=args.reverse_delay or args.delay,
+                                      loss=args.reverse_loss, name="downlink")
+    return DuplexConfig(forward, reverse)
+
+
+def add_protection_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("protection")
+    g.add_argument("--protect", default="none", choices=["none", "arq", "fec", "hybrid"],
+                   help="error control (default none)")
+    g.add_argument("--fec-strong-rate", type=_positive_float, default=0.5,
+                   help="FEC code rate k/n for the semantic + map block (default 0.5)")
+    g.add_argument("--fec-pixel-rate", type=_positive_float, default=0.8,
+                   help="FEC code rate k/n for pixel blocks (default 0.8)")
+    g.add_argument("--max-rounds", type=_positive_int, default=12, help="ARQ retransmission rounds (default 12)")
+    g.add_argument("--deadline", type=_positive_float, metavar="SECONDS", help="give an image up after this")
+
+
+def transport_config(args: argparse.Namespace):
+    from channel.transport import TransportConfig
+
+    return TransportConfig(mode=args.protect, mtu=args.mtu, strong_rate=args.fec_strong_rate,
+                           pixel_rate=args.fec_pixel_rate, max_rounds=args.max_rounds, deadline_s=args.deadline)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from experiments.simulate import Scenario, SimImage, simulate
+    from sender.encoder import encode_image
+    from sender.image_io import atomic_write_bytes, png_bytes
+
+    scenario = Scenario(link=link_config(args), transport=transport_config(args), seed=args.seed)
+    config = encoder_config(args)
+    items = []
+    for arg in args.images:
+        image, semantics, _, path = load_input(arg, args.semantics)
+        result = encode_image(image, semantics, config)
+        items.append(SimImage(path.stem, result.encoded, image))
+    results = simulate(items, scenario, keep_images=bool(args.output))
+    totals = {key: sum(r["totals"][key] for r in results)
+              for key in ("wire_bytes", "retransmitted_bytes", "fec_bytes", "packets_sent", "packets_lost")}
+    if args.output:
+        out = Path(args.output)
+        for r in results:
+            for i, (stage, img) in enumerate(r.pop("stage_images")):
+                atomic_write_bytes(out / r["image"] / f"{i:02d}-{stage}.png", png_bytes(img))
+    report = {"seed": args.seed, "protect": args.protect, "link": scenario.link.forward.describe(),
+              "images": results, "totals": totals}
+    if args.output:
+        atomic_write_bytes(Path(args.output) / "simulate.json", json.dumps(report, indent=1).encode())
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    for r in results:
+        state = "complete" if r["completed"] else f"INCOMPLETE ({r['failure'] or 'layers lost'})"
+        print(f"{r['image']}: {r['bytes']} B, {state}")
+        for e in r["events"]:
+            q = f"  PSNR {e['psnr']:.2f} dB  MS-SSIM {e['ms_ssim']:.4f}" if e["psnr"] is not None else ""
+            print(f"  {e['time_s'] * 1000:9.1f} ms  {e['stage']:<9} payload {e['payload_bytes']:>6} B  "
+                  f"wire {e['wire_bytes']:>6} B{q}")
+    print("totals: " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+    return 0
+
+
+def cmd_link(args: argparse.Namespace) -> int:
+    from channel.link import saturate
+
+    forward = link_config(args).forward
+    result = saturate(forward, args.saturate, args.seed, packet_size=min(1500, args.mtu + 12))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(" ".join(f"{k}={v:.6g}" for k, v in result.items()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from experiments.demo import run_offline_demo
+
+    run_offline_demo(Path(args.output))
+    return 0
+
+
+def cmd_samples(args: argparse.Namespace) -> int:
+    from experiments.samples import export_samples
+
+    for path in export_samples(Path(args.dest)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="miscnet", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("encode", help="encode an image into a .misc file")
+    p.add_argument("image", metavar="IMAGE", help="image file, or sample:NAME for a bundled sample")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.misc")
+    add_encoder_options(p)
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("decode", help="decode a .misc file with the classical decoder")
+    p.add_argument("input", metavar="IN.misc")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    p.add_argument("--stages", metavar="DIR", help="write one PNG per progressive stage")
+    p.add_argument("--reference", metavar="IMAGE", help="original image: report PSNR / MS-SSIM per stage")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("info", help="show the layer table and the semantic text of a .misc file")
+    p.add_argument("input", metavar="IN.misc")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("simulate", help="send images over a simulated link in virtual time")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or sample:NAME")
+    add_encoder_options(p)
+    add_link_options(p)
+    add_protection_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
+    p.add_argument("-o", "--output", metavar="DIR", help="write stage images and simulate.json here")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("link", help="measure a link configuration with a saturating sender")
+    add_link_options(p)
+    p.add_argument("--saturate", type=_positive_float, required=True, metavar="SECONDS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("demo", help="the main job: encode and decode the bundled samples, write a report")
+    p.add_argument("-o", "--output", default="out/demo", metavar="DIR")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
+    p.add_argument("dest", metavar="DIR")
+    p.set_defaults(func=cmd_samples)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MiscError as exc:
+        print(f"miscnet: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("miscnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

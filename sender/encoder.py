@@ -1,0 +1,126 @@
+"""The edge encoder: image + semantics -> the three MISC layers, under a byte budget.
+
+Rate control follows the layers' priority: the semantic and map layers are small and always sent
+whole; what is left of the budget goes to the pixel reference, whose parameters are the
+best-quality ones that make the WHOLE file (container included) fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from proto.miscnet.v1 import bitstream_pb2 as pb
+from sender.bitstream import EncodedImage, to_bytes
+from sender.errors import BudgetError, MiscError
+from sender.map_layer import DEFAULT_GRID, MAX_GRID, encode_map_layer, map_backend
+from sender.pixel_codec import PixelSettings, choose_settings
+from sender.semantic_codec import encode_semantic_layer
+from sender.semantics import SemanticLimits, Semantics, check_limits
+
+PIXEL_CODECS = ("auto", "block", "webp", "avif", "jpeg", "none")
+MAP_BACKENDS = ("none", "boxes", "clip")
+# Without --budget / --bpp the pixel reference gets this much (MISC's operating point is
+# 0.02-0.05 bpp in all; its pixel reference alone about 0.02-0.04).
+DEFAULT_PIXEL_BPP = 0.025
+MIN_DEFAULT_PIXEL_BYTES = 200
+_RATE_CONTROL_TRIES = 4
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    map_backend: str = "boxes"
+    grid: int = DEFAULT_GRID
+    pixel_codec: str = "auto"
+    levels: int = 2
+    budget_bytes: int | None = None
+    bpp: float | None = None
+    limits: SemanticLimits = field(default_factory=SemanticLimits)
+    map_options: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.pixel_codec not in PIXEL_CODECS:
+            raise MiscError(f"unknown pixel codec '{self.pixel_codec}' (use {', '.join(PIXEL_CODECS)})")
+        if self.map_backend not in MAP_BACKENDS:
+            raise MiscError(f"unknown map backend '{self.map_backend}' (use {', '.join(MAP_BACKENDS)})")
+        if not 1 <= self.levels <= 4:
+            raise MiscError(f"--levels must be 1..4, not {self.levels}")
+        if not 2 <= self.grid <= MAX_GRID:
+            raise MiscError(f"--grid must be 2..{MAX_GRID}, not {self.grid}")
+        if self.budget_bytes is not None and self.bpp is not None:
+            raise MiscError("give --budget or --bpp, not both")
+        if self.budget_bytes is not None and self.budget_bytes <= 0:
+            raise BudgetError(f"budget must be positive, not {self.budget_bytes} bytes")
+        if self.bpp is not None and not self.bpp > 0:
+            raise BudgetError(f"bpp must be positive, not {self.bpp}")
+
+    def budget_for(self, width: int, height: int) -> int | None:
+        if self.bpp is not None:
+            return int(self.bpp * width * height / 8)
+        return self.budget_bytes
+
+
+@dataclass
+class EncodeResult:
+    encoded: EncodedImage
+    data: bytes  # the .misc file
+    warnings: list[str]
+    pixel_settings: PixelSettings | None
+    semantics: Semantics | None = None
+
+
+def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig) -> EncodeResult:
+    config.check()
+    height, width = image.shape[:2]
+    warnings = check_limits(semantics, config.limits)
+    codec, params, payload = encode_semantic_layer(semantics)
+    layers = [pb.Layer(kind=pb.LAYER_KIND_SEMANTIC, level=0, codec=codec, semantic=params, payload=payload)]
+    if config.map_backend != "none" and semantics.objects:
+        masks = map_backend(config.map_backend, **config.map_options).masks(image, semantics, config.grid)
+        codec, params, payload = encode_map_layer(masks)
+        layers.append(pb.Layer(kind=pb.LAYER_KIND_MAP, level=0, codec=codec, map=params, payload=payload))
+    base = EncodedImage(width, height, layers)
+    base_bytes = len(to_bytes(base))
+    budget = config.budget_for(width, height)
+    if budget is not None and budget < base_bytes:
+        raise BudgetError(
+            f"budget of {budget} bytes cannot hold the semantic and map layers ({base_bytes} bytes with "
+            f"the container); raise it to at least {base_bytes + 1}"
+        )
+    if config.pixel_codec == "none":
+        return EncodeResult(base, to_bytes(base), warnings, None, semantics)
+
+    if budget is None:
+        pixel_max = max(MIN_DEFAULT_PIXEL_BYTES, int(DEFAULT_PIXEL_BPP * width * height / 8))
+        settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max)
+        encoded = EncodedImage(width, height, layers + [_pixel_layer(lv) for lv in levels])
+        return EncodeResult(encoded, to_bytes(encoded), warnings, settings, semantics)
+
+    # Each pixel layer costs a few bytes of protobuf framing; start from a guess, then correct by
+    # the measured excess. Bytes are monotone in the pixel budget, so this converges in a few tries.
+    pixel_max = budget - base_bytes - 12 * config.levels
+    for _ in range(_RATE_CONTROL_TRIES):
+        if pixel_max <= 0:
+            break
+        try:
+            settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max)
+        except BudgetError as exc:
+            raise BudgetError(
+                f"budget of {budget} bytes leaves {pixel_max} for the pixel layer: {exc}"
+            ) from None
+        encoded = EncodedImage(width, height, layers + [_pixel_layer(lv) for lv in levels])
+        data = to_bytes(encoded)
+        if len(data) <= budget:
+            return EncodeResult(encoded, data, warnings, settings, semantics)
+        pixel_max = sum(len(lv.payload) for lv in levels) - (len(data) - budget)
+    raise BudgetError(
+        f"budget of {budget} bytes is too small for a pixel layer after the semantic and map layers "
+        f"({base_bytes} bytes); use a larger budget or --pixel none"
+    )
+
+
+def _pixel_layer(level) -> pb.Layer:
+    return pb.Layer(
+        kind=pb.LAYER_KIND_PIXEL, level=level.level, codec=level.codec, pixel=level.params, payload=level.payload
+    )
