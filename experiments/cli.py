@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -328,6 +329,96 @@ def cmd_link(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_node_options(p: argparse.ArgumentParser, server: bool) -> None:
+    """TLS, token and limits, shared by the live nodes."""
+    g = p.add_argument_group("security")
+    g.add_argument("--tls-cert", metavar="PEM", help="this node's certificate (enables TLS)")
+    g.add_argument("--tls-key", metavar="PEM", help="this node's private key")
+    g.add_argument("--tls-ca", metavar="PEM",
+                   help="CA for the peer: on a server it requires client certificates (mutual TLS)")
+    g.add_argument("--token", default=os.environ.get("MISCNET_TOKEN"),
+                   help="shared token senders must present (default: $MISCNET_TOKEN)")
+    if server:
+        g.add_argument("--port-file", metavar="FILE", help="write the bound port here (useful with port 0)")
+        g.add_argument("--max-streams", type=_positive_int, default=48, help="open streams at once (default 48)")
+
+
+def _tls(args: argparse.Namespace):
+    from channel.grpc_util import TlsFiles
+
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def _serve_until_signal(server, node, port: int, args: argparse.Namespace, what: str) -> int:
+    """Block until SIGINT / SIGTERM, then stop cleanly: finish in-flight calls, flush outputs."""
+    import signal
+    import threading
+
+    from sender.image_io import atomic_write_bytes
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.port_file:
+        atomic_write_bytes(args.port_file, str(port).encode())
+    host = args.listen.rsplit(":", 1)[0]
+    print(f"{what} listening on {host}:{port}", flush=True)
+    stop.wait()
+    server.stop(grace=2.0).wait()
+    node.close()
+    print(f"{what} stopped", flush=True)
+    return 0
+
+
+def cmd_receiver(args: argparse.Namespace) -> int:
+    from receiver.classical import ClassicalDecoder
+    from receiver.node import ReceiverOptions, serve_receiver
+
+    options = ReceiverOptions(out_dir=Path(args.out), listen=args.listen, tls=_tls(args), token=args.token,
+                              decode_workers=args.decode_workers, max_streams=args.max_streams)
+    server, node, port = serve_receiver(options, ClassicalDecoder())
+    return _serve_until_signal(server, node, port, args, "receiver")
+
+
+def cmd_channel(args: argparse.Namespace) -> int:
+    from channel.grpc_util import TlsFiles
+    from channel.relay import RelayOptions, serve_relay
+
+    forward_tls = TlsFiles(args.forward_tls_cert, args.forward_tls_key, args.forward_tls_ca)
+    options = RelayOptions(listen=args.listen, forward=args.forward, link=link_config(args), seed=args.seed,
+                           tls=_tls(args), forward_tls=forward_tls, token=args.token, max_streams=args.max_streams,
+                           forward_server_name=args.forward_server_name)
+    server, node, port = serve_relay(options)
+    return _serve_until_signal(server, node, port, args, "channel relay")
+
+
+def cmd_sender(args: argparse.Namespace) -> int:
+    from sender.encoder import encode_image
+    from sender.node import SenderOptions, send_images
+
+    config = encoder_config(args)
+    items = []
+    for arg in args.images:
+        image, semantics, warnings, path = load_input(arg, args.semantics)
+        items.append((path.stem, encode_image(image, semantics, config).encoded))
+    options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
+                            server_name=args.server_name, token=args.token, retries=args.retry,
+                            connect_timeout_s=args.connect_timeout)
+    results = send_images(items, options)
+    failed = [r for r in results if not r.delivered]
+    if args.json:
+        print(json.dumps([r.__dict__ for r in results]))
+    else:
+        for r in results:
+            print(f"{r.name}: {r.detail} in {r.seconds:.2f} s, {r.stats['wire_bytes']} wire bytes, "
+                  f"{r.stats['retransmitted_bytes']} retransmitted, {r.stats['fec_bytes']} FEC")
+    if failed:
+        print(f"miscnet: {len(failed)} image(s) not delivered as '{args.protect}' promises: "
+              + ", ".join(f"{r.name} ({r.detail})" for r in failed), file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from experiments.demo import run_offline_demo
 
@@ -383,6 +474,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("receiver", help="run the cloud node: reassemble, decode each stage, serve watchers")
+    p.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--out", required=True, metavar="DIR", help="stage images and events.jsonl go here")
+    p.add_argument("--decoder", default="classical", choices=["classical"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--decode-workers", type=_positive_int, default=2)
+    add_node_options(p, server=True)
+    p.set_defaults(func=cmd_receiver)
+
+    p = sub.add_parser("channel", help="run the relay: the link model on the wall clock, both directions")
+    p.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")
+    p.add_argument("--forward", required=True, metavar="HOST:PORT", help="the receiver")
+    p.add_argument("--seed", type=int, default=0)
+    add_link_options(p)
+    add_node_options(p, server=True)
+    g = p.add_argument_group("forward TLS (relay -> receiver)")
+    g.add_argument("--forward-tls-cert")
+    g.add_argument("--forward-tls-key")
+    g.add_argument("--forward-tls-ca")
+    g.add_argument("--forward-server-name", help="TLS name expected of the receiver")
+    p.set_defaults(func=cmd_channel)
+
+    p = sub.add_parser("sender", help="run the edge node: encode and stream images")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="relay or receiver")
+    add_encoder_options(p)
+    add_protection_options(p)
+    p.add_argument("--mtu", type=_positive_int, default=1200, help="packet payload bytes (default 1200)")
+    p.add_argument("--retry", type=int, default=0, metavar="N", help="reconnect N times after a broken stream")
+    p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS")
+    p.add_argument("--server-name", help="TLS name expected of the peer")
+    add_node_options(p, server=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sender)
 
     p = sub.add_parser("demo", help="the main job: encode and decode the bundled samples, write a report")
     p.add_argument("-o", "--output", default="out/demo", metavar="DIR")

@@ -10,6 +10,7 @@ self-contained (kind, level, codec, params, payload), so the transport can send 
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -45,6 +46,15 @@ def layer_name(layer: pb.Layer) -> str:
     """Stable short name of a layer: "semantic", "map", "pixel.0", "pixel.1", ..."""
     kind = KIND_NAMES.get(layer.kind, f"kind{layer.kind}")
     return f"{kind}.{layer.level}" if layer.kind == pb.LAYER_KIND_PIXEL else kind
+
+
+def layers_digest(layers) -> str:
+    """SHA-256 over the layers in stream order: the receiver reports it so a sender can check bit-exactness."""
+    h = hashlib.sha256()
+    for layer in sorted(layers, key=lambda ly: (KIND_ORDER.get(ly.kind, 9), ly.level)):
+        data = layer.SerializeToString(deterministic=True)
+        h.update(len(data).to_bytes(4, "big") + data)
+    return h.hexdigest()
 
 
 @dataclass

@@ -1,0 +1,189 @@
+"""The edge node: streams encoded images over the Link service (to a relay or straight to a receiver).
+
+The transport's sender state machine (channel/transport.py) runs on the wall clock here: packets go out
+as one gRPC message each, feedback comes back on the same bidirectional stream, and the retransmission
+timer is the loop's wait timeout. A broken stream (receiver or relay restarted) fails with a clear
+message, or is retried from the current image with ``retries``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from channel.grpc_util import TlsFiles, open_channel, token_metadata
+from channel.packet import POLL, Packet, PacketError
+from channel.transport import ImageSender, TransportConfig, parse_feedback
+from proto.miscnet.v1 import services_pb2 as spb
+from proto.miscnet.v1 import services_pb2_grpc as sgrpc
+from sender.bitstream import EncodedImage, layers_digest
+from sender.errors import MiscError
+
+_END = object()
+
+
+@dataclass
+class SenderOptions:
+    target: str
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    server_name: str | None = None  # TLS name to check, when it differs from the target host
+    token: str | None = None
+    connect_timeout_s: float = 10.0
+    retries: int = 0  # reconnect this many times after a broken stream
+    linger_s: float = 5.0  # none / fec: wait this long for the receiver's final report
+
+
+@dataclass
+class SendResult:
+    name: str
+    delivered: bool  # as the protection mode promises (none / fec: every packet sent)
+    complete: bool | None  # the receiver's own word, when it answered the final poll
+    detail: str
+    stats: dict
+    seconds: float
+    digest: str = ""  # of the layers sent; the receiver logs the same digest for a bit-exact image
+
+
+class _Stream:
+    """One bidirectional Exchange call: a queue feeding requests, a thread reading replies."""
+
+    def __init__(self, options: SenderOptions):
+        self.channel = open_channel(options.target, options.tls, server_name=options.server_name)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=options.connect_timeout_s)
+        except grpc.FutureTimeoutError:
+            self.channel.close()
+            raise MiscError(f"cannot reach {options.target} within {options.connect_timeout_s:g} s "
+                            f"(is the receiver or relay running, and TLS set alike on both?)") from None
+        self.outbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()
+        self.error: grpc.RpcError | None = None
+        stub = sgrpc.LinkStub(self.channel)
+        self.call = stub.Exchange(self._requests(), metadata=token_metadata(options.token))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _requests(self):
+        while True:
+            item = self.outbox.get()
+            if item is _END:
+                return
+            yield item
+
+    def _read(self) -> None:
+        try:
+            for message in self.call:
+                if message.WhichOneof("body") == "packet":
+                    self.inbox.put(message.packet)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.inbox.put(_END)
+
+    def send(self, datagrams) -> None:
+        for d in datagrams:
+            self.outbox.put(spb.LinkMessage(packet=d.data))
+
+    def close(self, wait_s: float = 5.0) -> None:
+        self.outbox.put(_END)
+        self.reader.join(timeout=wait_s)
+        self.call.cancel()
+        self.channel.close()
+
+
+def _describe(error: grpc.RpcError | None, target: str) -> str:
+    if error is None:
+        return f"{target} closed the stream"
+    code = error.code() if hasattr(error, "code") else None
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{target} refused the token ({error.details()})"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return f"{target} is full ({error.details()})"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"lost the connection to {target} (restarted or gone?)"
+    return f"{target}: {code.name if code else 'error'}: {error.details() if hasattr(error, 'details') else error}"
+
+
+class _Broken(Exception):
+    pass
+
+
+def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
+              progress) -> SendResult:
+    t0 = time.monotonic()
+    stream.outbox.put(spb.LinkMessage(label=spb.ImageLabel(image_id=image_id, name=name)))
+    sender = ImageSender(image_id, image, options.transport)
+    stream.send(sender.start(time.monotonic()))
+    complete: bool | None = None
+    final_poll_at = None
+    if not options.transport.uses_feedback:
+        # nothing was promised, but ask the receiver what it got, for the report
+        stream.outbox.put(spb.LinkMessage(packet=Packet(POLL, image_id, 0, 0xFFFF, 0).encode()))
+        final_poll_at = time.monotonic() + options.linger_s
+    while True:
+        if sender.finished and final_poll_at is None:
+            break
+        deadline = final_poll_at if final_poll_at is not None else sender.timer_at
+        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            item = stream.inbox.get(timeout=wait)
+        except queue.Empty:
+            if final_poll_at is not None:
+                break
+            stream.send(sender.on_timer(time.monotonic()))
+            continue
+        if item is _END:
+            raise _Broken(_describe(stream.error, options.target))
+        try:
+            fb_image, feedback = parse_feedback(item)
+        except PacketError:
+            continue
+        if fb_image != image_id:
+            continue
+        if final_poll_at is not None:
+            complete = feedback.complete
+            break
+        stream.send(sender.on_feedback(feedback, time.monotonic()))
+        if sender.state == "done":
+            complete = True
+    if progress:
+        progress(name, sender)
+    delivered = sender.state == "done"
+    detail = sender.failure or ("delivered" if complete else "sent" if complete is None else "sent, incomplete")
+    return SendResult(name, delivered, complete, detail, sender.stats.as_dict(), time.monotonic() - t0,
+                      layers_digest(image.layers))
+
+
+def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, progress=None) -> list[SendResult]:
+    """Send every image in order; reconnects up to options.retries times, restarting the current image."""
+    results: list[SendResult] = []
+    attempts = 0
+    stream: _Stream | None = None
+    next_id = 0
+    try:
+        index = 0
+        while index < len(items):
+            if stream is None:
+                stream = _Stream(options)
+            name, image = items[index]
+            try:
+                results.append(_send_one(stream, next_id, name, image, options, progress))
+                next_id = (next_id + 1) & 0xFFFF
+                index += 1
+            except _Broken as broken:
+                stream.close(wait_s=0.5)
+                stream = None
+                attempts += 1
+                if attempts > options.retries:
+                    raise MiscError(f"{broken}; {len(items) - index} image(s) not sent "
+                                    f"(use --retry N to reconnect and resend)") from None
+                time.sleep(min(2.0, 0.2 * 2 ** attempts))
+    finally:
+        if stream is not None:
+            stream.close()
+    return results
