@@ -193,7 +193,8 @@ def test_tls_and_mutual_tls(tmp_path, images):
     try:
         client_cert, client_key = files["client"]
         good = TlsFiles(client_cert, client_key, ca)
-        assert send_images(one, SenderOptions(target=rx.target, tls=good, transport=TransportConfig("arq")))[0].delivered
+        (result,) = send_images(one, SenderOptions(target=rx.target, tls=good, transport=TransportConfig("arq")))
+        assert result.delivered
         rogue_cert, rogue_key = files["rogue"]
         for bad in (TlsFiles(ca=ca), TlsFiles(rogue_cert, rogue_key, ca)):
             with pytest.raises(MiscError):

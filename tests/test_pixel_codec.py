@@ -135,6 +135,14 @@ def test_containers_are_stripped_losslessly():
     assert pc._jpeg_header(40, 30, 60) + scan + b"\xff\xd9" == pc._jpeg_file(thumb, 60)
 
 
+@pytest.mark.parametrize("codec", ["webp", "avif", "jpeg"])
+def test_thumbnail_file_is_a_standard_image(codec):
+    (lv,) = encode_pixels(IMAGE, settings_for(codec, 1))
+    with Image.open(io.BytesIO(pc.thumbnail_file(lv))) as im:
+        assert im.format == codec.upper() and im.size == (40, 30)
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), decode_raster([lv]).astype(np.uint8))
+
+
 def test_choose_settings_respects_budget():
     for codec, budget in [("block", 600), ("webp", 300), ("avif", 300), ("jpeg", 400), ("auto", 300)]:
         s, coded = choose_settings(IMAGE, codec, 1, budget)
@@ -155,6 +163,13 @@ def test_choose_settings_impossible_budget(codec):
         choose_settings(IMAGE, codec, 1, 5)
     msg = str(err.value)
     assert "\n" not in msg and "5 bytes" in msg and "smallest" in msg
+
+
+def test_module_psnr_matches_formula():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 256, (2, 301, 207, 3), dtype=np.uint8)
+    assert pc.psnr(a, b) == pytest.approx(psnr(a, b), abs=1e-9)
+    assert pc.psnr(a, a) == math.inf
 
 
 def test_candidate_settings_ladder():
