@@ -420,10 +420,12 @@ def cmd_sender(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from experiments.demo import run_offline_demo
+    from experiments.demo import run_live_demo, run_offline_demo
 
-    run_offline_demo(Path(args.output))
-    return 0
+    if args.offline:
+        run_offline_demo(Path(args.output))
+        return 0
+    return run_live_demo(Path(args.output))
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -510,8 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_sender)
 
-    p = sub.add_parser("demo", help="the main job: encode and decode the bundled samples, write a report")
+    p = sub.add_parser("demo", help="the main job: receiver, relay and sender on loopback over an impaired link")
     p.add_argument("-o", "--output", default="out/demo", metavar="DIR")
+    p.add_argument("--offline", action="store_true", help="only encode and decode the samples (no network)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
