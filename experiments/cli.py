@@ -202,6 +202,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     encoded, total = _read_misc(args.input)
     try:
         stage = stage_input(encoded.width, encoded.height, encoded.layers)
+        semantics, masks = stage.semantics, stage.masks  # decoded here, so errors name the file
     except MiscError as exc:
         raise type(exc)(f"{args.input}: {exc}") from None
     layers = []
@@ -213,9 +214,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     info = {"width": encoded.width, "height": encoded.height, "bytes": total,
             "bpp": total * 8 / (encoded.width * encoded.height),
             "overhead_bytes": total - encoded.payload_bytes(), "layers": layers,
-            "semantics": semantics_to_json(stage.semantics) if stage.semantics else None}
-    if stage.masks is not None:
-        info["masks"] = ["".join("#" if c else "." for c in row) for m in stage.masks for row in m]
+            "semantics": semantics_to_json(semantics) if semantics else None}
+    if masks is not None:
+        info["masks"] = ["".join("#" if c else "." for c in row) for m in masks for row in m]
     if args.json:
         print(json.dumps(info))
         return 0
@@ -224,10 +225,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     for ly in layers:
         params = " ".join(f"{k}={v}" for k, v in ly["params"].items())
         print(f"  {ly['kind']:<8} level {ly['level']}  {ly['codec']:<9} {ly['bytes']:>6} B  {params}")
-    if stage.semantics:
-        for obj in stage.semantics.objects:
+    if semantics:
+        for obj in semantics.objects:
             print(f"  object: {obj.name}: {obj.detail}")
-        print(f"  caption: {stage.semantics.caption}")
+        print(f"  caption: {semantics.caption}")
     return 0
 
 

@@ -1,14 +1,15 @@
 """From received layers to the inputs of one reconstruction stage, for any decoder.
 
 A stage is what the receiver can show once a set of layers has arrived: semantic; + map; + pixel
-level 0; + pixel level 1; ... Layers are decoded once here, so decoders (classical, diffusion) only
-paint; a pixel level counts only when every level before it is there too.
+level 0; + pixel level 1; ... A pixel level counts only when every level before it is there too. Layers
+are validated when the stage is made and decoded only when a decoder first asks for their content, once
+per stage (the simulator's stage bookkeeping never pays for decoding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
+from functools import cached_property
 
 import numpy as np
 
@@ -20,53 +21,58 @@ from sender.semantic_codec import decode_semantic_layer
 from sender.semantics import Semantics
 
 
-@dataclass(frozen=True)
+def _stream_order(layer: pb.Layer) -> tuple[int, int]:
+    return KIND_ORDER.get(layer.kind, 9), layer.level
+
+
 class StageInput:
-    name: str  # the layer whose arrival made this stage
-    width: int
-    height: int
-    semantics: Semantics | None
-    masks: np.ndarray | None  # (objects, N, N) bool
-    pixel_levels: tuple[PixelLevel, ...]
-    layers: tuple[str, ...]  # names of the layers used, in stream order
-    payload_bytes: int
+    """The usable layers of one stage; ``semantics``, ``masks`` and ``pixel_levels`` decode on demand."""
+
+    def __init__(self, name: str, width: int, height: int, layers: tuple[pb.Layer, ...]):
+        self.name = name  # the layer whose arrival made this stage
+        self.width = width
+        self.height = height
+        self._layers = layers
+        self.layers = tuple(layer_name(ly) for ly in layers)  # names, in stream order
+        self.payload_bytes = sum(len(ly.payload) for ly in layers)
+
+    def _one(self, kind: int) -> pb.Layer | None:
+        return next((ly for ly in self._layers if ly.kind == kind), None)
+
+    @cached_property
+    def semantics(self) -> Semantics | None:
+        layer = self._one(pb.LAYER_KIND_SEMANTIC)
+        return None if layer is None else decode_semantic_layer(layer.codec, layer.semantic, layer.payload)
+
+    @cached_property
+    def masks(self) -> np.ndarray | None:  # (objects, N, N) bool
+        layer = self._one(pb.LAYER_KIND_MAP)
+        return None if layer is None else decode_map_layer(layer.codec, layer.map, layer.payload)
+
+    @cached_property
+    def pixel_levels(self) -> tuple[PixelLevel, ...]:
+        return tuple(PixelLevel(ly.level, ly.codec, ly.pixel, ly.payload)
+                     for ly in self._layers if ly.kind == pb.LAYER_KIND_PIXEL)
 
     @property
     def has_pixels(self) -> bool:
-        return bool(self.pixel_levels)
+        return any(ly.kind == pb.LAYER_KIND_PIXEL for ly in self._layers)
 
 
 def stage_input(width: int, height: int, layers: Iterable[pb.Layer], name: str | None = None) -> StageInput:
-    """Decode what layers hold (validated); pixel levels beyond a gap are left out."""
-    ordered = sorted(layers, key=lambda ly: (KIND_ORDER.get(ly.kind, 9), ly.level))
-    semantics = masks = None
-    pixel: dict[int, PixelLevel] = {}
+    """The stage the given layers make (validated); pixel levels beyond a gap are left out."""
+    ordered = sorted(layers, key=_stream_order)
     for layer in ordered:
         validate_layer(layer)
-        if layer.kind == pb.LAYER_KIND_SEMANTIC:
-            semantics = decode_semantic_layer(layer.codec, layer.semantic, layer.payload)
-        elif layer.kind == pb.LAYER_KIND_MAP:
-            masks = decode_map_layer(layer.codec, layer.map, layer.payload)
-        else:
-            pixel[layer.level] = PixelLevel(layer.level, layer.codec, layer.pixel, layer.payload)
-    prefix: list[PixelLevel] = []
-    while len(prefix) in pixel:
-        prefix.append(pixel[len(prefix)])
-    used = [ly for ly in ordered if ly.kind != pb.LAYER_KIND_PIXEL or ly.level < len(prefix)]
-    names = tuple(layer_name(ly) for ly in used)
-    return StageInput(
-        name=name or (names[-1] if names else "empty"),
-        width=width,
-        height=height,
-        semantics=semantics,
-        masks=masks,
-        pixel_levels=tuple(prefix),
-        layers=names,
-        payload_bytes=sum(len(ly.payload) for ly in used),
-    )
+    levels = {ly.level for ly in ordered if ly.kind == pb.LAYER_KIND_PIXEL}
+    prefix = 0
+    while prefix in levels:
+        prefix += 1
+    used = tuple(ly for ly in ordered if ly.kind != pb.LAYER_KIND_PIXEL or ly.level < prefix)
+    return StageInput(name or (layer_name(used[-1]) if used else "empty"), width, height, used)
 
 
 def progressive_stages(encoded: EncodedImage) -> list[StageInput]:
     """One StageInput per layer prefix, in stream order (what a receiver sees as layers arrive)."""
-    ordered: Sequence[pb.Layer] = sorted(encoded.layers, key=lambda ly: (KIND_ORDER[ly.kind], ly.level))
+    ordered = sorted(encoded.layers, key=_stream_order)
     return [stage_input(encoded.width, encoded.height, ordered[: i + 1]) for i in range(len(ordered))]
