@@ -46,8 +46,8 @@ class Receiver:
         self.server, self.node, self.port = serve_receiver(self.options, ClassicalDecoder())
         self.target = f"127.0.0.1:{self.port}"
 
-    def stop(self):
-        self.server.stop(grace=1).wait()
+    def stop(self, grace=1.0):
+        self.server.stop(grace=grace).wait()
         self.node.close()
 
     def events(self):
@@ -287,3 +287,43 @@ def test_receiver_gone_gives_a_clear_error(tmp_path, images):
     rx.stop()
     with pytest.raises(MiscError, match="cannot reach"):
         send_images(images[:1], SenderOptions(target=target, connect_timeout_s=1))
+
+
+def _restart_receiver_during(tmp_path, images, retries):
+    """Send three images through a slow relay; restart the receiver on its port after the first one."""
+    rx = Receiver(tmp_path / "a")
+    port = rx.port
+    server, node, target = relay_for(rx.target, rate="16kbit", delay="10ms")
+    outcome = {}
+
+    def run():
+        try:
+            outcome["results"] = send_images(images, SenderOptions(target=target, retries=retries,
+                                                                   transport=TransportConfig("arq")))
+        except MiscError as exc:
+            outcome["error"] = str(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert wait_for(lambda: any(e.get("complete") for e in rx.events()))
+    rx.stop(grace=0)  # a crash, as far as the open stream can tell
+    rx2 = Receiver.__new__(Receiver)
+    rx2.options = ReceiverOptions(out_dir=tmp_path / "b", listen=f"127.0.0.1:{port}")
+    rx2.server, rx2.node, rx2.port = serve_receiver(rx2.options, ClassicalDecoder())
+    t.join(timeout=120)
+    server.stop(grace=1).wait()
+    node.close()
+    rx2.stop()
+    return outcome
+
+
+def test_receiver_restart_fails_clearly_without_retry(tmp_path, images):
+    outcome = _restart_receiver_during(tmp_path, images, retries=0)
+    assert "error" in outcome and "not sent" in outcome["error"] and "--retry" in outcome["error"]
+
+
+def test_receiver_restart_is_survived_with_retry(tmp_path, images):
+    outcome = _restart_receiver_during(tmp_path, images, retries=3)
+    assert "error" not in outcome, outcome
+    assert [r.name for r in outcome["results"]] == [n for n, _ in images]
+    assert all(r.delivered for r in outcome["results"])
