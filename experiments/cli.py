@@ -12,35 +12,18 @@ import os
 import sys
 from pathlib import Path
 
+from experiments import cli_models
+from experiments.argtypes import positive_float as _positive_float
+from experiments.argtypes import positive_int as _positive_int
 from sender.errors import MiscError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text!r}")
-    return value
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that encodes (encode, simulate, sender, sweep)."""
     g = p.add_argument_group("encoder")
     g.add_argument("--semantics", metavar="FILE", help="JSON sidecar or MISC CSV (default: IMAGE.json beside it)")
-    g.add_argument("--map", dest="map_backend", default="boxes", choices=["none", "boxes"],
-                   help="map layer backend (default: boxes)")
+    g.add_argument("--map", dest="map_backend", default="boxes", choices=list(cli_models.MAP_CHOICES),
+                   help="map layer backend (default: boxes, from the sidecar's boxes; clip: a CLIP model)")
     g.add_argument("--grid", type=_positive_int, default=8, help="map grid N (N x N cells, default 8)")
     g.add_argument("--pixel", dest="pixel_codec", default="auto",
                    choices=["auto", "block", "webp", "avif", "jpeg", "none"], help="pixel layer codec")
@@ -49,6 +32,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--budget", type=_positive_int, metavar="BYTES", help="whole-file byte budget")
     budget.add_argument("--bpp", type=_positive_float, metavar="X", help="whole-file budget in bits per pixel")
     g.add_argument("--strict", action="store_true", help="treat MISC's text limits as errors, not warnings")
+    cli_models.add_semantics_backend_options(g)
+    cli_models.add_map_model_options(g)
 
 
 def encoder_config(args: argparse.Namespace):
@@ -63,24 +48,18 @@ def encoder_config(args: argparse.Namespace):
         budget_bytes=args.budget,
         bpp=args.bpp,
         limits=SemanticLimits(strict=args.strict),
+        map_options=cli_models.map_options(args),
     )
 
 
-def load_input(image_arg: str, semantics_arg: str | None):
+def load_input(image_arg: str, args: argparse.Namespace):
     """(image array, Semantics, warnings, image path) for an IMAGE argument (path or sample:NAME)."""
     from experiments.samples import resolve_image_arg
     from sender.image_io import load_image
-    from sender.semantics import load_semantics
 
-    path, sidecar = resolve_image_arg(image_arg)
+    path, _ = resolve_image_arg(image_arg)
     image = load_image(path)
-    source = Path(semantics_arg) if semantics_arg else sidecar
-    if source is None:
-        raise MiscError(
-            f"no semantics for {image_arg}: give --semantics FILE (JSON sidecar or MISC CSV) "
-            f"or put {path.with_suffix('.json').name} beside the image"
-        )
-    semantics, warnings = load_semantics(source, image_name=path.name)
+    semantics, warnings = cli_models.semantics_for(args, image, image_arg)
     return image, semantics, warnings, path
 
 
@@ -117,7 +96,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from sender.encoder import encode_image
     from sender.image_io import atomic_write_bytes
 
-    image, semantics, warnings, _ = load_input(args.image, args.semantics)
+    image, semantics, warnings, _ = load_input(args.image, args)
     result = encode_image(image, semantics, encoder_config(args))
     result.warnings[:0] = warnings
     atomic_write_bytes(args.output, result.data)
@@ -149,7 +128,6 @@ def _read_misc(path: str):
 
 def cmd_decode(args: argparse.Namespace) -> int:
     from experiments.samples import resolve_image_arg
-    from receiver.classical import ClassicalDecoder
     from receiver.stages import progressive_stages
     from sender.image_io import atomic_write_bytes, load_image, png_bytes
 
@@ -158,7 +136,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if reference is not None and reference.shape[:2] != (encoded.height, encoded.width):
         raise MiscError(f"reference is {reference.shape[1]}x{reference.shape[0]}, "
                         f"the bitstream {encoded.width}x{encoded.height}")
-    decoder = ClassicalDecoder()
+    decoder = cli_models.make_decoder(args)
     try:
         stages = progressive_stages(encoded)
         images = [decoder.render(stage) for stage in stages]
@@ -289,10 +267,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     items = []
     for arg in args.images:
-        image, semantics, _, path = load_input(arg, args.semantics)
+        image, semantics, _, path = load_input(arg, args)
         result = encode_image(image, semantics, config)
         items.append(SimImage(path.stem, result.encoded, image))
-    results = simulate(items, scenario, keep_images=bool(args.output))
+    results = simulate(items, scenario, keep_images=bool(args.output), decoder=cli_models.make_decoder(args))
     totals = {key: sum(r["totals"][key] for r in results)
               for key in ("wire_bytes", "retransmitted_bytes", "fec_bytes", "packets_sent", "packets_lost")}
     if args.output:
@@ -372,12 +350,11 @@ def _serve_until_signal(server, node, port: int, args: argparse.Namespace, what:
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
-    from receiver.classical import ClassicalDecoder
     from receiver.node import ReceiverOptions, serve_receiver
 
     options = ReceiverOptions(out_dir=Path(args.out), listen=args.listen, tls=_tls(args), token=args.token,
                               decode_workers=args.decode_workers, max_streams=args.max_streams)
-    server, node, port = serve_receiver(options, ClassicalDecoder())
+    server, node, port = serve_receiver(options, cli_models.make_decoder(args))
     return _serve_until_signal(server, node, port, args, "receiver")
 
 
@@ -400,7 +377,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     items = []
     for arg in args.images:
-        image, semantics, warnings, path = load_input(arg, args.semantics)
+        image, semantics, warnings, path = load_input(arg, args)
         items.append((path.stem, encode_image(image, semantics, config).encoded))
     options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
                             server_name=args.server_name, token=args.token, retries=args.retry,
@@ -448,12 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("decode", help="decode a .misc file with the classical decoder")
+    p = sub.add_parser("decode", help="decode a .misc file (classical decoder, or diffusion with model weights)")
     p.add_argument("input", metavar="IN.misc")
     p.add_argument("-o", "--output", required=True, metavar="OUT.png")
     p.add_argument("--stages", metavar="DIR", help="write one PNG per progressive stage")
     p.add_argument("--reference", metavar="IMAGE", help="original image: report PSNR / MS-SSIM per stage")
     p.add_argument("--json", action="store_true")
+    cli_models.add_decoder_options(p)
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("info", help="show the layer table and the semantic text of a .misc file")
@@ -469,6 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     p.add_argument("-o", "--output", metavar="DIR", help="write stage images and simulate.json here")
     p.add_argument("--json", action="store_true")
+    cli_models.add_decoder_options(p)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("link", help="measure a link configuration with a saturating sender")
@@ -481,8 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("receiver", help="run the cloud node: reassemble, decode each stage, serve watchers")
     p.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
     p.add_argument("--out", required=True, metavar="DIR", help="stage images and events.jsonl go here")
-    p.add_argument("--decoder", default="classical", choices=["classical"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    cli_models.add_decoder_options(p)
     p.add_argument("--decode-workers", type=_positive_int, default=2)
     add_node_options(p, server=True)
     p.set_defaults(func=cmd_receiver)
@@ -517,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="out/demo", metavar="DIR")
     p.add_argument("--offline", action="store_true", help="only encode and decode the samples (no network)")
     p.set_defaults(func=cmd_demo)
+
+    cli_models.register(sub)
 
     p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
     p.add_argument("dest", metavar="DIR")

@@ -44,8 +44,8 @@ class SimImage:
 class _QualityCache:
     """Stage quality depends only on the image and the layers used, not on the link: compute it once."""
 
-    def __init__(self) -> None:
-        self.decoder = ClassicalDecoder()
+    def __init__(self, decoder=None) -> None:
+        self.decoder = decoder or ClassicalDecoder()
         self._cache: dict[tuple, tuple[float | None, float | None, np.ndarray | None]] = {}
 
     def __call__(self, item: SimImage, stage, want_image: bool = False):
@@ -65,10 +65,11 @@ class _QualityCache:
 
 
 def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = False,
-             quality_cache: _QualityCache | None = None) -> list[dict]:
+             quality_cache: _QualityCache | None = None, decoder=None) -> list[dict]:
+    """Run the scenario; ``decoder`` (default classical) reconstructs each stage for its quality figures."""
     env = simpy.Environment()
     rng = np.random.default_rng(scenario.seed)
-    quality = quality_cache or _QualityCache()
+    quality = quality_cache or _QualityCache(decoder)
     receiver = TransportReceiver()
     senders: dict[int, ImageSender] = {}
     start: dict[int, float] = {}

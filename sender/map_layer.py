@@ -61,10 +61,14 @@ def box_to_mask(box: tuple[float, float, float, float], grid: int) -> np.ndarray
 
 
 def map_backend(name: str, **options) -> MapBackend:
-    """The backend registered under name ("boxes"; "clip" arrives with the models)."""
+    """The backend registered under name: "boxes", or "clip" (options: model, threshold, device, ...)."""
     if name == "boxes":
         return BoxMapBackend()
-    raise MiscError(f"unknown map backend '{name}' (available: none, boxes)")
+    if name == "clip":
+        from sender.clip_map import ClipMapBackend  # lazy: torch and transformers load only when used
+
+        return ClipMapBackend(**options)
+    raise MiscError(f"unknown map backend '{name}' (available: none, boxes, clip)")
 
 
 def _rect_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:

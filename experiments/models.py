@@ -1,0 +1,366 @@
+"""Model configuration for the CLI: what each backend is configured with, whether its weights are here,
+and tiny random-weight models for smoke tests.
+
+Where weights come from (a folder, a cached Hub id, the environment, ``MISCNET_MODELS_DIR``) is decided
+in sender.pretrained; this module reports it (``miscnet models``) and writes the tiny models
+(``miscnet models tiny DIR``): a Stable Diffusion pipeline, a ControlNet and an upscaler for the
+diffusion decoder, a CLIP model for the map encoder and a LLaVA-style vision-language model for the hf
+semantic encoder. Each is built from a small config with seeded random weights and a tokenizer written
+offline (vocab.json + merges.txt, vocabulary size asserted), saved with save_pretrained (safetensors)
+and loadable with the same ``from_pretrained(path, local_files_only=True)`` calls real weights use. Their
+outputs are noise: they prove the path works, not that the pictures are good.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from sender.errors import MiscError
+from sender.pretrained import MODELS_DIR_ENV, ROLES, hf_cache_dir, locate
+
+# ============================================================================ listing
+
+# (layer, backend, role or None, note) in the order `miscnet models` lists them
+BACKENDS = (
+    ("semantic", "sidecar", None, "JSON sidecar or MISC CSV beside the image (no model)"),
+    ("semantic", "openai", None, "OpenAI-compatible chat endpoint with image input"),
+    ("semantic", "hf", "vlm", ROLES["vlm"].what),
+    ("map", "boxes", None, "boxes from the semantics (no model)"),
+    ("map", "clip", "clip", ROLES["clip"].what),
+    ("decoder", "classical", None, "up-sampling and drawing (no model)"),
+    ("decoder", "diffusion", "diffusion", ROLES["diffusion"].what),
+    ("decoder", "diffusion", "controlnet", ROLES["controlnet"].what + "; optional"),
+    ("decoder", "diffusion", "upscaler", ROLES["upscaler"].what + "; optional"),
+)
+
+
+def _openai_row(model: str | None = None, endpoint: str | None = None) -> dict:
+    from sender.semantic_backends import API_KEY_ENV, BASE_URL_ENV, DEFAULT_OPENAI_BASE_URL, LMM_MODEL_ENV
+
+    name = model or os.environ.get(LMM_MODEL_ENV)
+    url = endpoint or os.environ.get(BASE_URL_ENV) or DEFAULT_OPENAI_BASE_URL
+    key = bool(os.environ.get(API_KEY_ENV))
+    needs_key = url.startswith("https://api.openai.com")
+    problem = None
+    if not name:
+        problem = f"no model: give --lmm-model NAME or set {LMM_MODEL_ENV}"
+    elif needs_key and not key:
+        problem = f"no key: set {API_KEY_ENV}"
+    return {"model": name, "source": "option" if model else (f"env {LMM_MODEL_ENV}" if name else "unset"),
+            "path": url, "present": problem is None, "remote": True, "api_key_set": key, "problem": problem}
+
+
+def list_models(values: dict[str, str | None] | None = None, *, lmm_model: str | None = None,
+                lmm_endpoint: str | None = None) -> list[dict]:
+    """One row per backend (and model role): what it is configured with and whether it is usable here.
+
+    ``values`` maps roles (diffusion, controlnet, upscaler, clip, vlm) to command-line values. A remote
+    endpoint is reported as configured or not; it is never contacted.
+    """
+    values = values or {}
+    rows = []
+    for layer, backend, role, note in BACKENDS:
+        row = {"layer": layer, "backend": backend, "role": role, "what": note}
+        if role is not None:
+            found = locate(role, values.get(role))
+            row.update(model=found.value, source=found.source, path=str(found.path) if found.path else None,
+                       present=found.present, problem=found.problem, env=ROLES[role].env,
+                       option=ROLES[role].option)
+        elif backend == "openai":
+            row.update(_openai_row(lmm_model, lmm_endpoint))
+        else:
+            row.update(model=None, source="built in", path=None, present=True, problem=None)
+        rows.append(row)
+    return rows
+
+
+def models_report(rows: list[dict]) -> dict:
+    return {"backends": rows, "hf_cache": str(hf_cache_dir()), "models_dir": os.environ.get(MODELS_DIR_ENV),
+            "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE")}
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = [f"{'layer':<9}{'backend':<10}{'role':<11}{'present':<9}model"]
+    for r in rows:
+        present = "yes" if r["present"] else "NO"
+        model = r.get("model") or ("-" if r["source"] == "built in" else "(not configured)")
+        where = ""
+        if r.get("path") and r.get("path") != r.get("model"):
+            where = f"  -> {r['path']}"
+        src = f"  [{r['source']}]" if r["source"] not in ("built in",) else ""
+        lines.append(f"{r['layer']:<9}{r['backend']:<10}{(r['role'] or '-'):<11}{present:<9}{model}{src}{where}")
+        if r.get("problem") and r.get("model"):
+            lines.append(f"{'':<39}{r['problem']}")
+    return "\n".join(lines)
+
+
+# ============================================================================ tiny models
+
+TINY_ROLES = ("diffusion", "controlnet", "upscaler", "clip", "vlm")
+_WORDS = ("a photo of the cat dog red box sky tree person man woman car house road grass water light dark "
+          "blue green white black small large left right top bottom with and in on").split()
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255 (GPT-2 / CLIP convention)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    out = {b: chr(b) for b in keep}
+    n = 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + n)
+            n += 1
+    return [out[b] for b in range(256)]
+
+
+def _word_merges(words: list[str], vocab: dict[str, int], suffix: str = "") -> list[str]:
+    """Merges that build each word left to right (the last piece carrying ``suffix``), added to vocab."""
+    merges = []
+    for word in words:
+        pieces = list(word)
+        if suffix:
+            pieces[-1] += suffix
+        cur = pieces[0]
+        for nxt in pieces[1:]:
+            merged = cur + nxt
+            if merged not in vocab:
+                vocab[merged] = len(vocab)
+                merges.append(f"{cur} {nxt}")
+            cur = merged
+    return merges
+
+
+def _write_bpe(folder: Path, vocab: dict[str, int], merges: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
+def _check_vocab(tokenizer, expected: int, what: str) -> None:
+    if len(tokenizer) != expected:
+        raise MiscError(f"tiny {what} tokenizer has {len(tokenizer)} tokens, expected {expected} "
+                        "(the offline tokenizer did not load)")
+
+
+def tiny_clip_tokenizer(work: Path):
+    """A CLIP BPE tokenizer built offline: every byte (plain and word-final) plus merges for a few words."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = _word_merges(_WORDS, vocab, suffix="</w>")
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    folder = work / "clip-tokenizer-src"
+    _write_bpe(folder, vocab, merges)
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True, model_max_length=77)
+    _check_vocab(tok, len(vocab), "CLIP")
+    assert tok("a photo of the cat").input_ids[1:-1] == [vocab[w + "</w>"] for w in "a photo of the cat".split()]
+    return tok
+
+
+def tiny_chat_tokenizer(work: Path, specials: list[str]):
+    """A byte-level BPE tokenizer (Qwen2 style, 'Ġ' marks a space) with chat special tokens, built offline."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    merges = _word_merges(["\u0120" + w for w in _WORDS], vocab)
+    vocab["<|endoftext|>"] = len(vocab)  # Qwen2Tokenizer's default unknown / end token
+    folder = work / "chat-tokenizer-src"
+    _write_bpe(folder, vocab, merges)
+    tok = Qwen2Tokenizer.from_pretrained(str(folder), local_files_only=True)
+    _check_vocab(tok, len(vocab), "chat")
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    _check_vocab(tok, len(vocab | dict.fromkeys(specials)), "chat (with special tokens)")
+    return tok
+
+
+def _unet_kwargs() -> dict:
+    return dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+                cross_attention_dim=32, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def _text_encoder(tok):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+
+def _scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def write_tiny_diffusion(dest: Path, tok) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, **_unet_kwargs())
+    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_text_encoder(tok), tokenizer=tok, unet=unet,
+                                   scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(str(dest), safe_serialization=True)
+
+
+def write_tiny_controlnet(dest: Path) -> None:
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(1)
+    kw = _unet_kwargs()
+    kw.pop("up_block_types")
+    ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(8, 16), **kw).save_pretrained(
+        str(dest), safe_serialization=True)
+
+
+def write_tiny_upscaler(dest: Path, tok) -> None:
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(sample_size=16, in_channels=7, out_channels=4, num_class_embeds=1000,
+                                **_unet_kwargs())
+    vae = _vae()
+    vae.register_to_config(scaling_factor=0.08333)
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=_text_encoder(tok), tokenizer=tok, unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
+        scheduler=_scheduler(), max_noise_level=350)
+    pipe.save_pretrained(str(dest), safe_serialization=True)
+
+
+def write_tiny_clip(dest: Path, tok) -> None:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(3)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(str(dest), safe_serialization=True)
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(dest))
+
+
+# A minimal chat template in the ChatML layout that Qwen-family models use; images become <image>.
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def write_tiny_vlm(dest: Path, work: Path) -> None:
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+    tok = tiny_chat_tokenizer(work, specials)
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    ids = tok.convert_tokens_to_ids(specials)
+    images = CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = LlavaProcessor(image_processor=images, tokenizer=tok, chat_template=_CHAT_TEMPLATE, patch_size=14,
+                               vision_feature_select_strategy="default", image_token="<image>",
+                               num_additional_image_tokens=1)
+    config = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=37,
+                           num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14),
+        text_config=dict(model_type="qwen2", vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=ids[0], eos_token_id=ids[2],
+                         pad_token_id=ids[0]),
+        image_token_index=ids[3], image_seq_length=4, vision_feature_layer=-1,
+        vision_feature_select_strategy="default")
+    torch.manual_seed(4)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.eos_token_id = ids[2]
+    model.generation_config.pad_token_id = ids[0]
+    model.save_pretrained(str(dest), safe_serialization=True)
+    processor.save_pretrained(str(dest))
+
+
+_README = """Tiny random-weight models written by `miscnet models tiny` for smoke tests.
+Their outputs are noise; they only prove that the loading and decoding paths work without downloads.
+
+  diffusion/   Stable Diffusion pipeline (UNet, VAE, CLIP text encoder, tokenizer, DDIM)  --diffusion-model
+  controlnet/  ControlNet matching that UNet                                                  --controlnet-model
+  upscaler/    Stable Diffusion upscaler pipeline                                             --upscaler-model
+  clip/        CLIP model + tokenizer + image processor (map encoder)                        --clip-model
+  vlm/         LLaVA-style vision-language chat model + processor (hf semantics)             --vlm-model
+
+Use all of them at once with:  export MISCNET_MODELS_DIR={dest}
+"""
+
+
+def write_tiny_models(dest: str | os.PathLike[str], *, force: bool = False,
+                      roles: tuple[str, ...] = TINY_ROLES) -> dict[str, Path]:
+    """Write the tiny models under dest/<role>; return role -> folder. Existing folders need ``force``."""
+    try:
+        from sender.pretrained import quiet_loading, require_torch
+
+        require_torch("miscnet models tiny")
+        import diffusers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        raise MiscError("miscnet models tiny needs the model packages: pip install 'miscnet[models]'") from None
+    unknown = [r for r in roles if r not in TINY_ROLES]
+    if unknown:
+        raise MiscError(f"unknown tiny model {unknown[0]!r} (available: {', '.join(TINY_ROLES)})")
+    root = Path(dest).expanduser()
+    if root.exists() and not root.is_dir():
+        raise MiscError(f"{root} exists and is not a folder")
+    clash = [r for r in roles if (root / r).exists()]
+    if clash and not force:
+        raise MiscError(f"{root / clash[0]} already exists (use --force to replace the tiny models)")
+    root.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(dir=root, prefix=".tiny-") as tmp, quiet_loading():
+        work = Path(tmp)
+        clip_tok = tiny_clip_tokenizer(work) if set(roles) & {"diffusion", "upscaler", "clip"} else None
+        for role in roles:
+            stage = work / role
+            if role == "diffusion":
+                write_tiny_diffusion(stage, clip_tok)
+            elif role == "controlnet":
+                write_tiny_controlnet(stage)
+            elif role == "upscaler":
+                write_tiny_upscaler(stage, clip_tok)
+            elif role == "clip":
+                write_tiny_clip(stage, clip_tok)
+            else:
+                write_tiny_vlm(stage, work)
+            final = root / role
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(stage, final)  # each model appears whole or not at all
+            written[role] = final
+    (root / "README.txt").write_text(_README.format(dest=root))
+    return written
