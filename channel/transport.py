@@ -54,7 +54,7 @@ class TransportConfig:
     deadline_s: float | None = None  # give up this long after the first packet
     rto_initial_s: float = 1.0
     rto_min_s: float = 0.2
-    rto_max_s: float = 30.0
+    rto_max_s: float = 4.0  # short of RFC 6298's 60 s: a stalled image should give up or recover soon
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

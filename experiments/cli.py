@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from experiments import cli_models
+from experiments import cli_models, cli_sweep
 from experiments.argtypes import positive_float as _positive_float
 from experiments.argtypes import positive_int as _positive_int
 from sender.errors import MiscError
@@ -497,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     cli_models.register(sub)
+    cli_sweep.register(sub)
 
     p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
     p.add_argument("dest", metavar="DIR")

@@ -46,11 +46,13 @@ class _QualityCache:
 
     def __init__(self, decoder=None) -> None:
         self.decoder = decoder or ClassicalDecoder()
-        self._cache: dict[tuple, tuple[float | None, float | None, np.ndarray | None]] = {}
+        self._cache: dict[tuple, tuple] = {}
 
     def __call__(self, item: SimImage, stage, want_image: bool = False):
         key = (id(item), stage.layers)
         hit = self._cache.get(key)
+        if hit is not None and hit[3] is not item:  # an id recycled after its item was freed
+            hit = None
         if hit is None or (want_image and hit[2] is None):
             image = self.decoder.render(stage)
             psnr = msssim = None
@@ -59,9 +61,9 @@ class _QualityCache:
                 from experiments.metrics import psnr as psnr_of
 
                 psnr, msssim = psnr_of(item.reference, image), ms_ssim(item.reference, image)
-            hit = (psnr, msssim, image if want_image else None)
+            hit = (psnr, msssim, image if want_image else None, item)  # holding item keeps its id unique
             self._cache[key] = hit
-        return hit
+        return hit[:3]
 
 
 def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = False,
@@ -102,7 +104,7 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
             if stage is None:
                 continue
             psnr, msssim, img = quality(items[i], stage, keep_images) if scenario.quality else (None, None, None)
-            events[i].append({"stage": stage.name, "time_s": env.now - start[i],
+            events[i].append({"stage": stage.name, "layers": list(stage.layers), "time_s": env.now - start[i],
                               "payload_bytes": stage.payload_bytes, "wire_bytes": delivered_bytes[i],
                               "psnr": psnr, "ms_ssim": msssim})
             if keep_images:

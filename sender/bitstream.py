@@ -37,6 +37,7 @@ CODEC_NAMES = {
     pb.CODEC_PIXEL_WEBP: "webp",
     pb.CODEC_PIXEL_AVIF: "avif",
     pb.CODEC_PIXEL_JPEG: "jpeg",
+    pb.CODEC_PIXEL_JPEG_PROGRESSIVE: "jpeg-progressive",  # baselines only (experiments/baselines.py)
 }
 # Stream order: what the receiver can use first goes first.
 KIND_ORDER = {pb.LAYER_KIND_SEMANTIC: 0, pb.LAYER_KIND_MAP: 1, pb.LAYER_KIND_PIXEL: 2}

@@ -862,6 +862,87 @@ def _decode_thumbnail_levels(levels: Sequence[PixelLevel]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# progressive JPEG, for the baselines only (experiments/baselines.py writes it; no MISC encoder does).
+# A standard progressive .jpg file, headers included (what a user sends today), cut at scan boundaries:
+# level 0 holds the headers and the first scan(s), each further level the next scans. A prefix of the
+# levels plus an EOI marker is itself a progressive file, which libjpeg decodes at a lower quality.
+
+JPEG_PROGRESSIVE = "jpeg-progressive"
+CODEC_NAMES[pb.CODEC_PIXEL_JPEG_PROGRESSIVE] = JPEG_PROGRESSIVE
+_SOF2, _SOS, _JPEG_TABLES = 0xC2, 0xDA, frozenset({0xC4, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)})
+
+
+def jpeg_progressive_segments(data: bytes, start: int = 2) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a progressive JPEG after SOI, up to EOI or the end of
+    ``data``; a scan (SOS) runs to the end of its entropy-coded data. Only tables (DHT, DQT, DRI, COM,
+    APPn), one SOF2 and scans may appear; anything else is a BitstreamError."""
+    out: list[tuple[int, int, int]] = []
+    pos, n = start, len(data)
+    while pos < n:
+        if pos + 2 > n or data[pos] != 0xFF:
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level: no marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xD9:  # EOI: the receiver adds it
+            if pos + 2 != n:
+                raise BitstreamError(f"{JPEG_PROGRESSIVE} level: data after the end-of-image marker")
+            break
+        if marker not in _JPEG_TABLES and marker not in (_SOF2, _SOS):
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level: unexpected marker 0x{marker:02X} at byte {pos}")
+        if pos + 4 > n:
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level: segment at byte {pos} is truncated")
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if end > n or end < pos + 4:
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level: segment at byte {pos} runs past the data")
+        if marker == _SOS:  # entropy-coded data: up to the next marker that is neither a stuffed 0 nor RSTn
+            at = end
+            while True:
+                at = data.find(b"\xff", at)
+                if at < 0 or at + 1 >= n:
+                    end = n
+                    break
+                nxt = data[at + 1]
+                if nxt == 0 or 0xD0 <= nxt <= 0xD7:
+                    at += 2
+                    continue
+                end = at
+                break
+        out.append((marker, pos, end))
+        pos = end
+    return out
+
+
+def _decode_jpeg_progressive(levels: Sequence[PixelLevel]) -> np.ndarray:
+    p0 = levels[0].params
+    for lv in levels:
+        p = lv.params
+        if p.step or p.plane_shift or p.plane_bits or p.colorspace or p.residual or p.residual_gain:
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level {lv.level}: fields of another codec set")
+        if (p.width, p.height) != (p0.width, p0.height):
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level {lv.level}: raster differs from level 0's")
+    data = b"".join(lv.payload for lv in levels)
+    if not data.startswith(b"\xff\xd8"):
+        raise BitstreamError(f"{JPEG_PROGRESSIVE} level 0: not a JPEG file")
+    segments = jpeg_progressive_segments(data)
+    if not segments or segments[-1][2] != len(data):
+        raise BitstreamError(f"{JPEG_PROGRESSIVE} level {len(levels) - 1}: bytes after the last scan")
+    starts = {s for _, s, _ in segments} | {len(data)}
+    edge = 0
+    for lv in levels[:-1]:
+        edge += len(lv.payload)
+        if edge not in starts:
+            raise BitstreamError(f"{JPEG_PROGRESSIVE} level {lv.level + 1}: does not start at a segment")
+    sofs = [s for m, s, _ in segments if m == _SOF2]
+    scans = [s for m, s, _ in segments if m == _SOS]
+    if len(sofs) != 1 or not scans or sofs[0] > scans[0] or scans[0] >= len(levels[0].payload):
+        raise BitstreamError(f"{JPEG_PROGRESSIVE} level 0: needs one SOF2 header and a first scan")
+    height, width = struct.unpack(">HH", data[sofs[0] + 5 : sofs[0] + 9])
+    if (width, height) != (p0.width, p0.height):
+        raise BitstreamError(f"{JPEG_PROGRESSIVE} level 0: file is {width}x{height}, params say "
+                             f"{p0.width}x{p0.height}")
+    return _pil_decode("jpeg", data + b"\xff\xd9", width, height).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
 # public API
 
 
@@ -926,6 +1007,8 @@ def decode_raster(levels: Sequence[PixelLevel]) -> np.ndarray:
     name = _check_levels(levels)
     if name == "block":
         return _decode_block(levels).astype(np.float32)
+    if name == JPEG_PROGRESSIVE:
+        return _decode_jpeg_progressive(levels)
     return _decode_thumbnail_levels(levels)
 
 
