@@ -117,9 +117,13 @@ class EventLog:
         self._watchers: list[tuple[queue.Queue, bool]] = []
         self._watcher_queue = watcher_queue
         self.dropped_for_slow_watchers = 0
+        self.dropped_after_close = 0
 
     def emit(self, event: dict, png: bytes | None = None) -> None:
         with self._lock:
+            if self._file.closed:  # a stream torn down after shutdown: nothing left to write to
+                self.dropped_after_close += 1
+                return
             self._file.write(json.dumps(event) + "\n")
             self._file.flush()
             watchers = list(self._watchers)
@@ -191,6 +195,7 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         self._streams = threading.BoundedSemaphore(options.max_streams)
         self._seq = 0
         self._lock = threading.Lock()
+        self._readers: list[threading.Thread] = []
         self.stats = {"streams": 0, "streams_refused": 0, "packets": 0, "packets_bad": 0, "images_complete": 0,
                       "images_incomplete": 0, "images_refused": 0}
 
@@ -207,6 +212,8 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
             stream = _Stream(f"s{self._seq:04d}", self.options)
         replies: queue.Queue = queue.Queue()
         reader = threading.Thread(target=self._read, args=(stream, request_iterator, replies), daemon=True)
+        with self._lock:
+            self._readers = [t for t in self._readers if t.is_alive()] + [reader]
         reader.start()
         try:
             while True:
@@ -333,7 +340,13 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
                 return
             yield item
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 5.0) -> None:
+        """Flush everything: let closing streams log what they leave incomplete, decode what is pending."""
+        end = time.monotonic() + wait_s
+        with self._lock:
+            readers = list(self._readers)
+        for reader in readers:
+            reader.join(timeout=max(0.0, end - time.monotonic()))
         self.scheduler.close()
         self.events.close()
 
