@@ -85,7 +85,9 @@ def check_token(context: grpc.ServicerContext, token: str | None) -> None:
 def start_server(listen: str, tls: TlsFiles, register, service_names: list[str], workers: int = 16,
                  max_message: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, health.HealthServicer, int]:
     """A started server with ``register(server)``'s services, health and reflection; returns the bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=channel_options(max_message),
+    # no SO_REUSEPORT: a second node on a busy port must fail, not silently share it with the first
+    options = [*channel_options(max_message), ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
                          maximum_concurrent_rpcs=None)
     register(server)
     health_servicer = health.HealthServicer()

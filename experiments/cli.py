@@ -506,6 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's C core logs its own copy of errors we already report in one line; GRPC_VERBOSITY=ERROR or
+    # DEBUG in the environment brings its logs back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -327,3 +327,35 @@ def test_receiver_restart_is_survived_with_retry(tmp_path, images):
     assert "error" not in outcome, outcome
     assert [r.name for r in outcome["results"]] == [n for n, _ in images]
     assert all(r.delivered for r in outcome["results"])
+
+
+def test_busy_port_is_a_clear_error(receiver, tmp_path):
+    with pytest.raises(MiscError, match="cannot listen"):
+        serve_receiver(ReceiverOptions(out_dir=tmp_path / "second", listen=receiver.target), ClassicalDecoder())
+
+
+def test_nodes_stop_cleanly_on_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "receiver", "--listen", "127.0.0.1:0",
+                             "--port-file", str(port_file), "--out", str(tmp_path / "rx")], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(port_file.exists, timeout=60)
+        busy = subprocess.run([sys.executable, "-m", "experiments.cli", "receiver", "--listen",
+                               f"127.0.0.1:{port_file.read_text()}", "--out", str(tmp_path / "rx2")], cwd=root,
+                              capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 2 and busy.stderr.startswith("miscnet: cannot listen")
+        assert "Traceback" not in busy.stderr
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "receiver stopped" in out and "Traceback" not in err
+    assert (tmp_path / "rx" / "events.jsonl").exists()
