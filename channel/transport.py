@@ -65,6 +65,8 @@ class TransportConfig:
             value = getattr(self, name)
             if not 0.05 <= value <= 1.0:
                 raise MiscError(f"{name.replace('_', '-')} must be a code rate in [0.05, 1], not {value}")
+        if not 1 <= self.fec_min_symbols <= 64:
+            raise MiscError(f"fec symbols must be 1..64, not {self.fec_min_symbols}")
         if self.deadline_s is not None and self.deadline_s <= 0:
             raise MiscError(f"deadline must be positive, not {self.deadline_s}")
 

@@ -247,6 +247,9 @@ def add_protection_options(p: argparse.ArgumentParser) -> None:
                    help="FEC code rate k/n for the semantic + map block (default 0.5)")
     g.add_argument("--fec-pixel-rate", type=_positive_float, default=0.8,
                    help="FEC code rate k/n for pixel blocks (default 0.8)")
+    g.add_argument("--fec-symbols", type=_positive_int, default=4, metavar="N",
+                   help="under FEC, cut a small block into N symbols so one repair costs 1/N of it, not a copy "
+                        "(default 4; 1 keeps each small layer in one packet, which bursts favour)")
     g.add_argument("--max-rounds", type=_positive_int, default=12, help="ARQ retransmission rounds (default 12)")
     g.add_argument("--deadline", type=_positive_float, metavar="SECONDS", help="give an image up after this")
 
@@ -255,7 +258,8 @@ def transport_config(args: argparse.Namespace):
     from channel.transport import TransportConfig
 
     return TransportConfig(mode=args.protect, mtu=args.mtu, strong_rate=args.fec_strong_rate,
-                           pixel_rate=args.fec_pixel_rate, max_rounds=args.max_rounds, deadline_s=args.deadline)
+                           pixel_rate=args.fec_pixel_rate, fec_min_symbols=args.fec_symbols,
+                           max_rounds=args.max_rounds, deadline_s=args.deadline)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

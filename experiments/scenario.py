@@ -324,6 +324,7 @@ PARAMS: dict[str, Param] = {
     "protection.mode": Param("none", _protect, "error control (--protect)"),
     "protection.fec_strong_rate": Param(0.5, _float(0.05, 1.0), "FEC code rate of semantic + map (--fec-strong-rate)"),
     "protection.fec_pixel_rate": Param(0.8, _float(0.05, 1.0), "FEC code rate of pixel levels (--fec-pixel-rate)"),
+    "protection.fec_symbols": Param(4, _int(1, 64), "FEC: symbols a small block is cut into (--fec-symbols)"),
     "protection.max_rounds": Param(12, _int(1, 1000), "ARQ rounds (--max-rounds)"),
     "protection.deadline": Param(None, _optional(_float(0.0, lo_open=True)), "give up after SECONDS (--deadline)"),
     # decoder: the CLI's decoder options
@@ -472,7 +473,8 @@ class Configuration:
         p = self.params
         return TransportConfig(mode=p["protection.mode"], mtu=p["link.mtu"],
                                strong_rate=p["protection.fec_strong_rate"], pixel_rate=p["protection.fec_pixel_rate"],
-                               max_rounds=p["protection.max_rounds"], deadline_s=p["protection.deadline"])
+                               fec_min_symbols=p["protection.fec_symbols"], max_rounds=p["protection.max_rounds"],
+                               deadline_s=p["protection.deadline"])
 
     def protection_label(self) -> str:
         p = self.params

@@ -23,16 +23,13 @@ def generate(out_root: Path) -> list[Path]:
 
     protos = sorted(SCHEMA_DIR.glob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
-    args = [
-        "protoc",
-        f"-I{ROOT}",
-        f"-I{include}",
-        f"--python_out={out_root}",
-        f"--grpc_python_out={out_root}",
-        *[str(p.relative_to(ROOT)) for p in protos],
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    # gRPC stubs only for files that define services: the others would get empty *_pb2_grpc.py files
+    with_services = [p for p in protos if "\nservice " in p.read_text()]
+    for out_flag, files in (("--python_out", protos), ("--grpc_python_out", with_services)):
+        args = ["protoc", f"-I{ROOT}", f"-I{include}", f"{out_flag}={out_root}",
+                *[str(p.relative_to(ROOT)) for p in files]]
+        if files and protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
     return sorted((out_root / "proto" / "miscnet" / "v1").glob("*_pb2*.py"))
 
 
