@@ -67,6 +67,11 @@ def decode_packet(data: bytes) -> Packet:
     return Packet(kind, image_id, block, symbol, k, bytes(payload))
 
 
+def peek_image_id(data: bytes) -> int | None:
+    """The image id field of a packet, unverified (for per-image byte counts before the checksum)."""
+    return _FIELDS.unpack_from(data)[1] if len(data) >= HEADER_BYTES else None
+
+
 class Datagram:
     """Encoded packet bytes as the link carries them (the link reads ``size``); ``role`` is accounting."""
 

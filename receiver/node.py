@@ -21,14 +21,14 @@ from pathlib import Path
 import grpc
 
 from channel.grpc_util import TlsFiles, check_token, start_server
-from channel.packet import HEADER_BYTES
+from channel.packet import peek_image_id
 from channel.transport import TransportReceiver
 from proto.miscnet.v1 import services_pb2 as spb
 from proto.miscnet.v1 import services_pb2_grpc as sgrpc
 from receiver.assembly import ImageAssembly
 from receiver.stages import StageInput
 from sender.bitstream import layers_digest
-from sender.image_io import png_bytes, save_png
+from sender.image_io import MAX_PIXELS, png_bytes, save_png
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -43,7 +43,7 @@ class ReceiverOptions:
     grpc_workers: int = 64
     max_streams: int = 48
     max_images_per_stream: int = 256
-    max_pixels: int = 16384 * 16384
+    max_pixels: int = MAX_PIXELS  # the same limit the sender applies to its input images
     max_buffered_bytes: int = 32 * 1024 * 1024  # per stream, undecoded symbols
     watcher_queue: int = 1024
 
@@ -246,8 +246,8 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         with self._lock:
             self.stats["packets"] += 1
         before = stream.transport.stats.packets_bad
-        if len(data) >= HEADER_BYTES:
-            image_id = int.from_bytes(data[1:3], "big")
+        image_id = peek_image_id(data)
+        if image_id is not None:
             stream.first_seen.setdefault(image_id, now)
             stream.wire_bytes[image_id] = stream.wire_bytes.get(image_id, 0) + len(data)
         arrivals, feedback = stream.transport.on_datagram(data)
