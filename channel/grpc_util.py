@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # a packet is at most an MTU; chunks stay far under gRPC's 4 MiB
 TOKEN_HEADER = "authorization"

@@ -48,9 +48,9 @@ import numpy as np
 import simpy
 from simpy.events import NORMAL
 
-from channel.loss import LossModel
-from channel.trace import OPPORTUNITY_BYTES, Trace
-from channel.units import LinkConfigError, parse_loss, parse_rate, parse_size, parse_time
+from miscnet.channel.loss import LossModel
+from miscnet.channel.trace import OPPORTUNITY_BYTES, Trace
+from miscnet.channel.units import LinkConfigError, parse_loss, parse_rate, parse_size, parse_time
 
 TUN_HEADER_BYTES = 4  # mm-link counts a tun packet-info header with every packet ...
 TRACE_BUDGET_BYTES = OPPORTUNITY_BYTES + TUN_HEADER_BYTES  # ... against PACKET_SIZE = 1504 per opportunity

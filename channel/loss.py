@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from channel.units import LinkConfigError
+from miscnet.channel.units import LinkConfigError
 
 
 @runtime_checkable

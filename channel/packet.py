@@ -17,7 +17,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from sender.errors import BitstreamError
+from miscnet.core.errors import BitstreamError
 
 HEADER_BYTES = 12
 VERSION = 1

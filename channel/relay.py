@@ -19,11 +19,11 @@ import grpc
 import numpy as np
 import simpy
 
-from channel.grpc_util import TlsFiles, check_token, open_channel, start_server
-from channel.link import DuplexConfig
-from channel.packet import Datagram
-from proto.miscnet.v1 import services_pb2 as spb
-from proto.miscnet.v1 import services_pb2_grpc as sgrpc
+from miscnet.channel.grpc_util import TlsFiles, check_token, open_channel, start_server
+from miscnet.channel.link import DuplexConfig
+from miscnet.channel.packet import Datagram
+from miscnet.v1 import services_pb2 as spb
+from miscnet.v1 import services_pb2_grpc as sgrpc
 
 _END = object()
 

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 import raptorq
 from google.protobuf.message import DecodeError
 
-from channel.packet import DATA, FEEDBACK, POLL, Datagram, Packet, PacketError, decode_packet
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from proto.miscnet.v1 import transport_pb2 as tpb
-from sender.bitstream import KIND_ORDER, EncodedImage, layer_name, validate_header, validate_layer
-from sender.errors import BitstreamError, MiscError
+from miscnet.channel.packet import DATA, FEEDBACK, POLL, Datagram, Packet, PacketError, decode_packet
+from miscnet.core.container import KIND_ORDER, EncodedImage, layer_name, validate_header, validate_layer
+from miscnet.core.errors import BitstreamError, MiscError
+from miscnet.v1 import bitstream_pb2 as pb
+from miscnet.v1 import transport_pb2 as tpb
 
 MODES = ("none", "arq", "fec", "hybrid")
 FEC_ALIGN = 8  # RaptorQ symbols are multiples of 8 bytes in the raptorq package

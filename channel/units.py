@@ -24,10 +24,10 @@ import math
 import re
 from typing import TYPE_CHECKING
 
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
 
 if TYPE_CHECKING:
-    from channel.loss import LossModel
+    from miscnet.channel.loss import LossModel
 
 
 class LinkConfigError(MiscError):
@@ -139,7 +139,7 @@ def parse_loss(text: str | None) -> LossModel | None:
     >>> parse_loss("gemodel 1% 30% 70% 0.1%")   # p, r, 1-h, 1-k
     GilbertElliott(p=0.01, r=0.3, one_minus_h=0.7, one_minus_k=0.001)
     """
-    from channel.loss import Bernoulli, FourState, GilbertElliott  # loss.py imports this module
+    from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott  # loss.py imports this module
 
     spec = "" if text is None else str(text)
     tokens = spec.split()

@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.bitstream import EncodedImage, to_bytes
-from sender.errors import MiscError
-from sender.pixel_codec import (
+from miscnet.core.container import EncodedImage, to_bytes
+from miscnet.core.errors import MiscError
+from miscnet.core.pixel_codec import (
     DOWN_FILTER,
     JPEG_PROGRESSIVE,
     PixelLevel,
@@ -43,6 +42,7 @@ from sender.pixel_codec import (
     psnr,
     raster_ladder,
 )
+from miscnet.v1 import bitstream_pb2 as pb
 
 BASELINE_CODECS = ("jpeg", "webp", "avif", JPEG_PROGRESSIVE)
 RASTER_MODES = ("fit", "full")

@@ -20,15 +20,15 @@ import time
 
 import simpy
 
-from channel.link import DuplexConfig, LinkConfig
-from channel.transport import TransportConfig
-from experiments.samples import sample_image_path, sample_sidecar_path
-from experiments.simulate import Scenario, SimImage, simulate
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.bitstream import to_bytes
-from sender.encoder import EncoderConfig, encode_image
-from sender.image_io import load_image
-from sender.semantics import load_semantics
+from miscnet.channel.link import DuplexConfig, LinkConfig
+from miscnet.channel.transport import TransportConfig
+from miscnet.core.container import to_bytes
+from miscnet.core.image_io import load_image
+from miscnet.core.samples import sample_image_path, sample_sidecar_path
+from miscnet.core.semantics import load_semantics
+from miscnet.experiments.simulate import Scenario, SimImage, simulate
+from miscnet.sender.encoder import EncoderConfig, encode_image
+from miscnet.v1 import bitstream_pb2 as pb
 
 RATE, DELAY, LOSS = 64000.0, 0.040, 0.05
 

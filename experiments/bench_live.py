@@ -24,14 +24,14 @@ from pathlib import Path
 
 import grpc
 
-from channel.grpc_util import TlsFiles, start_server
-from channel.link import DuplexConfig, LinkConfig
-from channel.packet import HEADER_BYTES
-from channel.relay import RelayOptions, serve_relay
-from channel.trace import Trace
-from channel.transport import TransportConfig
-from proto.miscnet.v1 import services_pb2 as spb
-from proto.miscnet.v1 import services_pb2_grpc as sgrpc
+from miscnet.channel.grpc_util import TlsFiles, start_server
+from miscnet.channel.link import DuplexConfig, LinkConfig
+from miscnet.channel.packet import HEADER_BYTES
+from miscnet.channel.relay import RelayOptions, serve_relay
+from miscnet.channel.trace import Trace
+from miscnet.channel.transport import TransportConfig
+from miscnet.v1 import services_pb2 as spb
+from miscnet.v1 import services_pb2_grpc as sgrpc
 
 TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "ATT-LTE-driving-2016.up"
 
@@ -203,13 +203,13 @@ def overhead() -> dict:
 def receiver_throughput(images: int) -> dict:
     import tempfile
 
-    from experiments.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
-    from receiver.classical import ClassicalDecoder
-    from receiver.node import ReceiverOptions, serve_receiver
-    from sender.encoder import EncoderConfig, encode_image
-    from sender.image_io import load_image
-    from sender.node import SenderOptions, send_images
-    from sender.semantics import load_semantics
+    from miscnet.core.image_io import load_image
+    from miscnet.core.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
+    from miscnet.core.semantics import load_semantics
+    from miscnet.receiver.classical import ClassicalDecoder
+    from miscnet.receiver.node import ReceiverOptions, serve_receiver
+    from miscnet.sender.encoder import EncoderConfig, encode_image
+    from miscnet.sender.node import SenderOptions, send_images
 
     encoded = []
     for name in SAMPLE_NAMES[:4]:

@@ -22,8 +22,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from experiments.metrics import psnr
-from sender.pixel_codec import (
+from miscnet.core.pixel_codec import (
     THUMBNAIL_CODECS,
     decode_pixels,
     decode_raster,
@@ -33,6 +32,7 @@ from sender.pixel_codec import (
     settings_for_psnr,
     thumbnail_file,
 )
+from miscnet.experiments.metrics import psnr
 
 TARGET_RATIO = 0.20
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")

@@ -2,7 +2,7 @@
 
     python -m experiments.bench_semantic [--json] [--target 0.35] [files ...]
 
-Rows: MISC's published LMM answer (GPT-example.csv) and every JSON sidecar in experiments/samples/,
+Rows: MISC's published LMM answer (GPT-example.csv) and every JSON sidecar in src/miscnet/core/samples/,
 or the .json / .csv files given. PASS when every row's ratio (our payload / MISC raw bytes) is at or
 below the target. Exit status 1 on FAIL, 2 on unreadable input.
 """
@@ -17,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from sender import semantic_codec as sc
-from sender.errors import MiscError
-from sender.semantics import Semantics, load_semantics
+from miscnet.core import samples
+from miscnet.core import semantic_codec as sc
+from miscnet.core.errors import MiscError
+from miscnet.core.semantics import Semantics, load_semantics
 
 TARGET = 0.35
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(samples.__file__).parent
 
 # MISC's published LMM answer, byte for byte (lcysyzxdxc/MISC at 1099bea7f77df4c13eb1570de2561af0c24e8747,
 # GPT-example.csv), so the benchmark and the tests run in any checkout. MISC counts 638 characters
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench_semantic",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="*", help=".json sidecars or MISC .csv files (default: the MISC example "
-                    "and experiments/samples/*.json)")
+                    "and src/miscnet/core/samples/*.json)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     ap.add_argument("--target", type=float, default=TARGET, help="ratio to pass (default %(default)s)")
     args = ap.parse_args(argv)

@@ -42,7 +42,7 @@ BENCH_SCENARIO = {
 
 def _clear_cache() -> None:
     try:
-        from sender.pixel_codec import clear_search_cache
+        from miscnet.core.pixel_codec import clear_search_cache
     except ImportError:  # pragma: no cover
         return
     clear_search_cache()
@@ -52,8 +52,8 @@ def _calibration_task(_: int = 0) -> float:
     """One fixed encode, cold (the work a sweep's workers mostly do); its wall time."""
     import time
 
-    from experiments.scenario import parse_scenario
-    from experiments.sweep import load_images, prepare_misc, semantics_for
+    from miscnet.experiments.scenario import parse_scenario
+    from miscnet.experiments.sweep import load_images, prepare_misc, semantics_for
 
     _clear_cache()
     spec = parse_scenario({"images": {"samples": ["chelsea"]}, "encoder": {"bpp": 0.06}}, source="<calibration>")
@@ -83,8 +83,8 @@ def machine_scaling(n: int, repeat: int = 1) -> float:
 
 
 def bench(workers: list[int], repeat: int = 1) -> dict:
-    from experiments.scenario import parse_scenario
-    from experiments.sweep import run_sweep
+    from miscnet.experiments.scenario import parse_scenario
+    from miscnet.experiments.sweep import run_sweep
 
     spec = parse_scenario(BENCH_SCENARIO, source="<bench>")
     best: dict[int, dict] = {}

@@ -10,14 +10,14 @@ import csv
 import io
 from pathlib import Path
 
-from experiments.metrics import quality
-from experiments.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
-from receiver.classical import ClassicalDecoder
-from receiver.stages import progressive_stages
-from sender.bitstream import from_bytes
-from sender.encoder import EncoderConfig, encode_image
-from sender.image_io import atomic_write_bytes, load_image, png_bytes
-from sender.semantics import load_semantics
+from miscnet.core.container import from_bytes
+from miscnet.core.image_io import atomic_write_bytes, load_image, png_bytes
+from miscnet.core.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
+from miscnet.core.semantics import load_semantics
+from miscnet.experiments.metrics import quality
+from miscnet.receiver.classical import ClassicalDecoder
+from miscnet.receiver.stages import progressive_stages
+from miscnet.sender.encoder import EncoderConfig, encode_image
 
 FIELDS = ["image", "width", "height", "stage", "payload_bytes", "file_bytes", "bpp", "psnr", "ssim", "ms_ssim"]
 
@@ -71,14 +71,14 @@ def _start(args: list[str], log: Path):
     import sys
 
     handle = log.open("w")
-    return subprocess.Popen([sys.executable, "-m", "experiments.cli", *args], stdout=handle, stderr=subprocess.STDOUT,
+    return subprocess.Popen([sys.executable, "-m", "miscnet", *args], stdout=handle, stderr=subprocess.STDOUT,
                             start_new_session=True)  # our Ctrl-C reaches them through us, cleanly, once
 
 
 def _wait_port(proc, port_file: Path, log: Path, what: str, timeout: float = 60.0) -> int:
     import time
 
-    from sender.errors import MiscError
+    from miscnet.core.errors import MiscError
 
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -111,8 +111,8 @@ class _Watcher:
 
         import grpc
 
-        from proto.miscnet.v1 import services_pb2 as spb
-        from proto.miscnet.v1 import services_pb2_grpc as sgrpc
+        from miscnet.v1 import services_pb2 as spb
+        from miscnet.v1 import services_pb2_grpc as sgrpc
 
         self.references = references
         self.rows: list[dict] = []
@@ -124,8 +124,8 @@ class _Watcher:
     def _run(self) -> None:
         import grpc
 
-        from experiments.metrics import quality as quality_of
-        from sender.image_io import decode_image_bytes
+        from miscnet.core.image_io import decode_image_bytes
+        from miscnet.experiments.metrics import quality as quality_of
 
         try:
             for ev in self.call:
@@ -157,7 +157,7 @@ def run_live_demo(out_dir: Path) -> int:
     import shutil
     import time
 
-    from experiments.plots_demo import write_demo_plots
+    from miscnet.experiments.plots_demo import write_demo_plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("received", "logs", "report.csv", "quality_vs_bytes.png", "quality_vs_time.png"):

@@ -2,7 +2,7 @@
 and tiny random-weight models for smoke tests.
 
 Where weights come from (a folder, a cached Hub id, the environment, ``MISCNET_MODELS_DIR``) is decided
-in sender.pretrained; this module reports it (``miscnet models``) and writes the tiny models
+in miscnet.core.pretrained; this module reports it (``miscnet models``) and writes the tiny models
 (``miscnet models tiny DIR``): a Stable Diffusion pipeline, a ControlNet and an upscaler for the
 diffusion decoder, a CLIP model for the map encoder and a LLaVA-style vision-language model for the hf
 semantic encoder. Each is built from a small config with seeded random weights and a tokenizer written
@@ -19,8 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sender.errors import MiscError
-from sender.pretrained import MODELS_DIR_ENV, ROLES, hf_cache_dir, locate
+from miscnet.core.errors import MiscError
+from miscnet.core.pretrained import MODELS_DIR_ENV, ROLES, hf_cache_dir, locate
 
 # ============================================================================ listing
 
@@ -39,7 +39,7 @@ BACKENDS = (
 
 
 def _openai_row(model: str | None = None, endpoint: str | None = None) -> dict:
-    from sender.semantic_backends import API_KEY_ENV, BASE_URL_ENV, DEFAULT_OPENAI_BASE_URL, LMM_MODEL_ENV
+    from miscnet.sender.semantic_backends import API_KEY_ENV, BASE_URL_ENV, DEFAULT_OPENAI_BASE_URL, LMM_MODEL_ENV
 
     name = model or os.environ.get(LMM_MODEL_ENV)
     url = endpoint or os.environ.get(BASE_URL_ENV) or DEFAULT_OPENAI_BASE_URL
@@ -324,7 +324,7 @@ def write_tiny_models(dest: str | os.PathLike[str], *, force: bool = False,
                       roles: tuple[str, ...] = TINY_ROLES) -> dict[str, Path]:
     """Write the tiny models under dest/<role>; return role -> folder. Existing folders need ``force``."""
     try:
-        from sender.pretrained import quiet_loading, require_torch
+        from miscnet.core.pretrained import quiet_loading, require_torch
 
         require_torch("miscnet models tiny")
         import diffusers  # noqa: F401

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.scenario import Point, ScenarioSpec, short_key
-from experiments.sweep import first_pixel_events, stage_order
+from miscnet.experiments.scenario import Point, ScenarioSpec, short_key
+from miscnet.experiments.sweep import first_pixel_events, stage_order
 
 METHOD_STYLE = {
     "misc": ("-", "o"),
@@ -170,7 +170,7 @@ def _legend(fig, ax, groups: _Groups, extra: list | None = None) -> None:
 def _finish(fig, path: Path) -> Path:
     import io
 
-    from sender.image_io import atomic_write_bytes
+    from miscnet.core.image_io import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI)

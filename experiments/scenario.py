@@ -65,7 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
 
 
 class ScenarioError(MiscError):
@@ -143,7 +143,7 @@ def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _rate(v: Any) -> str:
-    from channel.units import parse_rate
+    from miscnet.channel.units import parse_rate
 
     if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError(f"expected a tc rate such as '64kbit', got {_type_name(v)}")
@@ -152,21 +152,21 @@ def _rate(v: Any) -> str:
 
 
 def _time(v: Any) -> str:
-    from channel.units import parse_time
+    from miscnet.channel.units import parse_time
 
     parse_time(_str(v))
     return v
 
 
 def _loss(v: Any) -> str:
-    from channel.units import parse_loss
+    from miscnet.channel.units import parse_loss
 
     parse_loss(_str(v))
     return v
 
 
 def _queue(v: Any) -> str | int | None:
-    from channel.units import parse_size
+    from miscnet.channel.units import parse_size
 
     if _is_unset(v) or (isinstance(v, str) and v.strip().lower() == "unlimited"):
         return None
@@ -177,37 +177,37 @@ def _queue(v: Any) -> str | int | None:
 
 
 def _map_backend(v: Any) -> str:
-    from experiments.cli_models import MAP_CHOICES
+    from miscnet.cli.models import MAP_CHOICES
 
     return _choice(MAP_CHOICES)(v)  # whether a model backend's weights are here is checked before the run
 
 
 def _semantic_backend(v: Any) -> str:
-    from experiments.cli_models import SEMANTICS_BACKENDS
+    from miscnet.cli.models import SEMANTICS_BACKENDS
 
     return _choice(SEMANTICS_BACKENDS)(v)
 
 
 def _decoder(v: Any) -> str:
-    from experiments.cli_models import DECODERS
+    from miscnet.cli.models import DECODERS
 
     return _choice(DECODERS)(v)
 
 
 def _pixel_codec(v: Any) -> str:
-    from sender.encoder import PIXEL_CODECS
+    from miscnet.sender.encoder import PIXEL_CODECS
 
     return _choice(PIXEL_CODECS)(v)
 
 
 def _protect(v: Any) -> str:
-    from channel.transport import MODES
+    from miscnet.channel.transport import MODES
 
     return _choice(MODES)(v)
 
 
 def _grid(v: Any) -> int:
-    from sender.map_layer import MAX_GRID
+    from miscnet.core.map_codec import MAX_GRID
 
     return _int(2, MAX_GRID)(v)
 
@@ -238,7 +238,7 @@ def _seeds(v: Any) -> list[int]:
 
 
 def _samples(v: Any) -> list[str]:
-    from experiments.samples import SAMPLE_NAMES
+    from miscnet.core.samples import SAMPLE_NAMES
 
     if v == "all":
         return list(SAMPLE_NAMES)
@@ -252,7 +252,7 @@ def _samples(v: Any) -> list[str]:
 
 
 def _codecs(v: Any) -> list[str]:
-    from experiments.baselines import BASELINE_CODECS
+    from miscnet.experiments.baselines import BASELINE_CODECS
 
     names = _str_list(v)
     for n in names:
@@ -399,9 +399,9 @@ class Configuration:
     params: dict[str, Any]  # every configuration key (CONFIG_KEYS), normalised
 
     def encoder_config(self):
-        from experiments.cli_models import map_options
-        from sender.encoder import EncoderConfig
-        from sender.semantics import SemanticLimits
+        from miscnet.cli.models import map_options
+        from miscnet.core.semantics import SemanticLimits
+        from miscnet.sender.encoder import EncoderConfig
 
         p = self.params
         options = map_options(argparse.Namespace(map_backend=p["encoder.map"], clip_model=p["encoder.clip_model"],
@@ -426,7 +426,7 @@ class Configuration:
         return _digest({k: p[k] for k in self._SEMANTIC_KEYS})
 
     def semantics_options(self, semantics_file: str | None = None) -> argparse.Namespace:
-        """What experiments.cli_models.semantics_for reads, as the CLI would set it."""
+        """What miscnet.cli.models.semantics_for reads, as the CLI would set it."""
         p = self.params
         return argparse.Namespace(
             semantics_backend=p["encoder.semantic"], semantics=semantics_file, lmm_model=p["encoder.lmm_model"],
@@ -435,7 +435,7 @@ class Configuration:
             vlm_model=p["encoder.vlm_model"], model_device=p["encoder.model_device"], save_semantics=None)
 
     def decoder_options(self) -> argparse.Namespace:
-        """What experiments.cli_models.make_decoder reads, as the CLI would set it."""
+        """What miscnet.cli.models.make_decoder reads, as the CLI would set it."""
         p = self.params
         return argparse.Namespace(
             decoder=p["decoder.name"], diffusion_model=p["decoder.diffusion_model"],
@@ -453,7 +453,7 @@ class Configuration:
         return _digest({k: v for k, v in p.items() if k.startswith("decoder.")})
 
     def link_config(self):
-        from channel.link import DuplexConfig, LinkConfig
+        from miscnet.channel.link import DuplexConfig, LinkConfig
 
         p = self.params
         trace = _trace(p["link.trace"])
@@ -468,7 +468,7 @@ class Configuration:
         return DuplexConfig(forward, reverse)
 
     def transport_config(self):
-        from channel.transport import TransportConfig
+        from miscnet.channel.transport import TransportConfig
 
         p = self.params
         return TransportConfig(mode=p["protection.mode"], mtu=p["link.mtu"],
@@ -532,7 +532,7 @@ class ScenarioSpec:
         """Content hash of an image and its semantics: a point's id changes when its input does."""
         if index not in self.image_digests:
             spec = self.images[index]
-            from experiments.samples import resolve_image_arg
+            from miscnet.core.samples import resolve_image_arg
 
             path, sidecar = resolve_image_arg(spec.arg)
             h = hashlib.sha256()
@@ -795,7 +795,7 @@ def _trace(path: str | None):
     if path is None:
         return None
     if path not in _TRACES:
-        from channel.trace import Trace
+        from miscnet.channel.trace import Trace
 
         _TRACES[path] = Trace.load(path)
     return _TRACES[path]

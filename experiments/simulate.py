@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from channel.link import DuplexConfig
-from channel.packet import Datagram, PacketError
-from channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
-from receiver.assembly import ImageAssembly
-from receiver.classical import ClassicalDecoder
-from sender.bitstream import EncodedImage, layer_name, to_bytes
+from miscnet.channel.link import DuplexConfig
+from miscnet.channel.packet import Datagram, PacketError
+from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
+from miscnet.core.container import EncodedImage, layer_name, to_bytes
+from miscnet.receiver.assembly import ImageAssembly
+from miscnet.receiver.classical import ClassicalDecoder
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,8 @@ class _QualityCache:
             image = self.decoder.render(stage)
             psnr = msssim = None
             if stage.has_pixels and item.reference is not None:
-                from experiments.metrics import ms_ssim
-                from experiments.metrics import psnr as psnr_of
+                from miscnet.experiments.metrics import ms_ssim
+                from miscnet.experiments.metrics import psnr as psnr_of
 
                 psnr, msssim = psnr_of(item.reference, image), ms_ssim(item.reference, image)
             hit = (psnr, msssim, image if want_image else None, item)  # holding item keeps its id unique

@@ -44,16 +44,16 @@ from typing import Any
 # Imported here, not lazily: a forkserver pool preloads this module, so workers start warm.
 import numpy as np
 
-from experiments.metrics import ms_ssim as _ms_ssim
-from experiments.metrics import psnr as _psnr
-from experiments.scenario import CONFIG_KEYS, Configuration, Point, ScenarioError, ScenarioSpec
-from experiments.simulate import Scenario as SimScenario
-from experiments.simulate import SimImage, simulate
-from receiver.classical import ClassicalDecoder
-from receiver.stages import stage_input
-from sender.bitstream import CODEC_NAMES, from_bytes, to_bytes
-from sender.errors import BudgetError, MiscError
-from sender.image_io import atomic_write_bytes
+from miscnet.core.container import CODEC_NAMES, from_bytes, to_bytes
+from miscnet.core.errors import BudgetError, MiscError
+from miscnet.core.image_io import atomic_write_bytes
+from miscnet.experiments.metrics import ms_ssim as _ms_ssim
+from miscnet.experiments.metrics import psnr as _psnr
+from miscnet.experiments.scenario import CONFIG_KEYS, Configuration, Point, ScenarioError, ScenarioSpec
+from miscnet.experiments.simulate import Scenario as SimScenario
+from miscnet.experiments.simulate import SimImage, simulate
+from miscnet.receiver.classical import ClassicalDecoder
+from miscnet.receiver.stages import stage_input
 
 POINTS_FILE = "points.jsonl"
 CHUNK_POINTS = 16  # points per simulate task: enough to hide the cost of a task, small enough to balance
@@ -83,7 +83,7 @@ _DECODERS: dict[str, Any] = {}  # per process: a diffusion decoder loads its mod
 
 
 def _decoder_for(options) -> Any:
-    from experiments.cli_models import make_decoder
+    from miscnet.cli.models import make_decoder
 
     key = repr(sorted(vars(options).items())) if options is not None else "classical"
     if key not in _DECODERS:
@@ -136,7 +136,7 @@ def _failed(key: str, method: str, name: str, image: np.ndarray, t0: float, exc:
 def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, decoder_options=None) -> Prepared:
     """Encode with MISC's encoder and measure every stage with pixels (``decoder_options``: the CLI's
     decoder options as a namespace; None for the classical decoder)."""
-    from sender.encoder import encode_image
+    from miscnet.sender.encoder import encode_image
 
     h, w = image.shape[:2]
     t0 = time.perf_counter()
@@ -154,7 +154,7 @@ def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, deco
 def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget: int, raster: str,
                      levels: int, decoder_options=None) -> Prepared:
     """Encode the whole image as one ``codec`` file within ``budget`` bytes and measure its stages."""
-    from experiments.baselines import encode_baseline
+    from miscnet.experiments.baselines import encode_baseline
 
     h, w = image.shape[:2]
     t0 = time.perf_counter()
@@ -383,8 +383,8 @@ def _read_points(path: Path) -> dict[str, dict]:
 
 
 def load_images(spec: ScenarioSpec, needed: set[int]) -> dict[int, np.ndarray]:
-    from experiments.samples import resolve_image_arg
-    from sender.image_io import load_image
+    from miscnet.core.image_io import load_image
+    from miscnet.core.samples import resolve_image_arg
 
     loaded = {}
     for i in sorted(needed):
@@ -403,8 +403,8 @@ def semantics_for(spec: ScenarioSpec, config: Configuration, index: int, image: 
     The sidecar backend reads the file; a model backend (openai, hf) is asked once per (image, backend
     settings) and its answer kept in ``cache_dir``, so a resumed sweep uses the very same semantics.
     """
-    from experiments.cli_models import semantics_for as cli_semantics_for
-    from sender.semantics import load_semantics, semantics_to_json
+    from miscnet.cli.models import semantics_for as cli_semantics_for
+    from miscnet.core.semantics import load_semantics, semantics_to_json
 
     img = spec.images[index]
     cached = None
@@ -424,8 +424,8 @@ def semantics_for(spec: ScenarioSpec, config: Configuration, index: int, image: 
 
 def check_models(spec: ScenarioSpec, configs: list[Configuration]) -> None:
     """Every model a configuration names must be here (weights resolve; nothing loads): fail before any work."""
-    from experiments.cli_models import make_decoder
-    from sender.map_layer import map_backend
+    from miscnet.cli.models import make_decoder
+    from miscnet.sender.map_layer import map_backend
 
     seen: set[str] = set()
     for c in configs:
@@ -796,7 +796,7 @@ def write_outputs(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=1).encode())
     files.append(out / "summary.json")
     if plots:
-        from experiments.plots import write_figures
+        from miscnet.experiments.plots import write_figures
 
         files += write_figures(spec, plan, records, summaries, out)
     return files

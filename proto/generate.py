@@ -1,5 +1,9 @@
 """Regenerate the committed protobuf / gRPC code from proto/miscnet/v1/*.proto.
 
+The include root is ``proto/``, so the schema files are ``miscnet/v1/*.proto`` to protoc and the code
+imports as ``miscnet.v1.*_pb2``: the Python package mirrors the protobuf package ``miscnet.v1``, and
+the installed package maps ``miscnet.v1`` onto ``proto/miscnet/v1`` (pyproject.toml).
+
 Run from anywhere: ``python proto/generate.py`` (or ``make proto``). ``--check`` regenerates into a
 temporary folder and exits 1 if the committed files differ (the test suite runs it).
 """
@@ -13,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SCHEMA_DIR = ROOT / "proto" / "miscnet" / "v1"
+INCLUDE_ROOT = Path(__file__).resolve().parent
+SCHEMA_DIR = INCLUDE_ROOT / "miscnet" / "v1"
 
 
 def generate(out_root: Path) -> list[Path]:
@@ -26,11 +30,11 @@ def generate(out_root: Path) -> list[Path]:
     # gRPC stubs only for files that define services: the others would get empty *_pb2_grpc.py files
     with_services = [p for p in protos if "\nservice " in p.read_text()]
     for out_flag, files in (("--python_out", protos), ("--grpc_python_out", with_services)):
-        args = ["protoc", f"-I{ROOT}", f"-I{include}", f"{out_flag}={out_root}",
-                *[str(p.relative_to(ROOT)) for p in files]]
+        args = ["protoc", f"-I{INCLUDE_ROOT}", f"-I{include}", f"{out_flag}={out_root}",
+                *[str(p.relative_to(INCLUDE_ROOT)) for p in files]]
         if files and protoc.main(args) != 0:
             raise SystemExit("protoc failed")
-    return sorted((out_root / "proto" / "miscnet" / "v1").glob("*_pb2*.py"))
+    return sorted((out_root / "miscnet" / "v1").glob("*_pb2*.py"))
 
 
 def main() -> int:

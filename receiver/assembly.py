@@ -6,9 +6,9 @@ before it); its name is the last usable layer in stream order.
 
 from __future__ import annotations
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from receiver.stages import StageInput, stage_input
-from sender.bitstream import layer_name
+from miscnet.core.container import layer_name
+from miscnet.receiver.stages import StageInput, stage_input
+from miscnet.v1 import bitstream_pb2 as pb
 
 
 class ImageAssembly:

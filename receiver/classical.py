@@ -12,9 +12,9 @@ import textwrap
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from receiver.stages import StageInput
-from sender.map_layer import upsample_mask
-from sender.pixel_codec import decode_pixels
+from miscnet.core.map_codec import upsample_mask
+from miscnet.core.pixel_codec import decode_pixels
+from miscnet.receiver.stages import StageInput
 
 NEUTRAL = (128, 128, 128)
 # Distinct, colour-blind-friendly hues (Okabe-Ito) for the objects' masks.

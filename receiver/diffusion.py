@@ -24,7 +24,7 @@ Restoration ("how a pass starts from the current picture") is one of three pipel
 
 The working size keeps the image's aspect ratio (any ratio): the long side is ``size`` (default
 min(1024, 2 x the model's native resolution): MISC's "about 1024" for SD 2.x) and both sides are rounded
-to what the VAE and UNet need. Models are folders or cached ids (sender.pretrained); every component is
+to what the VAE and UNet need. Models are folders or cached ids (miscnet.core.pretrained); every component is
 loaded once per process and shared by all pipelines (``from_pipe``); fp16 on CUDA, fp32 on CPU; optional
 model CPU offload (needs accelerate). Every pass draws its noise from a CPU generator seeded by
 (seed, pass), so a stage renders the same on every run and device.
@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from receiver.stages import StageInput
-from sender.errors import MiscError
-from sender.map_layer import upsample_mask
-from sender.pixel_codec import decode_pixels
+from miscnet.core.errors import MiscError
+from miscnet.core.map_codec import upsample_mask
+from miscnet.core.pixel_codec import decode_pixels
+from miscnet.receiver.stages import StageInput
 
 RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale")
 NEGATIVE_PROMPT = "Blurry, Low Quality"
@@ -194,7 +194,7 @@ _OFFLOADED: list = [None]  # the pipeline whose models currently carry the CPU-o
 
 def _weights(role: str, path: Path, device: str, dtype, load):
     """Load one set of weights once per process (shared by every pipeline and configuration)."""
-    from sender.pretrained import load_error, quiet_loading
+    from miscnet.core.pretrained import load_error, quiet_loading
 
     key = (role, str(path), device, str(dtype))
     if key not in _WEIGHTS:
@@ -213,7 +213,7 @@ class _Pipelines:
 
     def __init__(self, base: Path, controlnet: Path | None, upscaler: Path | None, device: str, dtype,
                  cpu_offload: bool) -> None:
-        from sender.pretrained import quiet_loading
+        from miscnet.core.pretrained import quiet_loading
 
         with quiet_loading():  # importing diffusers logs transformers' advisory warnings
             from diffusers import (
@@ -316,7 +316,7 @@ class DiffusionDecoder:
     name = "diffusion"
 
     def __init__(self, config: DiffusionConfig | None = None, **overrides) -> None:
-        from sender.pretrained import require
+        from miscnet.core.pretrained import require
 
         config = replace(config or DiffusionConfig(), **overrides)
         config.check()
@@ -341,7 +341,7 @@ class DiffusionDecoder:
 
     def pipelines(self) -> _Pipelines:
         if self._pipes is None:
-            from sender.pretrained import pick_device, require_torch
+            from miscnet.core.pretrained import pick_device, require_torch
 
             require_torch("the diffusion decoder")
             device, dtype = pick_device(self.config.device)
@@ -374,7 +374,7 @@ class DiffusionDecoder:
             self.warnings.append(note)
 
     def _timed(self, name: str, fn, *args):
-        from sender.pretrained import quiet_loading
+        from miscnet.core.pretrained import quiet_loading
 
         t0 = time.perf_counter()
         try:
@@ -470,6 +470,6 @@ class DiffusionDecoder:
 
 
 def _env_set(role: str) -> bool:
-    from sender.pretrained import configured
+    from miscnet.core.pretrained import configured
 
     return configured(role)[0] is not None

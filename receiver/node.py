@@ -20,15 +20,15 @@ from pathlib import Path
 
 import grpc
 
-from channel.grpc_util import TlsFiles, check_token, start_server
-from channel.packet import peek_image_id
-from channel.transport import TransportReceiver
-from proto.miscnet.v1 import services_pb2 as spb
-from proto.miscnet.v1 import services_pb2_grpc as sgrpc
-from receiver.assembly import ImageAssembly
-from receiver.stages import StageInput
-from sender.bitstream import layers_digest
-from sender.image_io import MAX_PIXELS, png_bytes, save_png
+from miscnet.channel.grpc_util import TlsFiles, check_token, start_server
+from miscnet.channel.packet import peek_image_id
+from miscnet.channel.transport import TransportReceiver
+from miscnet.core.container import layers_digest
+from miscnet.core.image_io import MAX_PIXELS, png_bytes, save_png
+from miscnet.receiver.assembly import ImageAssembly
+from miscnet.receiver.stages import StageInput
+from miscnet.v1 import services_pb2 as spb
+from miscnet.v1 import services_pb2_grpc as sgrpc
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

@@ -13,12 +13,12 @@ from functools import cached_property
 
 import numpy as np
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.bitstream import KIND_ORDER, EncodedImage, layer_name, validate_layer
-from sender.map_layer import decode_map_layer
-from sender.pixel_codec import PixelLevel
-from sender.semantic_codec import decode_semantic_layer
-from sender.semantics import Semantics
+from miscnet.core.container import KIND_ORDER, EncodedImage, layer_name, validate_layer
+from miscnet.core.map_codec import decode_map_layer
+from miscnet.core.pixel_codec import PixelLevel
+from miscnet.core.semantic_codec import decode_semantic_layer
+from miscnet.core.semantics import Semantics
+from miscnet.v1 import bitstream_pb2 as pb
 
 
 def _stream_order(layer: pb.Layer) -> tuple[int, int]:

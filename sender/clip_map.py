@@ -17,7 +17,7 @@ that score high:
 
 Steps 3 and 4 are plain numpy (``surgery_similarity``, ``normalise_maps``, ``maps_to_grid``) so their
 arithmetic is testable with hand-made features. The model is named by ``--clip-model`` /
-``MISCNET_CLIP_MODEL`` (a folder or a cached id; see sender.pretrained); torch and transformers are
+``MISCNET_CLIP_MODEL`` (a folder or a cached id; see miscnet.core.pretrained); torch and transformers are
 imported only when a mask is first asked for.
 """
 
@@ -27,8 +27,8 @@ import functools
 
 import numpy as np
 
-from sender.errors import MiscError
-from sender.semantics import Semantics
+from miscnet.core.errors import MiscError
+from miscnet.core.semantics import Semantics
 
 DEFAULT_THRESHOLD = 0.35
 DEFAULT_SURGERY_LAYERS = 6  # CLIP Surgery's choice for 12-block ViTs
@@ -113,7 +113,7 @@ def maps_to_grid(maps: np.ndarray, grid: int, threshold: float = DEFAULT_THRESHO
 def _load_clip(path: str, device: str):
     from pathlib import Path
 
-    from sender.pretrained import load_error, pick_device, quiet_loading, require_torch
+    from miscnet.core.pretrained import load_error, pick_device, quiet_loading, require_torch
 
     require_torch("the clip map backend")
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -147,7 +147,7 @@ class ClipMapBackend:
     def __init__(self, model: str | None = None, *, threshold: float = DEFAULT_THRESHOLD, device: str = "auto",
                  surgery: str = "vv", surgery_layers: int = DEFAULT_SURGERY_LAYERS,
                  templates: tuple[str, ...] = TEMPLATES, input_size: int | None = None) -> None:
-        from sender.pretrained import require
+        from miscnet.core.pretrained import require
 
         if not 0.0 <= float(threshold) < 1.0:
             raise MiscError(f"map threshold must be in [0, 1), not {threshold}")

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.bitstream import EncodedImage, to_bytes
-from sender.errors import BudgetError, MiscError
-from sender.map_layer import DEFAULT_GRID, MAX_GRID, encode_map_layer, map_backend
-from sender.pixel_codec import PixelSettings, choose_settings
-from sender.semantic_codec import encode_semantic_layer
-from sender.semantics import SemanticLimits, Semantics, check_limits
+from miscnet.core.container import EncodedImage, to_bytes
+from miscnet.core.errors import BudgetError, MiscError
+from miscnet.core.map_codec import DEFAULT_GRID, MAX_GRID, encode_map_layer
+from miscnet.core.pixel_codec import PixelSettings, choose_settings
+from miscnet.core.semantic_codec import encode_semantic_layer
+from miscnet.core.semantics import SemanticLimits, Semantics, check_limits
+from miscnet.sender.map_layer import map_backend
+from miscnet.v1 import bitstream_pb2 as pb
 
 PIXEL_CODECS = ("auto", "block", "webp", "avif", "jpeg", "none")
 MAP_BACKENDS = ("none", "boxes", "clip")

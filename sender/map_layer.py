@@ -1,24 +1,18 @@
-"""The map layer: where each named object is, as one N x N grid mask per object (MISC's 8 x 8).
+"""Map extraction at the edge: where each named object is, as one N x N grid mask per object.
 
-Backends turn an image and its semantics into masks (``MapBackend``); the layer codec turns masks into
-bytes. Box-derived masks are rectangles, which the ``rects`` codec sends in 4 x log2(N) bits per object
-instead of N*N; anything else (CLIP maps) is bit-packed row-major.
+Backends turn an image and its semantics into masks (``MapBackend``); the layer codec that turns masks
+into bytes is shared with the receiver (``miscnet.core.map_codec``).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import numpy as np
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.errors import BitstreamError, MiscError
-from sender.semantics import Semantics
+from miscnet.core.errors import MiscError
+from miscnet.core.semantics import Semantics
 
-DEFAULT_GRID = 8
-MAX_GRID = 64
-MAX_OBJECTS = 16
 # A row (column) of cells belongs to a box when the box spans at least half of it: the box's edges are
 # rounded to the nearest grid lines, so a box always gives a rectangle (which the rects codec sends in
 # 12 bits at 8 x 8) and never loses more than half a cell on any side.
@@ -65,68 +59,7 @@ def map_backend(name: str, **options) -> MapBackend:
     if name == "boxes":
         return BoxMapBackend()
     if name == "clip":
-        from sender.clip_map import ClipMapBackend  # lazy: torch and transformers load only when used
+        from miscnet.sender.clip_map import ClipMapBackend  # lazy: torch and transformers load only when used
 
         return ClipMapBackend(**options)
     raise MiscError(f"unknown map backend '{name}' (available: none, boxes, clip)")
-
-
-def _rect_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(x0, y0, x1, y1) in cells if mask is exactly one non-empty filled rectangle."""
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        return None
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
-    if (x1 - x0) * (y1 - y0) != len(ys):
-        return None
-    return int(x0), int(y0), int(x1), int(y1)
-
-
-def encode_map_layer(masks: np.ndarray) -> tuple[int, pb.MapParams, bytes]:
-    """Return (codec, params, payload) for masks of shape (objects, N, N)."""
-    objects, grid, _ = masks.shape
-    params = pb.MapParams(grid=grid, objects=objects)
-    rects = [_rect_of(m) for m in masks]
-    if objects and all(r is not None for r in rects):
-        bits_per = max(1, math.ceil(math.log2(grid)))
-        bits: list[int] = []
-        for x0, y0, x1, y1 in rects:  # store start and extent-1, both in [0, N-1]
-            for value in (x0, y0, x1 - x0 - 1, y1 - y0 - 1):
-                bits.extend((value >> (bits_per - 1 - i)) & 1 for i in range(bits_per))
-        return pb.CODEC_MASK_RECTS, params, np.packbits(np.array(bits, dtype=np.uint8)).tobytes()
-    return pb.CODEC_MASK_BITPACK, params, np.packbits(masks.reshape(-1).astype(np.uint8)).tobytes()
-
-
-def decode_map_layer(codec: int, params: pb.MapParams, payload: bytes) -> np.ndarray:
-    """Inverse of encode_map_layer; BitstreamError on anything inconsistent."""
-    grid, objects = params.grid, params.objects
-    if not 1 <= grid <= MAX_GRID or objects > MAX_OBJECTS:
-        raise BitstreamError(f"map layer: grid {grid} or object count {objects} out of range")
-    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
-    if codec == pb.CODEC_MASK_BITPACK:
-        need = objects * grid * grid
-        if len(payload) != math.ceil(need / 8):
-            raise BitstreamError(f"map layer: {len(payload)} bytes for {objects} masks of {grid}x{grid}")
-        return bits[:need].reshape(objects, grid, grid).astype(bool)
-    if codec == pb.CODEC_MASK_RECTS:
-        bits_per = max(1, math.ceil(math.log2(grid)))
-        need = objects * 4 * bits_per
-        if len(payload) != math.ceil(need / 8):
-            raise BitstreamError(f"map layer: {len(payload)} bytes for {objects} rectangles")
-        weights = 1 << np.arange(bits_per - 1, -1, -1)
-        values = (bits[:need].reshape(objects, 4, bits_per) * weights).sum(axis=2)
-        out = np.zeros((objects, grid, grid), dtype=bool)
-        for k, (x0, y0, w, h) in enumerate(values):
-            if x0 + w + 1 > grid or y0 + h + 1 > grid:
-                raise BitstreamError("map layer: rectangle outside the grid")
-            out[k, y0 : y0 + h + 1, x0 : x0 + w + 1] = True
-        return out
-    raise BitstreamError(f"map layer: unknown codec {codec}")
-
-
-def upsample_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Nearest-cell up-sampling of one grid mask to (height, width), for any aspect ratio."""
-    grid_h, grid_w = mask.shape
-    rows = np.minimum((np.arange(height) * grid_h) // height, grid_h - 1)
-    cols = np.minimum((np.arange(width) * grid_w) // width, grid_w - 1)
-    return mask[rows[:, None], cols[None, :]]

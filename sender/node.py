@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from channel.grpc_util import TlsFiles, open_channel, token_metadata
-from channel.packet import POLL, Packet, PacketError
-from channel.transport import ImageSender, TransportConfig, parse_feedback
-from proto.miscnet.v1 import services_pb2 as spb
-from proto.miscnet.v1 import services_pb2_grpc as sgrpc
-from sender.bitstream import EncodedImage, layers_digest
-from sender.errors import MiscError
+from miscnet.channel.grpc_util import TlsFiles, open_channel, token_metadata
+from miscnet.channel.packet import POLL, Packet, PacketError
+from miscnet.channel.transport import ImageSender, TransportConfig, parse_feedback
+from miscnet.core.container import EncodedImage, layers_digest
+from miscnet.core.errors import MiscError
+from miscnet.v1 import services_pb2 as spb
+from miscnet.v1 import services_pb2_grpc as sgrpc
 
 _END = object()
 

@@ -1,6 +1,6 @@
 """Semantic encoders: where an image's Semantics come from.
 
-* ``sidecar`` (the default): a JSON sidecar or MISC CSV written beforehand (sender.semantics).
+* ``sidecar`` (the default): a JSON sidecar or MISC CSV written beforehand (miscnet.core.semantics).
 * ``openai``: any OpenAI-compatible chat-completions endpoint that takes images (GPT-4o, a local vLLM
   or Ollama server). Stdlib HTTP only; endpoint, model and key come from options or the environment
   (``OPENAI_BASE_URL``, ``MISCNET_LMM_MODEL``, ``OPENAI_API_KEY``); timeouts and retries with back-off.
@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from sender.errors import MiscError, SemanticsError
-from sender.semantics import (
+from miscnet.core.errors import MiscError, SemanticsError
+from miscnet.core.semantics import (
     MAX_OBJECTS_HARD,
     SemanticLimits,
     SemanticObject,
@@ -707,7 +707,7 @@ def _status_hint(code: int) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load_vlm(path: str, device: str):
-    from sender.pretrained import load_error, pick_device, quiet_loading, require_torch
+    from miscnet.core.pretrained import load_error, pick_device, quiet_loading, require_torch
 
     require_torch("the hf semantic backend")
     from pathlib import Path
@@ -735,7 +735,7 @@ class HFVisionLanguageBackend:
     def __init__(self, model: str | None = None, *, device: str = "auto", max_new_tokens: int = 400,
                  max_side: int = 1024, limits: SemanticLimits = DEFAULT_LIMITS, boxes: bool = True,
                  box_scale: str | None = None) -> None:
-        from sender.pretrained import require
+        from miscnet.core.pretrained import require
 
         self.path = require("vlm", model)
         self.device, self.max_new_tokens, self.max_side = device, int(max_new_tokens), int(max_side)
@@ -745,7 +745,7 @@ class HFVisionLanguageBackend:
         return _load_vlm(str(self.path), self.device)
 
     def ask(self, image: np.ndarray) -> tuple[str, tuple[int, int]]:
-        from sender.pretrained import quiet_loading
+        from miscnet.core.pretrained import quiet_loading
 
         processor, model, device = self._loaded()
         im = _pil(image, self.max_side)

@@ -8,12 +8,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from receiver.classical import ClassicalDecoder
-from receiver.stages import progressive_stages
-from sender.bitstream import MAGIC, EncodedImage, from_bytes, to_bytes
-from sender.errors import BitstreamError, MiscError
-from sender.map_layer import box_to_mask, decode_map_layer, encode_map_layer, upsample_mask
+from miscnet.core.container import MAGIC, EncodedImage, from_bytes, to_bytes
+from miscnet.core.errors import BitstreamError, MiscError
+from miscnet.core.map_codec import decode_map_layer, encode_map_layer, upsample_mask
+from miscnet.receiver.classical import ClassicalDecoder
+from miscnet.receiver.stages import progressive_stages
+from miscnet.sender.map_layer import box_to_mask
+from miscnet.v1 import bitstream_pb2 as pb
 
 
 def _layer(kind, level=0, payload=b"x"):

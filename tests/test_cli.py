@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.cli import main
-from experiments.samples import SAMPLE_NAMES
+from miscnet.cli.main import main
+from miscnet.core.samples import SAMPLE_NAMES, sample_sidecar_path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_encode_decode_info_on_every_sample(capsys, tmp_path, name):
     code, stdout, err = run(capsys, "info", misc, "--json")
     assert code == 0, err
     info = json.loads(stdout)
-    sidecar = json.loads((ROOT / "experiments" / "samples" / f"{name}.json").read_text())
+    sidecar = json.loads(sample_sidecar_path(name).read_text())
     assert info["semantics"]["caption"] == sidecar["caption"]
     assert [o["name"] for o in info["semantics"]["objects"]] == [o["name"] for o in sidecar["objects"]]
 
@@ -156,7 +156,7 @@ def test_failed_encode_keeps_an_existing_good_file(capsys, tmp_path, foreign_ima
 def test_console_script_prints_no_traceback(tmp_path):
     bad = tmp_path / "bad.misc"
     bad.write_bytes(b"MISC" + os.urandom(50))
-    proc = subprocess.run([sys.executable, "-m", "experiments.cli", "decode", str(bad), "-o",
+    proc = subprocess.run([sys.executable, "-m", "miscnet", "decode", str(bad), "-o",
                            str(tmp_path / "o.png")], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.startswith("miscnet: ")

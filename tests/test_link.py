@@ -9,11 +9,11 @@ import pytest
 import simpy
 import simpy.rt
 
-from channel.link import DuplexConfig, Link, LinkConfig, saturate
-from channel.loss import Bernoulli, FourState, GilbertElliott, _chain_stats
-from channel.trace import Trace
-from channel.units import LinkConfigError, parse_loss, parse_rate, parse_size, parse_time
-from sender.errors import MiscError
+from miscnet.channel.link import DuplexConfig, Link, LinkConfig, saturate
+from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, _chain_stats
+from miscnet.channel.trace import Trace
+from miscnet.channel.units import LinkConfigError, parse_loss, parse_rate, parse_size, parse_time
+from miscnet.core.errors import MiscError
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 if not TRACES.is_dir():  # a checkout whose shared/ sits inside it

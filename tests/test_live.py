@@ -12,22 +12,22 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from channel.grpc_util import TlsFiles
-from channel.link import DuplexConfig, LinkConfig
-from channel.packet import DATA, Packet
-from channel.relay import RelayOptions, serve_relay
-from channel.transport import TransportConfig
-from experiments.samples import sample_image_path, sample_sidecar_path
-from experiments.simulate import Scenario, SimImage, simulate
-from proto.miscnet.v1 import services_pb2 as spb
-from proto.miscnet.v1 import services_pb2_grpc as sgrpc
-from receiver.classical import ClassicalDecoder
-from receiver.node import ReceiverOptions, serve_receiver
-from sender.encoder import EncoderConfig, encode_image
-from sender.errors import MiscError
-from sender.image_io import load_image
-from sender.node import SenderOptions, send_images
-from sender.semantics import load_semantics
+from miscnet.channel.grpc_util import TlsFiles
+from miscnet.channel.link import DuplexConfig, LinkConfig
+from miscnet.channel.packet import DATA, Packet
+from miscnet.channel.relay import RelayOptions, serve_relay
+from miscnet.channel.transport import TransportConfig
+from miscnet.core.errors import MiscError
+from miscnet.core.image_io import load_image
+from miscnet.core.samples import sample_image_path, sample_sidecar_path
+from miscnet.core.semantics import load_semantics
+from miscnet.experiments.simulate import Scenario, SimImage, simulate
+from miscnet.receiver.classical import ClassicalDecoder
+from miscnet.receiver.node import ReceiverOptions, serve_receiver
+from miscnet.sender.encoder import EncoderConfig, encode_image
+from miscnet.sender.node import SenderOptions, send_images
+from miscnet.v1 import services_pb2 as spb
+from miscnet.v1 import services_pb2_grpc as sgrpc
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_hostile_packets_are_dropped_and_counted(receiver, images):
 
 
 def test_sender_disconnect_mid_image_is_reported_incomplete(receiver, images):
-    from channel.transport import ImageSender
+    from miscnet.channel.transport import ImageSender
 
     name, encoded = images[0]
     datagrams = ImageSender(0, encoded, TransportConfig(mode="none", mtu=200)).start(0.0)
@@ -342,12 +342,12 @@ def test_nodes_stop_cleanly_on_ctrl_c(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "receiver", "--listen", "127.0.0.1:0",
+    proc = subprocess.Popen([sys.executable, "-m", "miscnet", "receiver", "--listen", "127.0.0.1:0",
                              "--port-file", str(port_file), "--out", str(tmp_path / "rx")], cwd=root,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert wait_for(port_file.exists, timeout=60)
-        busy = subprocess.run([sys.executable, "-m", "experiments.cli", "receiver", "--listen",
+        busy = subprocess.run([sys.executable, "-m", "miscnet", "receiver", "--listen",
                                f"127.0.0.1:{port_file.read_text()}", "--out", str(tmp_path / "rx2")], cwd=root,
                               capture_output=True, text=True, timeout=60)
         assert busy.returncode == 2 and busy.stderr.startswith("miscnet: cannot listen")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sender.clip_map import maps_to_grid, normalise_maps, surgery_similarity
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
+from miscnet.sender.clip_map import maps_to_grid, normalise_maps, surgery_similarity
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = ["--steps", "3", "--diffusion-size", "64"]  # tiny models, few steps: fast on CPU
@@ -91,7 +91,7 @@ def tiny(tmp_path_factory):
     pytest.importorskip("transformers")
     import torch
 
-    from experiments.cli_models import register
+    from miscnet.cli.models import register
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is as fast, and steady when the CPU is shared
@@ -135,14 +135,14 @@ def test_tiny_models_load_with_their_tokenizers(tiny):
 
 
 def test_models_tiny_refuses_to_overwrite(tiny):
-    from experiments.models import write_tiny_models
+    from miscnet.experiments.models import write_tiny_models
 
     with pytest.raises(MiscError, match="already exists.*--force"):
         write_tiny_models(tiny, roles=("clip",))
 
 
 def test_models_listing(tiny, clean_env, capsys):
-    from experiments.cli_models import register
+    from miscnet.cli.models import register
 
     p = argparse.ArgumentParser()
     register(p.add_subparsers(dest="command"))
@@ -176,8 +176,8 @@ def test_models_listing(tiny, clean_env, capsys):
 
 
 def test_missing_weights_are_one_clear_line(tmp_path, clean_env):
-    from receiver.diffusion import DiffusionDecoder
-    from sender.map_layer import map_backend
+    from miscnet.receiver.diffusion import DiffusionDecoder
+    from miscnet.sender.map_layer import map_backend
 
     with pytest.raises(MiscError) as e:
         DiffusionDecoder(model=str(tmp_path / "sd"))
@@ -195,9 +195,9 @@ def test_missing_weights_are_one_clear_line(tmp_path, clean_env):
 
 def test_cached_hub_ids_resolve_offline(tiny, tmp_path, clean_env):
     """An id found in $HF_HOME/hub (the cache layout huggingface_hub writes) loads like a folder."""
-    from sender.map_layer import map_backend
-    from sender.pretrained import require
-    from sender.semantics import SemanticObject, Semantics
+    from miscnet.core.pretrained import require
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.sender.map_layer import map_backend
 
     repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-clip"
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -213,8 +213,8 @@ def test_cached_hub_ids_resolve_offline(tiny, tmp_path, clean_env):
 
 
 def test_broken_tokenizer_is_caught(tiny, tmp_path):
-    from sender.map_layer import map_backend
-    from sender.semantics import SemanticObject, Semantics
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.sender.map_layer import map_backend
 
     broken = tmp_path / "clip"
     shutil.copytree(tiny / "clip", broken)
@@ -232,8 +232,8 @@ IMAGE = np.random.default_rng(5).integers(0, 255, (217, 333, 3), dtype=np.uint8)
 
 
 def test_clip_map_backend(tiny):
-    from sender.map_layer import map_backend
-    from sender.semantics import SemanticObject, Semantics
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.sender.map_layer import map_backend
 
     sem = Semantics((SemanticObject("red box", "a red box"), SemanticObject("sky", "blue sky"),
                      SemanticObject("tree", "a tree")), "a red box under a sky")
@@ -254,7 +254,7 @@ def test_clip_map_backend(tiny):
 
 
 def test_working_size_keeps_aspect():
-    from receiver.diffusion import working_size
+    from miscnet.receiver.diffusion import working_size
 
     assert working_size(333, 217, 1024, 64) == (1024, 640)
     assert working_size(217, 333, 1024, 64) == (640, 1024)
@@ -263,7 +263,7 @@ def test_working_size_keeps_aspect():
 
 
 def test_composite_non_square():
-    from receiver.diffusion import composite
+    from miscnet.receiver.diffusion import composite
 
     h, w = 50, 130
     current = np.zeros((h, w, 3), np.float32)
@@ -279,7 +279,7 @@ def test_composite_non_square():
 
 
 def test_wavelet_colour_fix():
-    from receiver.diffusion import wavelet_color_fix, wavelet_decompose
+    from miscnet.receiver.diffusion import wavelet_color_fix, wavelet_decompose
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:40, 0:70] / 70.0
@@ -295,13 +295,13 @@ def test_wavelet_colour_fix():
 
 
 def _blur_all(x):
-    from receiver.diffusion import wavelet_decompose
+    from miscnet.receiver.diffusion import wavelet_decompose
 
     return wavelet_decompose(x)[1]
 
 
 def decoder_args(tiny, *argv):
-    from experiments.cli_models import add_decoder_options
+    from miscnet.cli.models import add_decoder_options
 
     p = argparse.ArgumentParser()
     add_decoder_options(p)
@@ -312,9 +312,9 @@ def decoder_args(tiny, *argv):
 @pytest.fixture(scope="module")
 def encoded(tiny):
     """An odd-sized image encoded with --map clip on the tiny CLIP: semantic, map, pixel.0, pixel.1."""
-    from experiments.cli_models import add_map_model_options, map_options
-    from sender.encoder import EncoderConfig, encode_image
-    from sender.semantics import SemanticObject, Semantics
+    from miscnet.cli.models import add_map_model_options, map_options
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.sender.encoder import EncoderConfig, encode_image
 
     p = argparse.ArgumentParser()
     p.add_argument("--map", dest="map_backend", default="clip")
@@ -327,8 +327,8 @@ def encoded(tiny):
 
 
 def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
-    from experiments.cli_models import make_decoder
-    from receiver.stages import progressive_stages
+    from miscnet.cli.models import make_decoder
+    from miscnet.receiver.stages import progressive_stages
 
     stages = progressive_stages(encoded)
     assert [s.name for s in stages] == ["semantic", "map", "pixel.0", "pixel.1"]
@@ -356,11 +356,11 @@ def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
 
 def test_map_stage_changes_only_inside_the_masks(tiny):
     """On a 128 x 80 image decoded at its own size: outside every mask the map stage is the semantic one."""
-    from receiver.diffusion import DiffusionDecoder
-    from receiver.stages import progressive_stages
-    from sender.encoder import EncoderConfig, encode_image
-    from sender.map_layer import upsample_mask
-    from sender.semantics import SemanticObject, Semantics
+    from miscnet.core.map_codec import upsample_mask
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.receiver.diffusion import DiffusionDecoder
+    from miscnet.receiver.stages import progressive_stages
+    from miscnet.sender.encoder import EncoderConfig, encode_image
 
     sem = Semantics((SemanticObject("box", "a red box.", (0.1, 0.2, 0.4, 0.6)),
                      SemanticObject("sky", "a blue sky.", (0.5, 0.0, 1.0, 0.25))), "A red box under a blue sky.")
@@ -378,8 +378,8 @@ def test_map_stage_changes_only_inside_the_masks(tiny):
 @pytest.mark.parametrize("mode, option, folder", [("controlnet", "--controlnet-model", "controlnet"),
                                                    ("upscale", "--upscaler-model", "upscaler")])
 def test_restoration_pipelines(tiny, encoded, mode, option, folder, clean_env):
-    from experiments.cli_models import make_decoder
-    from receiver.stages import progressive_stages
+    from miscnet.cli.models import make_decoder
+    from miscnet.receiver.stages import progressive_stages
 
     decoder = make_decoder(decoder_args(tiny, *STEPS, option, str(tiny / folder), "--object-steps", "2"))
     assert decoder.mode == mode  # auto picks the configured restoration model
@@ -391,10 +391,10 @@ def test_restoration_pipelines(tiny, encoded, mode, option, folder, clean_env):
 
 def test_models_dir_configures_every_backend(tiny, encoded, clean_env):
     """MISCNET_MODELS_DIR=DIR (what `models tiny DIR` suggests) is enough: no per-model option."""
-    from receiver.diffusion import DiffusionDecoder
-    from receiver.stages import progressive_stages
-    from sender.map_layer import map_backend
-    from sender.semantics import SemanticObject, Semantics
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.receiver.diffusion import DiffusionDecoder
+    from miscnet.receiver.stages import progressive_stages
+    from miscnet.sender.map_layer import map_backend
 
     clean_env.setenv("MISCNET_MODELS_DIR", str(tiny))
     sem = Semantics((SemanticObject("cat", "a cat"),), "a cat")
@@ -405,7 +405,7 @@ def test_models_dir_configures_every_backend(tiny, encoded, clean_env):
 
 
 def test_shared_components(tiny):
-    from receiver.diffusion import DiffusionDecoder
+    from miscnet.receiver.diffusion import DiffusionDecoder
 
     a = DiffusionDecoder(model=str(tiny / "diffusion"), device="cpu", restore="img2img")
     b = DiffusionDecoder(model=str(tiny / "diffusion"), device="cpu", restore="img2img", steps=5)
@@ -420,8 +420,8 @@ def test_shared_components(tiny):
 
 
 def test_classical_stays_the_default():
-    from experiments.cli_models import add_decoder_options, make_decoder
-    from receiver.classical import ClassicalDecoder
+    from miscnet.cli.models import add_decoder_options, make_decoder
+    from miscnet.receiver.classical import ClassicalDecoder
 
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=3)  # a command that already has --seed keeps it
@@ -431,8 +431,8 @@ def test_classical_stays_the_default():
 
 
 def test_heavy_imports_stay_lazy():
-    code = ("import sys; import experiments.cli, experiments.cli_models, experiments.models, sender.clip_map, "
-            "sender.semantic_backends, sender.pretrained, receiver.diffusion, sender.map_layer; "
+    code = ("import sys; import miscnet.cli.main, miscnet.cli.models, experiments.models, sender.clip_map, "
+            "sender.semantic_backends, miscnet.core.pretrained, receiver.diffusion, sender.map_layer; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -441,8 +441,8 @@ def test_heavy_imports_stay_lazy():
 
 def test_stage_images_write(tiny, encoded, tmp_path, clean_env):
     """The done criterion, as the CLI will run it: every stage image as a PNG on CPU."""
-    from experiments.cli_models import make_decoder
-    from receiver.stages import progressive_stages
+    from miscnet.cli.models import make_decoder
+    from miscnet.receiver.stages import progressive_stages
 
     decoder = make_decoder(decoder_args(tiny, *STEPS))
     for i, stage in enumerate(progressive_stages(encoded)):
@@ -452,8 +452,8 @@ def test_stage_images_write(tiny, encoded, tmp_path, clean_env):
 
 
 def test_bad_settings_are_one_line_errors(tiny, clean_env):
-    from receiver.diffusion import DiffusionDecoder
-    from sender.pretrained import pick_device
+    from miscnet.core.pretrained import pick_device
+    from miscnet.receiver.diffusion import DiffusionDecoder
 
     model = str(tiny / "diffusion")
     for bad, match in [({"restore": "magic"}, "unknown restoration"), ({"steps": 0}, "at least 1"),

@@ -10,10 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender import pixel_codec as pc
-from sender.errors import BitstreamError, BudgetError, MiscError
-from sender.pixel_codec import (
+from miscnet.core import pixel_codec as pc
+from miscnet.core.errors import BitstreamError, BudgetError, MiscError
+from miscnet.core.pixel_codec import (
     PixelLevel,
     PixelSettings,
     block_bits,
@@ -26,6 +25,7 @@ from sender.pixel_codec import (
     misc_block_settings,
     payload_bytes,
 )
+from miscnet.v1 import bitstream_pb2 as pb
 
 CODECS = ("block", "webp", "avif", "jpeg")
 

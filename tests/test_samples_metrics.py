@@ -11,16 +11,16 @@ from PIL import Image
 from scipy import signal
 from skimage.metrics import structural_similarity
 
-from experiments import metrics
-from experiments.metrics import ms_ssim, psnr, quality, ssim
-from experiments.samples import (
+from miscnet.core.errors import MiscError
+from miscnet.core.samples import (
     SAMPLE_NAMES,
     export_samples,
     resolve_image_arg,
     sample_image_path,
     sample_sidecar_path,
 )
-from sender.errors import MiscError
+from miscnet.experiments import metrics
+from miscnet.experiments.metrics import ms_ssim, psnr, quality, ssim
 
 
 def _load(name: str) -> np.ndarray:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sender.errors import MiscError, SemanticsError
-from sender.semantic_backends import OpenAIBackend, parse_answer, question, semantics_backend
-from sender.semantics import SemanticLimits
+from miscnet.core.errors import MiscError, SemanticsError
+from miscnet.core.semantics import SemanticLimits
+from miscnet.sender.semantic_backends import OpenAIBackend, parse_answer, question, semantics_backend
 
 EXPECTED = [("Grey Cat", "A fluffy grey cat curled up."), ("Sofa", "A red velvet sofa."),
             ("Lamp", "A brass floor lamp.")]
@@ -277,7 +277,7 @@ def test_openai_configuration_errors(monkeypatch):
 
 
 def parser():
-    from experiments.cli_models import add_map_model_options, add_semantics_backend_options
+    from miscnet.cli.models import add_map_model_options, add_semantics_backend_options
 
     p = argparse.ArgumentParser()
     p.add_argument("image")
@@ -289,7 +289,7 @@ def parser():
 
 
 def test_semantics_for_sidecar_default_keeps_todays_behaviour(foreign_image):
-    from experiments.cli_models import semantics_for
+    from miscnet.cli.models import semantics_for
 
     path, side = foreign_image
     args = parser().parse_args([str(path)])
@@ -297,7 +297,9 @@ def test_semantics_for_sidecar_default_keeps_todays_behaviour(foreign_image):
     sem, warnings = semantics_for(args, None, path)
     assert [o.name for o in sem.objects] == ["Red Box", "Gradient Sky"]
     sem2, _ = semantics_for(args, None, "sample:astronaut")
-    sem3, _ = semantics_for(args, None, __import__("experiments.samples").samples.sample_image_path("astronaut"))
+    from miscnet.core.samples import sample_image_path
+
+    sem3, _ = semantics_for(args, None, sample_image_path("astronaut"))
     assert sem2 == sem3 and sem2.objects
     side.unlink()
     with pytest.raises(MiscError, match="no semantics for .*--semantics FILE"):
@@ -305,7 +307,7 @@ def test_semantics_for_sidecar_default_keeps_todays_behaviour(foreign_image):
 
 
 def test_semantics_for_openai_and_save(tmp_path):
-    from experiments.cli_models import semantics_for
+    from miscnet.cli.models import semantics_for
 
     with FakeAPI([OK]) as api:
         args = parser().parse_args(["img.png", "--semantics-backend", "openai", "--lmm-endpoint", api.url,
@@ -328,7 +330,7 @@ def tiny_vlm(tmp_path_factory):
     pytest.importorskip("transformers")
     import torch
 
-    from experiments.models import write_tiny_models
+    from miscnet.experiments.models import write_tiny_models
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is as fast, and steady when the CPU is shared
@@ -366,7 +368,7 @@ def test_hf_backend_decodes_and_parses_what_the_model_generates(tiny_vlm, monkey
 
 
 def test_semantics_for_hf(tiny_vlm):
-    from experiments.cli_models import semantics_for
+    from miscnet.cli.models import semantics_for
 
     args = parser().parse_args(["img.png", "--semantics-backend", "hf", "--vlm-model", str(tiny_vlm),
                                 "--lmm-max-tokens", "4", "--model-device", "cpu"])

@@ -11,12 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from experiments import bench_semantic
-from experiments.bench_semantic import MISC_EXAMPLE_CSV
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender import semantic_codec as sc
-from sender.errors import BitstreamError, SemanticsError
-from sender.semantics import (
+from miscnet.core import semantic_codec as sc
+from miscnet.core.errors import BitstreamError, SemanticsError
+from miscnet.core.semantics import (
     SemanticLimits,
     SemanticObject,
     Semantics,
@@ -25,6 +22,9 @@ from sender.semantics import (
     semantics_from_dict,
     semantics_to_json,
 )
+from miscnet.experiments import bench_semantic
+from miscnet.experiments.bench_semantic import MISC_EXAMPLE_CSV
+from miscnet.v1 import bitstream_pb2 as pb
 
 SHARED_EXAMPLE = Path("/work/shared/misc-example/GPT-example.csv")
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

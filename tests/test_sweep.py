@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments.baselines import encode_baseline, encode_progressive_jpeg
-from experiments.scenario import ScenarioError, load_scenario, parse_scenario, simulation_seed
-from experiments.sweep import CSV_FIELDS, run_sweep
-from sender.bitstream import from_bytes, to_bytes
-from sender.errors import BitstreamError
-from sender.pixel_codec import PixelLevel, decode_pixels
+from miscnet.core.container import from_bytes, to_bytes
+from miscnet.core.errors import BitstreamError
+from miscnet.core.pixel_codec import PixelLevel, decode_pixels
+from miscnet.experiments.baselines import encode_baseline, encode_progressive_jpeg
+from miscnet.experiments.scenario import ScenarioError, load_scenario, parse_scenario, simulation_seed
+from miscnet.experiments.sweep import CSV_FIELDS, run_sweep
 
 
 def _image(seed: int, w: int, h: int) -> np.ndarray:
@@ -184,8 +184,8 @@ def test_not_toml_and_no_images(tmp_path):
 
 
 def test_cli_reports_a_bad_scenario_in_one_line(tmp_path, capsys):
-    from experiments.cli_sweep import register
-    from sender.errors import MiscError
+    from miscnet.cli.sweep import register
+    from miscnet.core.errors import MiscError
 
     parser = argparse.ArgumentParser(prog="miscnet")
     register(parser.add_subparsers(dest="command"))

@@ -8,16 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channel.link import DuplexConfig, LinkConfig
-from channel.packet import DATA, HEADER_BYTES, Packet, PacketError, decode_packet
-from channel.transport import ImageSender, TransportConfig, TransportReceiver, make_blocks
-from experiments.cli import main
-from experiments.samples import sample_image_path, sample_sidecar_path
-from experiments.simulate import Scenario, SimImage, simulate
-from sender.bitstream import layer_name
-from sender.encoder import EncoderConfig, encode_image
-from sender.image_io import load_image
-from sender.semantics import load_semantics
+from miscnet.channel.link import DuplexConfig, LinkConfig
+from miscnet.channel.packet import DATA, HEADER_BYTES, Packet, PacketError, decode_packet
+from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, make_blocks
+from miscnet.cli.main import main
+from miscnet.core.container import layer_name
+from miscnet.core.image_io import load_image
+from miscnet.core.samples import sample_image_path, sample_sidecar_path
+from miscnet.core.semantics import load_semantics
+from miscnet.experiments.simulate import Scenario, SimImage, simulate
+from miscnet.sender.encoder import EncoderConfig, encode_image
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.miscnet.v1 import services_pb2 as proto_dot_miscnet_dot_v1_dot_services__pb2
+from miscnet.v1 import services_pb2 as miscnet_dot_v1_dot_services__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/miscnet/v1/services_pb2_grpc.py depends on'
+        + ' but the generated code in miscnet/v1/services_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,8 +36,8 @@ class LinkStub:
         """
         self.Exchange = channel.stream_stream(
                 '/miscnet.v1.Link/Exchange',
-                request_serializer=proto_dot_miscnet_dot_v1_dot_services__pb2.LinkMessage.SerializeToString,
-                response_deserializer=proto_dot_miscnet_dot_v1_dot_services__pb2.LinkMessage.FromString,
+                request_serializer=miscnet_dot_v1_dot_services__pb2.LinkMessage.SerializeToString,
+                response_deserializer=miscnet_dot_v1_dot_services__pb2.LinkMessage.FromString,
                 _registered_method=True)
 
 
@@ -56,8 +56,8 @@ def add_LinkServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Exchange': grpc.stream_stream_rpc_method_handler(
                     servicer.Exchange,
-                    request_deserializer=proto_dot_miscnet_dot_v1_dot_services__pb2.LinkMessage.FromString,
-                    response_serializer=proto_dot_miscnet_dot_v1_dot_services__pb2.LinkMessage.SerializeToString,
+                    request_deserializer=miscnet_dot_v1_dot_services__pb2.LinkMessage.FromString,
+                    response_serializer=miscnet_dot_v1_dot_services__pb2.LinkMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -85,8 +85,8 @@ class Link:
             request_iterator,
             target,
             '/miscnet.v1.Link/Exchange',
-            proto_dot_miscnet_dot_v1_dot_services__pb2.LinkMessage.SerializeToString,
-            proto_dot_miscnet_dot_v1_dot_services__pb2.LinkMessage.FromString,
+            miscnet_dot_v1_dot_services__pb2.LinkMessage.SerializeToString,
+            miscnet_dot_v1_dot_services__pb2.LinkMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -109,8 +109,8 @@ class WatchStub:
         """
         self.Events = channel.unary_stream(
                 '/miscnet.v1.Watch/Events',
-                request_serializer=proto_dot_miscnet_dot_v1_dot_services__pb2.WatchRequest.SerializeToString,
-                response_deserializer=proto_dot_miscnet_dot_v1_dot_services__pb2.StageEvent.FromString,
+                request_serializer=miscnet_dot_v1_dot_services__pb2.WatchRequest.SerializeToString,
+                response_deserializer=miscnet_dot_v1_dot_services__pb2.StageEvent.FromString,
                 _registered_method=True)
 
 
@@ -128,8 +128,8 @@ def add_WatchServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Events': grpc.unary_stream_rpc_method_handler(
                     servicer.Events,
-                    request_deserializer=proto_dot_miscnet_dot_v1_dot_services__pb2.WatchRequest.FromString,
-                    response_serializer=proto_dot_miscnet_dot_v1_dot_services__pb2.StageEvent.SerializeToString,
+                    request_deserializer=miscnet_dot_v1_dot_services__pb2.WatchRequest.FromString,
+                    response_serializer=miscnet_dot_v1_dot_services__pb2.StageEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -157,8 +157,8 @@ class Watch:
             request,
             target,
             '/miscnet.v1.Watch/Events',
-            proto_dot_miscnet_dot_v1_dot_services__pb2.WatchRequest.SerializeToString,
-            proto_dot_miscnet_dot_v1_dot_services__pb2.StageEvent.FromString,
+            miscnet_dot_v1_dot_services__pb2.WatchRequest.SerializeToString,
+            miscnet_dot_v1_dot_services__pb2.StageEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""Command-line pieces for the real MISC models, for experiments/cli.py to wire in.
+"""Command-line pieces for the real MISC models, for src/miscnet/cli/main.py to wire in.
 
 * ``register(subparsers)``: the ``models`` command (list backends and their weights; ``models tiny DIR``).
 * ``add_semantics_backend_options(group)`` + ``semantics_for(args, image, image_path)``: where semantics
@@ -18,11 +18,11 @@ import json
 import os
 from pathlib import Path
 
-from experiments.argtypes import float_in as _float_in
-from experiments.argtypes import non_negative_int as _non_negative_int
-from experiments.argtypes import positive_float as _positive_float
-from experiments.argtypes import positive_int as _positive_int
-from sender.errors import MiscError
+from miscnet.cli.argtypes import float_in as _float_in
+from miscnet.cli.argtypes import non_negative_int as _non_negative_int
+from miscnet.cli.argtypes import positive_float as _positive_float
+from miscnet.cli.argtypes import positive_int as _positive_int
+from miscnet.core.errors import MiscError
 
 MAP_CHOICES = ("none", "boxes", "clip")
 SEMANTICS_BACKENDS = ("sidecar", "openai", "hf")
@@ -68,7 +68,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from experiments.models import format_rows, list_models, models_report, write_tiny_models
+    from miscnet.experiments.models import format_rows, list_models, models_report, write_tiny_models
 
     if args.models_action == "tiny":
         written = write_tiny_models(args.dest, force=args.force)
@@ -123,7 +123,7 @@ def add_semantics_backend_options(group) -> None:
 
 def _sidecar_for(image_path) -> tuple[Path, Path | None]:
     """(image path, sidecar or None) the way the CLI always resolved them, bundled samples included."""
-    from experiments.samples import SAMPLE_NAMES, resolve_image_arg, sample_image_path, sample_sidecar_path
+    from miscnet.core.samples import SAMPLE_NAMES, resolve_image_arg, sample_image_path, sample_sidecar_path
 
     path, sidecar = resolve_image_arg(str(image_path))
     if sidecar is None:  # a bundled sample given by its resolved path inside scikit-image
@@ -143,7 +143,7 @@ def semantics_for(args: argparse.Namespace, image_array, image_path) -> tuple:
     (the default) resolves ``--semantics`` or the sidecar beside the image exactly as before; openai and hf
     ask their model about ``image_array``.
     """
-    from sender.semantics import load_semantics
+    from miscnet.core.semantics import load_semantics
 
     backend = getattr(args, "semantics_backend", None) or "sidecar"
     explicit = getattr(args, "semantics", None)
@@ -159,7 +159,7 @@ def semantics_for(args: argparse.Namespace, image_array, image_path) -> tuple:
     if explicit:
         raise MiscError(f"--semantics reads a sidecar; it cannot be combined with --semantics-backend {backend} "
                         "(use --save-semantics to keep what the model says)")
-    from sender.semantic_backends import describe_image, semantics_backend
+    from miscnet.sender.semantic_backends import describe_image, semantics_backend
 
     max_tokens = getattr(args, "lmm_max_tokens", 600)
     if backend == "openai":
@@ -174,8 +174,8 @@ def semantics_for(args: argparse.Namespace, image_array, image_path) -> tuple:
     semantics, warnings = describe_image(be, image_array)
     save = getattr(args, "save_semantics", None)
     if save:
-        from sender.image_io import atomic_write_bytes
-        from sender.semantics import semantics_to_json
+        from miscnet.core.image_io import atomic_write_bytes
+        from miscnet.core.semantics import semantics_to_json
 
         stem = Path(str(image_path).split(":", 1)[-1] if str(image_path).startswith("sample:") else image_path).stem
         target = save.replace("{stem}", stem)
@@ -241,7 +241,7 @@ def add_decoder_options(parser: argparse.ArgumentParser) -> None:
 
 
 def diffusion_config(args: argparse.Namespace):
-    from receiver.diffusion import DiffusionConfig
+    from miscnet.receiver.diffusion import DiffusionConfig
 
     return DiffusionConfig(
         model=args.diffusion_model, controlnet=args.controlnet_model, upscaler=args.upscaler_model,
@@ -254,10 +254,10 @@ def diffusion_config(args: argparse.Namespace):
 def make_decoder(args: argparse.Namespace):
     """The decoder the options ask for: an object with ``render(stage) -> uint8 (H, W, 3)``."""
     if getattr(args, "decoder", "classical") == "classical":
-        from receiver.classical import ClassicalDecoder
+        from miscnet.receiver.classical import ClassicalDecoder
 
         return ClassicalDecoder()
-    from receiver.diffusion import DiffusionDecoder
+    from miscnet.receiver.diffusion import DiffusionDecoder
 
     return DiffusionDecoder(diffusion_config(args))
 

@@ -1,6 +1,6 @@
 """``miscnet sweep SCENARIO.toml -o DIR``: run a scenario file's every point and report.
 
-Wired into the CLI by ``register(subparsers)`` (experiments/cli.py). Errors are MiscErrors, printed by
+Wired into the CLI by ``register(subparsers)`` (src/miscnet/cli/main.py). Errors are MiscErrors, printed by
 ``miscnet`` as one line.
 """
 
@@ -12,7 +12,7 @@ import sys
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from experiments.scenario import describe_keys
+    from miscnet.experiments.scenario import describe_keys
 
     p = subparsers.add_parser(
         "sweep", help="run a scenario file (TOML): every configuration, image and seed, in virtual time",
@@ -37,8 +37,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from experiments.scenario import load_scenario
-    from experiments.sweep import run_sweep
+    from miscnet.experiments.scenario import load_scenario
+    from miscnet.experiments.sweep import run_sweep
 
     spec = load_scenario(args.scenario)
     if args.smoke:

@@ -43,9 +43,9 @@ from pathlib import Path
 import brotli
 import numpy as np
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.errors import BitstreamError, SemanticsError
-from sender.semantics import MAX_OBJECTS_HARD, SemanticObject, Semantics
+from miscnet.core.errors import BitstreamError, SemanticsError
+from miscnet.core.semantics import MAX_OBJECTS_HARD, SemanticObject, Semantics
+from miscnet.v1 import bitstream_pb2 as pb
 
 MODEL_VERSION = 1
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.errors import BitstreamError, BudgetError, MiscError
+from miscnet.core.errors import BitstreamError, BudgetError, MiscError
+from miscnet.v1 import bitstream_pb2 as pb
 
 CODEC_IDS = {
     "block": pb.CODEC_PIXEL_BLOCK,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
 
 MAX_PIXELS = 64 * 1024 * 1024  # refuse anything larger: an edge node has no business with it
 MAX_SIDE = 16384

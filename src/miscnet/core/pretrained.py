@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
 
 MODELS_DIR_ENV = "MISCNET_MODELS_DIR"
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import DecodeError
 
-from proto.miscnet.v1 import bitstream_pb2 as pb
-from sender.errors import BitstreamError
+from miscnet.core.errors import BitstreamError
+from miscnet.v1 import bitstream_pb2 as pb
 
 MAGIC = b"MISC"
 FORMAT_VERSION = 1

@@ -12,10 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-from experiments import cli_models, cli_sweep
-from experiments.argtypes import positive_float as _positive_float
-from experiments.argtypes import positive_int as _positive_int
-from sender.errors import MiscError
+from miscnet.cli import models as cli_models
+from miscnet.cli import sweep as cli_sweep
+from miscnet.cli.argtypes import positive_float as _positive_float
+from miscnet.cli.argtypes import positive_int as _positive_int
+from miscnet.core.errors import MiscError
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
@@ -37,8 +38,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 
 
 def encoder_config(args: argparse.Namespace):
-    from sender.encoder import EncoderConfig
-    from sender.semantics import SemanticLimits
+    from miscnet.core.semantics import SemanticLimits
+    from miscnet.sender.encoder import EncoderConfig
 
     return EncoderConfig(
         map_backend=args.map_backend,
@@ -54,8 +55,8 @@ def encoder_config(args: argparse.Namespace):
 
 def load_input(image_arg: str, args: argparse.Namespace):
     """(image array, Semantics, warnings, image path) for an IMAGE argument (path or sample:NAME)."""
-    from experiments.samples import resolve_image_arg
-    from sender.image_io import load_image
+    from miscnet.core.image_io import load_image
+    from miscnet.core.samples import resolve_image_arg
 
     path, _ = resolve_image_arg(image_arg)
     image = load_image(path)
@@ -64,8 +65,8 @@ def load_input(image_arg: str, args: argparse.Namespace):
 
 
 def encode_report(result) -> dict:
-    from sender.bitstream import CODEC_NAMES, KIND_NAMES
-    from sender.semantic_codec import misc_raw_bytes
+    from miscnet.core.container import CODEC_NAMES, KIND_NAMES
+    from miscnet.core.semantic_codec import misc_raw_bytes
 
     enc = result.encoded
     total = len(result.data)
@@ -93,8 +94,8 @@ def encode_report(result) -> dict:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from sender.encoder import encode_image
-    from sender.image_io import atomic_write_bytes
+    from miscnet.core.image_io import atomic_write_bytes
+    from miscnet.sender.encoder import encode_image
 
     image, semantics, warnings, _ = load_input(args.image, args)
     result = encode_image(image, semantics, encoder_config(args))
@@ -114,7 +115,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def _read_misc(path: str):
-    from sender.bitstream import from_bytes
+    from miscnet.core.container import from_bytes
 
     try:
         data = Path(path).read_bytes()
@@ -127,9 +128,9 @@ def _read_misc(path: str):
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from experiments.samples import resolve_image_arg
-    from receiver.stages import progressive_stages
-    from sender.image_io import atomic_write_bytes, load_image, png_bytes
+    from miscnet.core.image_io import atomic_write_bytes, load_image, png_bytes
+    from miscnet.core.samples import resolve_image_arg
+    from miscnet.receiver.stages import progressive_stages
 
     encoded, total = _read_misc(args.input)
     reference = load_image(resolve_image_arg(args.reference)[0]) if args.reference else None
@@ -149,7 +150,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
         row = {"stage": stage.name, "layers": list(stage.layers), "payload_bytes": stage.payload_bytes,
                "psnr": None, "ms_ssim": None}
         if reference is not None and stage.has_pixels:
-            from experiments.metrics import quality
+            from miscnet.experiments.metrics import quality
 
             q = quality(reference, image)
             row.update(psnr=q["psnr"], ms_ssim=q["ms_ssim"])
@@ -173,9 +174,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from receiver.stages import stage_input
-    from sender.bitstream import CODEC_NAMES, KIND_NAMES
-    from sender.semantics import semantics_to_json
+    from miscnet.core.container import CODEC_NAMES, KIND_NAMES
+    from miscnet.core.semantics import semantics_to_json
+    from miscnet.receiver.stages import stage_input
 
     encoded, total = _read_misc(args.input)
     try:
@@ -229,7 +230,7 @@ def add_link_options(p: argparse.ArgumentParser, default_rate: str | None = "64k
 
 
 def link_config(args: argparse.Namespace):
-    from channel.link import DuplexConfig, LinkConfig
+    from miscnet.channel.link import DuplexConfig, LinkConfig
 
     rate = args.rate if args.rate or args.trace else args.default_rate
     forward = LinkConfig.from_strings(rate=rate, trace=args.trace, delay=args.delay, jitter=args.jitter,
@@ -255,7 +256,7 @@ def add_protection_options(p: argparse.ArgumentParser) -> None:
 
 
 def transport_config(args: argparse.Namespace):
-    from channel.transport import TransportConfig
+    from miscnet.channel.transport import TransportConfig
 
     return TransportConfig(mode=args.protect, mtu=args.mtu, strong_rate=args.fec_strong_rate,
                            pixel_rate=args.fec_pixel_rate, fec_min_symbols=args.fec_symbols,
@@ -263,9 +264,9 @@ def transport_config(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from experiments.simulate import Scenario, SimImage, simulate
-    from sender.encoder import encode_image
-    from sender.image_io import atomic_write_bytes, png_bytes
+    from miscnet.core.image_io import atomic_write_bytes, png_bytes
+    from miscnet.experiments.simulate import Scenario, SimImage, simulate
+    from miscnet.sender.encoder import encode_image
 
     scenario = Scenario(link=link_config(args), transport=transport_config(args), seed=args.seed)
     config = encoder_config(args)
@@ -301,7 +302,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_link(args: argparse.Namespace) -> int:
-    from channel.link import saturate
+    from miscnet.channel.link import saturate
 
     forward = link_config(args).forward
     result = saturate(forward, args.saturate, args.seed, packet_size=min(1500, args.mtu + 12))
@@ -327,7 +328,7 @@ def add_node_options(p: argparse.ArgumentParser, server: bool) -> None:
 
 
 def _tls(args: argparse.Namespace):
-    from channel.grpc_util import TlsFiles
+    from miscnet.channel.grpc_util import TlsFiles
 
     return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
@@ -337,7 +338,7 @@ def _serve_until_signal(server, node, port: int, args: argparse.Namespace, what:
     import signal
     import threading
 
-    from sender.image_io import atomic_write_bytes
+    from miscnet.core.image_io import atomic_write_bytes
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -354,7 +355,7 @@ def _serve_until_signal(server, node, port: int, args: argparse.Namespace, what:
 
 
 def cmd_receiver(args: argparse.Namespace) -> int:
-    from receiver.node import ReceiverOptions, serve_receiver
+    from miscnet.receiver.node import ReceiverOptions, serve_receiver
 
     options = ReceiverOptions(out_dir=Path(args.out), listen=args.listen, tls=_tls(args), token=args.token,
                               decode_workers=args.decode_workers, max_streams=args.max_streams)
@@ -363,8 +364,8 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 
 
 def cmd_channel(args: argparse.Namespace) -> int:
-    from channel.grpc_util import TlsFiles
-    from channel.relay import RelayOptions, serve_relay
+    from miscnet.channel.grpc_util import TlsFiles
+    from miscnet.channel.relay import RelayOptions, serve_relay
 
     forward_tls = TlsFiles(args.forward_tls_cert, args.forward_tls_key, args.forward_tls_ca)
     options = RelayOptions(listen=args.listen, forward=args.forward, link=link_config(args), seed=args.seed,
@@ -375,8 +376,8 @@ def cmd_channel(args: argparse.Namespace) -> int:
 
 
 def cmd_sender(args: argparse.Namespace) -> int:
-    from sender.encoder import encode_image
-    from sender.node import SenderOptions, send_images
+    from miscnet.sender.encoder import encode_image
+    from miscnet.sender.node import SenderOptions, send_images
 
     config = encoder_config(args)
     items = []
@@ -402,7 +403,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from experiments.demo import run_live_demo, run_offline_demo
+    from miscnet.experiments.demo import run_live_demo, run_offline_demo
 
     if args.offline:
         run_offline_demo(Path(args.output))
@@ -411,7 +412,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
-    from experiments.samples import export_samples
+    from miscnet.core.samples import export_samples
 
     for path in export_samples(Path(args.dest)):
         print(path)

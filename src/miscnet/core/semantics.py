@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sender.errors import SemanticsError
+from miscnet.core.errors import SemanticsError
 
 MAX_FILE_BYTES = 1 << 20  # sidecars are a few hundred bytes; anything near a MiB is not one
 MAX_OBJECTS_HARD = 64  # the codec refuses more (a bound on what a corrupt layer can claim)

@@ -1,7 +1,7 @@
 """Bundled sample images: the public-domain photos shipped in scikit-image's wheel, plus our sidecars.
 
 The photos are not copied into this repository (scikit-image is a dependency and ships them); only the
-hand-written MISC-style sidecars live in ``experiments/samples/<name>.json``. See that folder's README
+hand-written MISC-style sidecars live in ``src/miscnet/core/samples/<name>.json``. See that folder's README
 for the provenance and licence of each photo.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from sender.errors import MiscError
+from miscnet.core.errors import MiscError
 
 __all__ = [
     "SAMPLE_NAMES",
@@ -33,7 +33,7 @@ _FILES = {
     "hubble_deep_field": "hubble_deep_field.jpg",
 }
 
-_SIDECAR_DIR = Path(__file__).resolve().parent / "samples"
+_SIDECAR_DIR = Path(__file__).resolve().parent
 _PREFIX = "sample:"
 
 
@@ -59,7 +59,7 @@ def sample_image_path(name: str) -> Path:
 
 
 def sample_sidecar_path(name: str) -> Path:
-    """The MISC-style sidecar shipped with this package: experiments/samples/<name>.json."""
+    """The MISC-style sidecar shipped with this package: src/miscnet/core/samples/<name>.json."""
     return _SIDECAR_DIR / f"{_check(name)}.json"
 
 

@@ -1,0 +1,1 @@
+"""The ``miscnet`` command line: parses options into typed configs and calls the floors below."""
