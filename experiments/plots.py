@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from miscnet.experiments.records import first_pixel_events, stage_order
 from miscnet.experiments.scenario import Point, ScenarioSpec, short_key
-from miscnet.experiments.sweep import first_pixel_events, stage_order
 
 METHOD_STYLE = {
     "misc": ("-", "o"),

@@ -588,8 +588,30 @@ def _digest(obj: Any) -> str:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
-def load_scenario(path: str | Path) -> ScenarioSpec:
+SCENARIOS_DIR = Path(__file__).resolve().parent / "scenarios"  # installed with the package
+
+
+def committed_scenarios() -> list[str]:
+    """Names of the scenarios shipped with miscnet (``miscnet sweep NAME`` runs one)."""
+    return sorted(p.stem for p in SCENARIOS_DIR.glob("*.toml"))
+
+
+def resolve_scenario(path: str | Path) -> Path:
+    """A scenario file: the path itself when it exists, else a committed scenario named so (``bandwidth``)."""
     p = Path(path)
+    if p.exists() or p.suffix or len(p.parts) > 1:
+        return p
+    shipped = SCENARIOS_DIR / f"{p.name}.toml"
+    if shipped.is_file():
+        return shipped
+    raise ScenarioError(f"{path}: no such scenario file, and no committed scenario of that name "
+                        f"(committed: {', '.join(committed_scenarios())})")
+
+
+def load_scenario(path: str | Path) -> ScenarioSpec:
+    """Read a scenario file, or a committed scenario by name (see ``resolve_scenario``)."""
+    p = resolve_scenario(path)
+    path = p if p != Path(path) else path
     try:
         raw = p.read_bytes()
     except OSError as exc:

@@ -49,6 +49,7 @@ from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.image_io import atomic_write_bytes
 from miscnet.experiments.metrics import ms_ssim as _ms_ssim
 from miscnet.experiments.metrics import psnr as _psnr
+from miscnet.experiments.records import first_pixel_events, stage_order
 from miscnet.experiments.scenario import CONFIG_KEYS, Configuration, Point, ScenarioError, ScenarioSpec
 from miscnet.experiments.simulate import Scenario as SimScenario
 from miscnet.experiments.simulate import SimImage, simulate
@@ -693,23 +694,6 @@ def _stats(values: list[float]) -> dict[str, float | None]:
         return {"mean": None, "median": None, "p90": None, "n": 0}
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "n": len(a)}
-
-
-def first_pixel_events(rec: dict) -> list[dict]:
-    """The first event of each pixel stage of a point (a stage can come twice: ``pixel.0`` alone, then
-    ``pixel.0`` again with the semantic and map layers once their block is repaired)."""
-    seen: set[str] = set()
-    out = []
-    for e in rec["events"]:
-        if e["psnr"] is not None and e["stage"] not in seen:
-            seen.add(e["stage"])
-            out.append(e)
-    return out
-
-
-def stage_order(name: str) -> tuple[int, int]:
-    kind, _, level = name.partition(".")
-    return ({"semantic": 0, "map": 1, "pixel": 2}.get(kind, 3), int(level) if level.isdigit() else 0)
 
 
 def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -> list[dict]:

@@ -20,7 +20,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "JSON per configuration, summary.json and figures (PNG) under DIR.",
         epilog="scenario keys (section.key):\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", metavar="SCENARIO.toml")
+    p.add_argument("scenario", metavar="SCENARIO.toml|NAME",
+                   help="a scenario file, or the name of a committed one (bandwidth, burst_loss, codecs, protection)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="results folder")
     p.add_argument("--workers", type=int, metavar="N",
                    help="local worker processes (default: the CPU count; 1 runs in this process)")
