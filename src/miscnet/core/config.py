@@ -31,6 +31,8 @@ DECODERS = ("classical", "diffusion")
 RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale")
 NEGATIVE_PROMPT = "Blurry, Low Quality"
 MAX_WORKING_SIDE = 4096
+MAP_THRESHOLD = 0.35  # MISC's: a cell is in an object's mask when its normalised CLIP score exceeds this
+MODEL_DEVICE = "auto"  # every model's default device: CUDA when present, else the CPU (core.pretrained.pick_device)
 
 
 def _positive_finite(v: float) -> bool:
@@ -53,7 +55,7 @@ class SemanticsConfig:
     lmm_retries: int = 3  # openai: retries on timeouts, 429 and 5xx
     lmm_max_tokens: int = 600  # openai / hf: answer length limit
     vlm_model: str | None = None  # hf: model folder or cached id (None: $MISCNET_VLM_MODEL, models dir)
-    device: str = "auto"  # hf: the model's device (--model-device)
+    device: str = MODEL_DEVICE  # hf: the model's device (--model-device, shared with the map's)
     strict: bool = False  # MISC's text limits as errors, not warnings
     save: str | None = None  # openai / hf: also write the answer as a sidecar ('{stem}': the image's name)
 
@@ -86,8 +88,8 @@ class MapConfig:
     backend: str = "boxes"  # none, boxes (from the sidecar's boxes) or clip (a CLIP model)
     grid: int = DEFAULT_GRID  # N x N cells
     clip_model: str | None = None  # clip: model folder or cached id (None: $MISCNET_CLIP_MODEL, models dir)
-    threshold: float = 0.35  # clip: a cell is in the mask when its normalised score exceeds this (MISC's)
-    device: str = "auto"  # clip: the model's device (--model-device)
+    threshold: float = MAP_THRESHOLD  # clip: a cell is in the mask when its normalised score exceeds this
+    device: str = MODEL_DEVICE  # clip: the model's device (--model-device, shared with the semantics')
 
     def __post_init__(self) -> None:
         self.check()
@@ -159,7 +161,7 @@ class DiffusionConfig:
     controlnet: str | None = None  # MISCNET_CONTROLNET_MODEL
     upscaler: str | None = None  # MISCNET_UPSCALER_MODEL
     restore: str = "auto"
-    device: str = "auto"
+    device: str = MODEL_DEVICE
     size: int | None = None  # working long side; None: min(1024, 2 x native)
     steps: int = 40
     guidance: float = 7.0
