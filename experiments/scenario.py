@@ -52,7 +52,6 @@ ScenarioError whose message names the file and the key (``bandwidth.toml: sweep.
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import glob
 import hashlib
@@ -65,6 +64,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from miscnet.channel.transport import MODES as PROTECTION_MODES
+from miscnet.channel.transport import TransportConfig
+from miscnet.core.config import (
+    DECODERS,
+    MAP_BACKENDS,
+    MAX_LEVELS,
+    PIXEL_CODECS,
+    RESTORE_MODES,
+    SEMANTICS_BACKENDS,
+    DecoderConfig,
+    DiffusionConfig,
+    EncoderConfig,
+    MapConfig,
+    SemanticsConfig,
+)
 from miscnet.core.errors import MiscError
 
 
@@ -177,33 +191,23 @@ def _queue(v: Any) -> str | int | None:
 
 
 def _map_backend(v: Any) -> str:
-    from miscnet.cli.models import MAP_CHOICES
-
-    return _choice(MAP_CHOICES)(v)  # whether a model backend's weights are here is checked before the run
+    return _choice(MAP_BACKENDS)(v)  # whether a model backend's weights are here is checked before the run
 
 
 def _semantic_backend(v: Any) -> str:
-    from miscnet.cli.models import SEMANTICS_BACKENDS
-
     return _choice(SEMANTICS_BACKENDS)(v)
 
 
 def _decoder(v: Any) -> str:
-    from miscnet.cli.models import DECODERS
-
     return _choice(DECODERS)(v)
 
 
 def _pixel_codec(v: Any) -> str:
-    from miscnet.sender.encoder import PIXEL_CODECS
-
     return _choice(PIXEL_CODECS)(v)
 
 
 def _protect(v: Any) -> str:
-    from miscnet.channel.transport import MODES
-
-    return _choice(MODES)(v)
+    return _choice(PROTECTION_MODES)(v)
 
 
 def _grid(v: Any) -> int:
@@ -286,28 +290,34 @@ class Param:
     path: bool = False  # a file path, resolved against the scenario's folder
 
 
+# The defaults of the encoder, protection and decoder keys are the config dataclasses' (the CLI's too).
+_SEM, _MAP, _ENC = SemanticsConfig(), MapConfig(), EncoderConfig()
+_DEC, _DIFF, _TRANSPORT = DecoderConfig(), DiffusionConfig(), TransportConfig()
+
 # Every key a scenario may set, as "section.key". Sweepable ones make the configurations.
 PARAMS: dict[str, Param] = {
     # encoder: the CLI's encoder options
-    "encoder.semantic": Param("sidecar", _semantic_backend,
+    "encoder.semantic": Param(_SEM.backend, _semantic_backend,
                               "semantics: sidecar, openai or hf (--semantics-backend; see experiments/MODELS.md)"),
-    "encoder.lmm_model": Param(None, _optional(_str), "openai semantics: model name (--lmm-model)"),
-    "encoder.lmm_endpoint": Param(None, _optional(_str), "openai semantics: base URL (--lmm-endpoint; the key "
+    "encoder.lmm_model": Param(_SEM.lmm_model, _optional(_str), "openai semantics: model name (--lmm-model)"),
+    "encoder.lmm_endpoint": Param(_SEM.lmm_endpoint, _optional(_str),
+                                  "openai semantics: base URL (--lmm-endpoint; the key "
                                   "comes from $OPENAI_API_KEY, never from a scenario)"),
-    "encoder.lmm_timeout": Param(120.0, _float(0.0, lo_open=True), "openai semantics: seconds per request"),
-    "encoder.lmm_retries": Param(3, _int(0, 100), "openai semantics: retries"),
-    "encoder.lmm_max_tokens": Param(600, _int(1, 100000), "openai / hf semantics: answer length limit"),
-    "encoder.vlm_model": Param(None, _optional(_str), "hf semantics: model folder or cached id (--vlm-model)"),
-    "encoder.map": Param("boxes", _map_backend, "map layer backend: none, boxes or clip (--map)"),
-    "encoder.clip_model": Param(None, _optional(_str), "clip map: model folder or cached id (--clip-model)"),
-    "encoder.map_threshold": Param(0.35, _float(0.0, 1.0), "clip map: cell threshold (--map-threshold)"),
-    "encoder.model_device": Param("auto", _str, "device of the encoder's models (--model-device)"),
-    "encoder.grid": Param(8, _grid, "map grid N (--grid)"),
-    "encoder.pixel": Param("auto", _pixel_codec, "pixel layer codec (--pixel)"),
-    "encoder.levels": Param(2, _int(1, 4), "pixel levels (--levels)"),
-    "encoder.budget": Param(None, _optional(_int(1)), "whole-file byte budget (--budget)"),
-    "encoder.bpp": Param(None, _optional(_float(0.0, lo_open=True)), "whole-file budget in bpp (--bpp)"),
-    "encoder.strict": Param(False, _bool, "MISC's text limits as errors (--strict)"),
+    "encoder.lmm_timeout": Param(_SEM.lmm_timeout, _float(0.0, lo_open=True), "openai semantics: seconds per request"),
+    "encoder.lmm_retries": Param(_SEM.lmm_retries, _int(0, 100), "openai semantics: retries"),
+    "encoder.lmm_max_tokens": Param(_SEM.lmm_max_tokens, _int(1, 100000), "openai / hf semantics: answer length limit"),
+    "encoder.vlm_model": Param(_SEM.vlm_model, _optional(_str),
+                               "hf semantics: model folder or cached id (--vlm-model)"),
+    "encoder.map": Param(_MAP.backend, _map_backend, "map layer backend: none, boxes or clip (--map)"),
+    "encoder.clip_model": Param(_MAP.clip_model, _optional(_str), "clip map: model folder or cached id (--clip-model)"),
+    "encoder.map_threshold": Param(_MAP.threshold, _float(0.0, 1.0), "clip map: cell threshold (--map-threshold)"),
+    "encoder.model_device": Param(_SEM.device, _str, "device of the encoder's models (--model-device)"),
+    "encoder.grid": Param(_MAP.grid, _grid, "map grid N (--grid)"),
+    "encoder.pixel": Param(_ENC.pixel_codec, _pixel_codec, "pixel layer codec (--pixel)"),
+    "encoder.levels": Param(_ENC.levels, _int(1, MAX_LEVELS), "pixel levels (--levels)"),
+    "encoder.budget": Param(_ENC.budget_bytes, _optional(_int(1)), "whole-file byte budget (--budget)"),
+    "encoder.bpp": Param(_ENC.bpp, _optional(_float(0.0, lo_open=True)), "whole-file budget in bpp (--bpp)"),
+    "encoder.strict": Param(_SEM.strict, _bool, "MISC's text limits as errors (--strict)"),
     # link: the CLI's link options
     "link.rate": Param(None, _optional(_rate), "constant forward rate (--rate; 64kbit unless a trace)"),
     "link.trace": Param(None, _optional(_str), "Mahimahi trace file (--trace)", path=True),
@@ -316,34 +326,41 @@ PARAMS: dict[str, Param] = {
     "link.loss": Param("none", _loss, "netem loss model (--loss)"),
     "link.queue": Param(None, _queue, "drop-tail queue in bytes (--queue)"),
     "link.loss_before_queue": Param(False, _bool, "netem's order: loss decided before the queue"),
-    "link.mtu": Param(1200, _int(64, 65000), "packet payload bytes (--mtu)"),
+    "link.mtu": Param(_TRANSPORT.mtu, _int(64, 65000), "packet payload bytes (--mtu)"),
     "link.reverse_rate": Param("1mbit", _rate, "feedback link rate (--reverse-rate)"),
     "link.reverse_delay": Param(None, _optional(_time), "feedback delay (--reverse-delay; default: delay)"),
     "link.reverse_loss": Param("none", _loss, "feedback link loss (--reverse-loss)"),
     # protection: the CLI's protection options
-    "protection.mode": Param("none", _protect, "error control (--protect)"),
-    "protection.fec_strong_rate": Param(0.5, _float(0.05, 1.0), "FEC code rate of semantic + map (--fec-strong-rate)"),
-    "protection.fec_pixel_rate": Param(0.8, _float(0.05, 1.0), "FEC code rate of pixel levels (--fec-pixel-rate)"),
-    "protection.fec_symbols": Param(4, _int(1, 64), "FEC: symbols a small block is cut into (--fec-symbols)"),
-    "protection.max_rounds": Param(12, _int(1, 1000), "ARQ rounds (--max-rounds)"),
-    "protection.deadline": Param(None, _optional(_float(0.0, lo_open=True)), "give up after SECONDS (--deadline)"),
+    "protection.mode": Param(_TRANSPORT.mode, _protect, "error control (--protect)"),
+    "protection.fec_strong_rate": Param(_TRANSPORT.strong_rate, _float(0.05, 1.0),
+                                        "FEC code rate of semantic + map (--fec-strong-rate)"),
+    "protection.fec_pixel_rate": Param(_TRANSPORT.pixel_rate, _float(0.05, 1.0),
+                                       "FEC code rate of pixel levels (--fec-pixel-rate)"),
+    "protection.fec_symbols": Param(_TRANSPORT.fec_min_symbols, _int(1, 64),
+                                    "FEC: symbols a small block is cut into (--fec-symbols)"),
+    "protection.max_rounds": Param(_TRANSPORT.max_rounds, _int(1, 1000), "ARQ rounds (--max-rounds)"),
+    "protection.deadline": Param(_TRANSPORT.deadline_s, _optional(_float(0.0, lo_open=True)),
+                                 "give up after SECONDS (--deadline)"),
     # decoder: the CLI's decoder options
-    "decoder.name": Param("classical", _decoder, "classical or diffusion (--decoder)"),
-    "decoder.diffusion_model": Param(None, _optional(_str), "diffusion: pipeline folder or id (--diffusion-model)"),
-    "decoder.controlnet_model": Param(None, _optional(_str), "diffusion: ControlNet (--controlnet-model)"),
-    "decoder.upscaler_model": Param(None, _optional(_str), "diffusion: upscaler (--upscaler-model)"),
-    "decoder.restore": Param("auto", _choice(["auto", "controlnet", "img2img", "upscale"]), "diffusion (--restore)"),
-    "decoder.device": Param("auto", _str, "diffusion: auto, cpu, cuda, cuda:N (--device)"),
-    "decoder.steps": Param(40, _int(1, 1000), "diffusion: global pass steps (--steps)"),
-    "decoder.object_steps": Param(3, _int(1, 1000), "diffusion: steps per object (--object-steps)"),
-    "decoder.guidance": Param(7.0, _float(0.0, 50.0), "diffusion: global guidance (--guidance)"),
-    "decoder.object_guidance": Param(3.5, _float(0.0, 50.0), "diffusion: object guidance (--object-guidance)"),
-    "decoder.strength": Param(0.6, _float(0.0, 1.0, lo_open=True), "diffusion: img2img strength (--strength)"),
-    "decoder.size": Param(None, _optional(_int(1, 8192)), "diffusion: working long side (--diffusion-size)"),
-    "decoder.negative_prompt": Param("Blurry, Low Quality", _str, "diffusion (--negative-prompt)"),
-    "decoder.color_fix": Param(True, _bool, "diffusion: wavelet colour fix (not --no-color-fix)"),
-    "decoder.seed": Param(0, _int(0, 2**63 - 1), "diffusion: noise seed"),
-    "decoder.cpu_offload": Param(False, _bool, "diffusion (--cpu-offload)"),
+    "decoder.name": Param(_DEC.name, _decoder, "classical or diffusion (--decoder)"),
+    "decoder.diffusion_model": Param(_DIFF.model, _optional(_str),
+                                     "diffusion: pipeline folder or id (--diffusion-model)"),
+    "decoder.controlnet_model": Param(_DIFF.controlnet, _optional(_str), "diffusion: ControlNet (--controlnet-model)"),
+    "decoder.upscaler_model": Param(_DIFF.upscaler, _optional(_str), "diffusion: upscaler (--upscaler-model)"),
+    "decoder.restore": Param(_DIFF.restore, _choice(RESTORE_MODES), "diffusion (--restore)"),
+    "decoder.device": Param(_DIFF.device, _str, "diffusion: auto, cpu, cuda, cuda:N (--device)"),
+    "decoder.steps": Param(_DIFF.steps, _int(1, 1000), "diffusion: global pass steps (--steps)"),
+    "decoder.object_steps": Param(_DIFF.object_steps, _int(1, 1000), "diffusion: steps per object (--object-steps)"),
+    "decoder.guidance": Param(_DIFF.guidance, _float(0.0, 50.0), "diffusion: global guidance (--guidance)"),
+    "decoder.object_guidance": Param(_DIFF.object_guidance, _float(0.0, 50.0),
+                                     "diffusion: object guidance (--object-guidance)"),
+    "decoder.strength": Param(_DIFF.strength, _float(0.0, 1.0, lo_open=True),
+                              "diffusion: img2img strength (--strength)"),
+    "decoder.size": Param(_DIFF.size, _optional(_int(1, 8192)), "diffusion: working long side (--diffusion-size)"),
+    "decoder.negative_prompt": Param(_DIFF.negative_prompt, _str, "diffusion (--negative-prompt)"),
+    "decoder.color_fix": Param(_DIFF.color_fix, _bool, "diffusion: wavelet colour fix (not --no-color-fix)"),
+    "decoder.seed": Param(_DIFF.seed, _int(0, 2**63 - 1), "diffusion: noise seed"),
+    "decoder.cpu_offload": Param(_DIFF.cpu_offload, _bool, "diffusion (--cpu-offload)"),
     # not sweepable
     "images.samples": Param([], _samples, "bundled samples, or \"all\"", sweepable=False),
     "images.paths": Param([], _str_list, "image files, folders or globs", sweepable=False),
@@ -398,18 +415,27 @@ class Configuration:
     swept: dict[str, Any]  # the keys set by the case and the grid, in order
     params: dict[str, Any]  # every configuration key (CONFIG_KEYS), normalised
 
-    def encoder_config(self):
-        from miscnet.cli.models import map_options
-        from miscnet.core.semantics import SemanticLimits
-        from miscnet.sender.encoder import EncoderConfig
-
+    def map_config(self) -> MapConfig:
         p = self.params
-        options = map_options(argparse.Namespace(map_backend=p["encoder.map"], clip_model=p["encoder.clip_model"],
-                                                 map_threshold=p["encoder.map_threshold"],
-                                                 model_device=p["encoder.model_device"]))
-        return EncoderConfig(map_backend=p["encoder.map"], grid=p["encoder.grid"], pixel_codec=p["encoder.pixel"],
-                             levels=p["encoder.levels"], budget_bytes=p["encoder.budget"], bpp=p["encoder.bpp"],
-                             limits=SemanticLimits(strict=p["encoder.strict"]), map_options=options)
+        return MapConfig(backend=p["encoder.map"], grid=p["encoder.grid"], clip_model=p["encoder.clip_model"],
+                         threshold=p["encoder.map_threshold"], device=p["encoder.model_device"])
+
+    def semantics_config(self, semantics_file: str | None = None) -> SemanticsConfig:
+        """Where the semantics come from; ``semantics_file``: an image's sidecar / MISC CSV (images.semantics).
+
+        The API key is never in a scenario: the openai backend reads $OPENAI_API_KEY."""
+        p = self.params
+        return SemanticsConfig(
+            backend=p["encoder.semantic"], sidecar=semantics_file, lmm_model=p["encoder.lmm_model"],
+            lmm_endpoint=p["encoder.lmm_endpoint"], lmm_timeout=p["encoder.lmm_timeout"],
+            lmm_retries=p["encoder.lmm_retries"], lmm_max_tokens=p["encoder.lmm_max_tokens"],
+            vlm_model=p["encoder.vlm_model"], device=p["encoder.model_device"], strict=p["encoder.strict"])
+
+    def encoder_config(self) -> EncoderConfig:
+        p = self.params
+        return EncoderConfig(pixel_codec=p["encoder.pixel"], levels=p["encoder.levels"],
+                             budget_bytes=p["encoder.budget"], bpp=p["encoder.bpp"], map=self.map_config(),
+                             semantics=self.semantics_config())
 
     def encoder_key(self) -> str:
         return _digest({k: v for k, v in self.params.items() if k.startswith("encoder.")})
@@ -425,26 +451,16 @@ class Configuration:
             return _digest({"backend": "sidecar", "strict": p["encoder.strict"]})
         return _digest({k: p[k] for k in self._SEMANTIC_KEYS})
 
-    def semantics_options(self, semantics_file: str | None = None) -> argparse.Namespace:
-        """What miscnet.cli.models.semantics_for reads, as the CLI would set it."""
+    def decoder_config(self) -> DecoderConfig:
         p = self.params
-        return argparse.Namespace(
-            semantics_backend=p["encoder.semantic"], semantics=semantics_file, lmm_model=p["encoder.lmm_model"],
-            lmm_endpoint=p["encoder.lmm_endpoint"], lmm_api_key=None, lmm_timeout=p["encoder.lmm_timeout"],
-            lmm_retries=p["encoder.lmm_retries"], lmm_max_tokens=p["encoder.lmm_max_tokens"],
-            vlm_model=p["encoder.vlm_model"], model_device=p["encoder.model_device"], save_semantics=None)
-
-    def decoder_options(self) -> argparse.Namespace:
-        """What miscnet.cli.models.make_decoder reads, as the CLI would set it."""
-        p = self.params
-        return argparse.Namespace(
-            decoder=p["decoder.name"], diffusion_model=p["decoder.diffusion_model"],
-            controlnet_model=p["decoder.controlnet_model"], upscaler_model=p["decoder.upscaler_model"],
-            restore=p["decoder.restore"], device=p["decoder.device"], steps=p["decoder.steps"],
-            object_steps=p["decoder.object_steps"], guidance=p["decoder.guidance"],
-            object_guidance=p["decoder.object_guidance"], strength=p["decoder.strength"],
-            diffusion_size=p["decoder.size"], negative_prompt=p["decoder.negative_prompt"],
-            no_color_fix=not p["decoder.color_fix"], seed=p["decoder.seed"], cpu_offload=p["decoder.cpu_offload"])
+        diffusion = DiffusionConfig(
+            model=p["decoder.diffusion_model"], controlnet=p["decoder.controlnet_model"],
+            upscaler=p["decoder.upscaler_model"], restore=p["decoder.restore"], device=p["decoder.device"],
+            size=p["decoder.size"], steps=p["decoder.steps"], guidance=p["decoder.guidance"],
+            object_steps=p["decoder.object_steps"], object_guidance=p["decoder.object_guidance"],
+            negative_prompt=p["decoder.negative_prompt"], strength=p["decoder.strength"], seed=p["decoder.seed"],
+            cpu_offload=p["decoder.cpu_offload"], color_fix=p["decoder.color_fix"])
+        return DecoderConfig(name=p["decoder.name"], diffusion=diffusion)
 
     def decoder_key(self) -> str:
         p = self.params
@@ -467,9 +483,7 @@ class Configuration:
                                           loss=p["link.reverse_loss"], name="downlink")
         return DuplexConfig(forward, reverse)
 
-    def transport_config(self):
-        from miscnet.channel.transport import TransportConfig
-
+    def transport_config(self) -> TransportConfig:
         p = self.params
         return TransportConfig(mode=p["protection.mode"], mtu=p["link.mtu"],
                                strong_rate=p["protection.fec_strong_rate"], pixel_rate=p["protection.fec_pixel_rate"],
@@ -801,7 +815,7 @@ def _check_config(config: Configuration, fail) -> None:
         raise fail(where("encoder"), "encoder.budget and encoder.bpp are both set; give one")
     if p["link.rate"] is not None and p["link.trace"] is not None:
         raise fail(where("link"), "link.rate and link.trace are both set; give one")
-    for section, build in (("encoder", lambda: config.encoder_config().check()), ("link", config.link_config),
+    for section, build in (("encoder", config.encoder_config), ("link", config.link_config),
                            ("protection", config.transport_config)):
         try:
             build()

@@ -44,6 +44,7 @@ from typing import Any
 # Imported here, not lazily: a forkserver pool preloads this module, so workers start warm.
 import numpy as np
 
+from miscnet.core.config import DecoderConfig
 from miscnet.core.container import CODEC_NAMES, from_bytes, to_bytes
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.image_io import atomic_write_bytes
@@ -83,12 +84,12 @@ class Prepared:
 _DECODERS: dict[str, Any] = {}  # per process: a diffusion decoder loads its models once
 
 
-def _decoder_for(options) -> Any:
-    from miscnet.cli.models import make_decoder
+def _decoder_for(config: DecoderConfig | None) -> Any:
+    from miscnet.receiver.decoders import make_decoder
 
-    key = repr(sorted(vars(options).items())) if options is not None else "classical"
+    key = repr(config) if config is not None else "classical"
     if key not in _DECODERS:
-        _DECODERS[key] = ClassicalDecoder() if options is None else make_decoder(options)
+        _DECODERS[key] = ClassicalDecoder() if config is None else make_decoder(config)
     return _DECODERS[key]
 
 
@@ -134,9 +135,10 @@ def _failed(key: str, method: str, name: str, image: np.ndarray, t0: float, exc:
                     fatal=not isinstance(exc, BudgetError))
 
 
-def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, decoder_options=None) -> Prepared:
-    """Encode with MISC's encoder and measure every stage with pixels (``decoder_options``: the CLI's
-    decoder options as a namespace; None for the classical decoder)."""
+def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, decoder: DecoderConfig | None = None
+                 ) -> Prepared:
+    """Encode with MISC's encoder and measure every stage with pixels (``decoder``: the configuration's
+    DecoderConfig; None for the classical decoder)."""
     from miscnet.sender.encoder import encode_image
 
     h, w = image.shape[:2]
@@ -144,7 +146,7 @@ def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, deco
     try:
         result = encode_image(image, semantics, config)
         t1 = time.perf_counter()
-        table = _quality_table(result.encoded, image, _decoder_for(decoder_options))
+        table = _quality_table(result.encoded, image, _decoder_for(decoder))
     except MiscError as exc:
         return _failed(key, "misc", name, image, t0, exc)
     t2 = time.perf_counter()
@@ -153,7 +155,7 @@ def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, deco
 
 
 def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget: int, raster: str,
-                     levels: int, decoder_options=None) -> Prepared:
+                     levels: int, decoder: DecoderConfig | None = None) -> Prepared:
     """Encode the whole image as one ``codec`` file within ``budget`` bytes and measure its stages."""
     from miscnet.experiments.baselines import encode_baseline
 
@@ -162,7 +164,7 @@ def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget:
     try:
         base = encode_baseline(image, codec, budget, raster, levels)
         t1 = time.perf_counter()
-        table = _quality_table(base.encoded, image, _decoder_for(decoder_options))
+        table = _quality_table(base.encoded, image, _decoder_for(decoder))
     except MiscError as exc:
         return _failed(key, codec, name, image, t0, exc)
     t2 = time.perf_counter()
@@ -404,8 +406,8 @@ def semantics_for(spec: ScenarioSpec, config: Configuration, index: int, image: 
     The sidecar backend reads the file; a model backend (openai, hf) is asked once per (image, backend
     settings) and its answer kept in ``cache_dir``, so a resumed sweep uses the very same semantics.
     """
-    from miscnet.cli.models import semantics_for as cli_semantics_for
     from miscnet.core.semantics import load_semantics, semantics_to_json
+    from miscnet.sender.semantics_source import semantics_for as source_semantics_for
 
     img = spec.images[index]
     cached = None
@@ -414,7 +416,7 @@ def semantics_for(spec: ScenarioSpec, config: Configuration, index: int, image: 
         if cached.is_file():
             return load_semantics(cached)[0]
     try:
-        semantics, _warnings = cli_semantics_for(config.semantics_options(img.semantics), image, img.arg)
+        semantics, _warnings = source_semantics_for(config.semantics_config(img.semantics), image, img.arg)
     except MiscError as exc:
         raise ScenarioError(f"{spec.source}: image {img.name}, configuration {config.id} ({config.label}): "
                             f"{exc}") from None
@@ -425,16 +427,16 @@ def semantics_for(spec: ScenarioSpec, config: Configuration, index: int, image: 
 
 def check_models(spec: ScenarioSpec, configs: list[Configuration]) -> None:
     """Every model a configuration names must be here (weights resolve; nothing loads): fail before any work."""
-    from miscnet.cli.models import make_decoder
-    from miscnet.sender.map_layer import map_backend
+    from miscnet.receiver.decoders import make_decoder
+    from miscnet.sender.map_layer import map_backend_for
 
     seen: set[str] = set()
     for c in configs:
         for what, key, check in (
                 ("map", c.params["encoder.map"] + c.encoder_key(),
-                 lambda c=c: map_backend(c.params["encoder.map"], **c.encoder_config().map_options)
-                 if c.params["encoder.map"] not in ("none", "boxes") else None),
-                ("decoder", c.decoder_key(), lambda c=c: make_decoder(c.decoder_options()))):
+                 lambda c=c: map_backend_for(c.map_config()) if c.params["encoder.map"] not in ("none", "boxes")
+                 else None),
+                ("decoder", c.decoder_key(), lambda c=c: make_decoder(c.decoder_config()))):
             if key in seen:
                 continue
             seen.add(key)
@@ -524,8 +526,8 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
         if skey not in semantics:
             semantics[skey] = semantics_for(spec, c, key[0], images[key[0]], out / "semantics")
 
-    def decoder_options(c: Configuration):
-        return None if c.params["decoder.name"] == "classical" else c.decoder_options()
+    def decoder_config(c: Configuration) -> DecoderConfig | None:
+        return None if c.params["decoder.name"] == "classical" else c.decoder_config()
 
     def cost(key: tuple) -> float:  # encode cost grows with pixels; longest first balances best
         return images[key[0]].shape[0] * images[key[0]].shape[1]
@@ -567,7 +569,7 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
         points = by_misc[key]
         c = configs[points[0].config]
         handle = executor.submit(prepare_misc, ":".join(map(str, key)), spec.images[key[0]].name, images[key[0]],
-                                 semantics[(key[0], c.semantics_key())], c.encoder_config(), decoder_options(c))
+                                 semantics[(key[0], c.semantics_key())], c.encoder_config(), decoder_config(c))
         tasks[handle] = ("misc", key)
     try:
         while tasks:
@@ -603,7 +605,7 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
                             baseline_prepared[bkey] = None
                             handle = executor.submit(prepare_baseline, ":".join(map(str, bkey)),
                                                      spec.images[p.image].name, images[p.image], p.method, budget,
-                                                     raster, levels, decoder_options(configs[p.config]))
+                                                     raster, levels, decoder_config(configs[p.config]))
                             tasks[handle] = ("baseline", bkey)
                         elif baseline_prepared[bkey] is not None:  # already encoded for an equal budget
                             ready = baseline_prepared[bkey]

@@ -42,55 +42,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# The decoder's settings live in miscnet.core.config, where the CLI and scenarios build them.
+from miscnet.core.config import MAX_WORKING_SIDE, NEGATIVE_PROMPT, RESTORE_MODES, DiffusionConfig  # noqa: F401
 from miscnet.core.errors import MiscError
 from miscnet.core.map_codec import upsample_mask
 from miscnet.core.pixel_codec import decode_pixels
 from miscnet.receiver.stages import StageInput
 
-RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale")
-NEGATIVE_PROMPT = "Blurry, Low Quality"
-MAX_WORKING_SIDE = 4096
 WAVELET_LEVELS = 5
 _SALT_TEXT, _SALT_OBJECT, _SALT_GLOBAL = 0, 1, 1000  # per-pass seeds: seed * 10007 + salt
-
-
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """Everything the diffusion decoder is configured with (see experiments/MODELS.md)."""
-
-    model: str | None = None  # text-to-image pipeline folder or cached id (MISCNET_DIFFUSION_MODEL)
-    controlnet: str | None = None  # MISCNET_CONTROLNET_MODEL
-    upscaler: str | None = None  # MISCNET_UPSCALER_MODEL
-    restore: str = "auto"
-    device: str = "auto"
-    size: int | None = None  # working long side; None: min(1024, 2 x native)
-    steps: int = 40
-    guidance: float = 7.0
-    object_steps: int = 3
-    object_guidance: float = 3.5
-    negative_prompt: str = NEGATIVE_PROMPT
-    strength: float = 0.6  # img2img: global pass
-    object_strength: float = 0.5  # img2img: object passes
-    control_strength: float = 1.0  # controlnet: 1.0 starts from noise, as DiffBIR does
-    noise_level: int = 20  # upscale
-    seed: int = 0
-    cpu_offload: bool = False
-    color_fix: bool = True
-
-    def check(self) -> None:
-        if self.restore not in RESTORE_MODES:
-            raise MiscError(f"unknown restoration {self.restore!r} (use {', '.join(RESTORE_MODES)})")
-        if self.steps < 1 or self.object_steps < 1:
-            raise MiscError(f"diffusion steps must be at least 1 (steps {self.steps}, "
-                            f"object steps {self.object_steps})")
-        if self.size is not None and not 8 <= self.size <= MAX_WORKING_SIDE:
-            raise MiscError(f"diffusion working size must be 8..{MAX_WORKING_SIDE}, not {self.size}")
-        for name in ("strength", "object_strength", "control_strength"):
-            v = getattr(self, name)
-            if not 0.0 < v <= 1.0:
-                raise MiscError(f"{name.replace('_', ' ')} must be in (0, 1], not {v}")
-        if self.guidance < 0 or self.object_guidance < 0 or self.noise_level < 0:
-            raise MiscError("guidance and noise level must not be negative")
 
 
 # ============================================================================ pure helpers (numpy)

@@ -27,10 +27,11 @@ import functools
 
 import numpy as np
 
+from miscnet.core.config import MAP_THRESHOLD as DEFAULT_THRESHOLD
+from miscnet.core.config import MODEL_DEVICE
 from miscnet.core.errors import MiscError
 from miscnet.core.semantics import Semantics
 
-DEFAULT_THRESHOLD = 0.35
 DEFAULT_SURGERY_LAYERS = 6  # CLIP Surgery's choice for 12-block ViTs
 # Our own short prompt ensemble: averaging a few phrasings steadies the text features.
 TEMPLATES = (
@@ -144,7 +145,7 @@ class ClipMapBackend:
 
     name = "clip"
 
-    def __init__(self, model: str | None = None, *, threshold: float = DEFAULT_THRESHOLD, device: str = "auto",
+    def __init__(self, model: str | None = None, *, threshold: float = DEFAULT_THRESHOLD, device: str = MODEL_DEVICE,
                  surgery: str = "vv", surgery_layers: int = DEFAULT_SURGERY_LAYERS,
                  templates: tuple[str, ...] = TEMPLATES, input_size: int | None = None) -> None:
         from miscnet.core.pretrained import require

@@ -7,59 +7,26 @@ best-quality ones that make the WHOLE file (container included) fit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
+# The encoder's config and choice lists live in miscnet.core.config (the CLI and scenarios build it too).
+from miscnet.core.config import MAP_BACKENDS, PIXEL_CODECS, EncoderConfig  # noqa: F401
 from miscnet.core.container import EncodedImage, to_bytes
-from miscnet.core.errors import BudgetError, MiscError
-from miscnet.core.map_codec import DEFAULT_GRID, MAX_GRID, encode_map_layer
+from miscnet.core.errors import BudgetError
+from miscnet.core.map_codec import encode_map_layer
 from miscnet.core.pixel_codec import PixelSettings, choose_settings
 from miscnet.core.semantic_codec import encode_semantic_layer
-from miscnet.core.semantics import SemanticLimits, Semantics, check_limits
-from miscnet.sender.map_layer import map_backend
+from miscnet.core.semantics import Semantics, check_limits
+from miscnet.sender.map_layer import map_backend_for
 from miscnet.v1 import bitstream_pb2 as pb
 
-PIXEL_CODECS = ("auto", "block", "webp", "avif", "jpeg", "none")
-MAP_BACKENDS = ("none", "boxes", "clip")
 # Without --budget / --bpp the pixel reference gets this much (MISC's operating point is
 # 0.02-0.05 bpp in all; its pixel reference alone about 0.02-0.04).
 DEFAULT_PIXEL_BPP = 0.025
 MIN_DEFAULT_PIXEL_BYTES = 200
 _RATE_CONTROL_TRIES = 4
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    map_backend: str = "boxes"
-    grid: int = DEFAULT_GRID
-    pixel_codec: str = "auto"
-    levels: int = 2
-    budget_bytes: int | None = None
-    bpp: float | None = None
-    limits: SemanticLimits = field(default_factory=SemanticLimits)
-    map_options: dict = field(default_factory=dict)
-
-    def check(self) -> None:
-        if self.pixel_codec not in PIXEL_CODECS:
-            raise MiscError(f"unknown pixel codec '{self.pixel_codec}' (use {', '.join(PIXEL_CODECS)})")
-        if self.map_backend not in MAP_BACKENDS:
-            raise MiscError(f"unknown map backend '{self.map_backend}' (use {', '.join(MAP_BACKENDS)})")
-        if not 1 <= self.levels <= 4:
-            raise MiscError(f"--levels must be 1..4, not {self.levels}")
-        if not 2 <= self.grid <= MAX_GRID:
-            raise MiscError(f"--grid must be 2..{MAX_GRID}, not {self.grid}")
-        if self.budget_bytes is not None and self.bpp is not None:
-            raise MiscError("give --budget or --bpp, not both")
-        if self.budget_bytes is not None and self.budget_bytes <= 0:
-            raise BudgetError(f"budget must be positive, not {self.budget_bytes} bytes")
-        if self.bpp is not None and not self.bpp > 0:
-            raise BudgetError(f"bpp must be positive, not {self.bpp}")
-
-    def budget_for(self, width: int, height: int) -> int | None:
-        if self.bpp is not None:
-            return int(self.bpp * width * height / 8)
-        return self.budget_bytes
 
 
 @dataclass
@@ -77,8 +44,9 @@ def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig)
     warnings = check_limits(semantics, config.limits)
     codec, params, payload = encode_semantic_layer(semantics)
     layers = [pb.Layer(kind=pb.LAYER_KIND_SEMANTIC, level=0, codec=codec, semantic=params, payload=payload)]
-    if config.map_backend != "none" and semantics.objects:
-        masks = map_backend(config.map_backend, **config.map_options).masks(image, semantics, config.grid)
+    backend = map_backend_for(config.map) if semantics.objects else None
+    if backend is not None:
+        masks = backend.masks(image, semantics, config.map.grid)
         codec, params, payload = encode_map_layer(masks)
         layers.append(pb.Layer(kind=pb.LAYER_KIND_MAP, level=0, codec=codec, map=params, payload=payload))
     base = EncodedImage(width, height, layers)

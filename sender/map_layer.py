@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from miscnet.core.config import MapConfig
 from miscnet.core.errors import MiscError
 from miscnet.core.semantics import Semantics
 
@@ -63,3 +64,10 @@ def map_backend(name: str, **options) -> MapBackend:
 
         return ClipMapBackend(**options)
     raise MiscError(f"unknown map backend '{name}' (available: none, boxes, clip)")
+
+
+def map_backend_for(config: MapConfig) -> MapBackend | None:
+    """The backend a MapConfig asks for, or None for ``none`` (no map layer)."""
+    if config.backend == "none":
+        return None
+    return map_backend(config.backend, **config.backend_options())

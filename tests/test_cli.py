@@ -176,3 +176,89 @@ def test_decoding_random_image_sizes(capsys, tmp_path):
         assert code == 0, err
         with Image.open(tmp_path / "r.png") as im:
             assert im.size == (w, h)
+
+
+def test_version(capsys):
+    import miscnet
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"miscnet {miscnet.__version__}"
+
+
+# The child runs one command and, at exit, writes the names of every module it imported.
+_MODULES_AT_EXIT = """
+import atexit, json, sys
+out = sys.argv[1]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(sys.modules))))
+from miscnet.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _modules_of(tmp_path: Path, name: str, *argv, stop_when=None) -> list[str]:
+    """The modules `miscnet ARGV` imports; a server is stopped with SIGTERM once stop_when() holds."""
+    import signal
+    import time
+
+    record = tmp_path / f"{name}.modules.json"
+    proc = subprocess.Popen([sys.executable, "-c", _MODULES_AT_EXIT, str(record), *map(str, argv)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        if stop_when is not None:
+            deadline = time.monotonic() + 60
+            while not stop_when() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in err, err
+    assert record.exists(), (out, err)
+    return json.loads(record.read_text())
+
+
+def test_live_nodes_import_no_experiments_and_no_matplotlib(tmp_path, foreign_image):
+    import socket
+
+    image, _ = foreign_image
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    sender = _modules_of(tmp_path, "sender", "sender", image, "--to", f"127.0.0.1:{closed}",
+                         "--connect-timeout", "0.5")
+    assert "miscnet.sender.encoder" in sender and "miscnet.sender.node" in sender  # it did encode and send
+    port_rx, port_ch = tmp_path / "rx.port", tmp_path / "ch.port"
+    receiver = _modules_of(tmp_path, "receiver", "receiver", "--listen", "127.0.0.1:0", "--port-file", port_rx,
+                           "--out", tmp_path / "rx", stop_when=port_rx.exists)
+    assert "miscnet.receiver.node" in receiver and port_rx.exists()
+    channel = _modules_of(tmp_path, "channel", "channel", "--listen", "127.0.0.1:0", "--port-file", port_ch,
+                          "--forward", f"127.0.0.1:{closed}", stop_when=port_ch.exists)
+    assert "miscnet.channel.relay" in channel and port_ch.exists()
+    for command, modules in (("sender", sender), ("receiver", receiver), ("channel", channel)):
+        bad = [m for m in modules if m.split(".")[0] in ("matplotlib", "experiments")
+               or m.startswith("miscnet.experiments")]
+        assert not bad, f"miscnet {command} imported {bad[:5]}"
+
+
+def test_help_defaults_are_the_config_defaults(capsys):
+    """Every option's default is the config dataclasses' (and what the help text shows)."""
+    from miscnet.channel.transport import TransportConfig
+    from miscnet.cli.main import build_parser, decoder_config, encoder_config, transport_config
+    from miscnet.core.config import DecoderConfig, DiffusionConfig, EncoderConfig
+
+    parser = build_parser()
+    for argv in (["simulate", "x.png"], ["sender", "x.png", "--to", "h:1"]):
+        args = parser.parse_args(argv)
+        assert encoder_config(args) == EncoderConfig()
+        assert transport_config(args) == TransportConfig()
+    assert decoder_config(parser.parse_args(["decode", "a.misc", "-o", "b.png"])) == DecoderConfig()
+    args = parser.parse_args(["receiver", "--out", "d", "--decoder", "diffusion", "--steps", "9", "--no-color-fix"])
+    assert decoder_config(args) == DecoderConfig("diffusion", DiffusionConfig(steps=9, color_fix=False))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["decode", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    d = DiffusionConfig()
+    assert f"(default {d.steps})" in text and f"(default {d.guidance:g})" in text and repr(d.negative_prompt) in text

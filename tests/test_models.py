@@ -301,33 +301,35 @@ def _blur_all(x):
 
 
 def decoder_args(tiny, *argv):
-    from miscnet.cli.models import add_decoder_options
+    """The DecoderConfig the CLI's decoder options make."""
+    from miscnet.cli.models import add_decoder_options, decoder_config
 
     p = argparse.ArgumentParser()
     add_decoder_options(p)
-    return p.parse_args(["--decoder", "diffusion", "--diffusion-model", str(tiny / "diffusion"), "--device", "cpu",
-                         *argv])
+    return decoder_config(p.parse_args(["--decoder", "diffusion", "--diffusion-model", str(tiny / "diffusion"),
+                                        "--device", "cpu", *argv]))
 
 
 @pytest.fixture(scope="module")
 def encoded(tiny):
     """An odd-sized image encoded with --map clip on the tiny CLIP: semantic, map, pixel.0, pixel.1."""
-    from miscnet.cli.models import add_map_model_options, map_options
+    from miscnet.cli.main import add_encoder_options, encoder_config
     from miscnet.core.semantics import SemanticObject, Semantics
-    from miscnet.sender.encoder import EncoderConfig, encode_image
+    from miscnet.sender.encoder import encode_image
 
     p = argparse.ArgumentParser()
-    p.add_argument("--map", dest="map_backend", default="clip")
-    add_map_model_options(p)
-    args = p.parse_args(["--clip-model", str(tiny / "clip"), "--model-device", "cpu"])
+    add_encoder_options(p)
+    config = encoder_config(p.parse_args(["--map", "clip", "--clip-model", str(tiny / "clip"), "--model-device",
+                                          "cpu"]))
+    assert config.map.backend_options() == {"model": str(tiny / "clip"), "threshold": 0.35, "device": "cpu"}
     sem = Semantics((SemanticObject("red box", "a flat red box."), SemanticObject("sky", "a blue sky.")),
                     "A red box under a blue sky.")
-    result = encode_image(IMAGE, sem, EncoderConfig(map_backend="clip", map_options=map_options(args)))
+    result = encode_image(IMAGE, sem, config)
     return result.encoded
 
 
 def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
-    from miscnet.cli.models import make_decoder
+    from miscnet.receiver.decoders import make_decoder
     from miscnet.receiver.stages import progressive_stages
 
     stages = progressive_stages(encoded)
@@ -356,6 +358,7 @@ def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
 
 def test_map_stage_changes_only_inside_the_masks(tiny):
     """On a 128 x 80 image decoded at its own size: outside every mask the map stage is the semantic one."""
+    from miscnet.core.config import MapConfig
     from miscnet.core.map_codec import upsample_mask
     from miscnet.core.semantics import SemanticObject, Semantics
     from miscnet.receiver.diffusion import DiffusionDecoder
@@ -364,7 +367,7 @@ def test_map_stage_changes_only_inside_the_masks(tiny):
 
     sem = Semantics((SemanticObject("box", "a red box.", (0.1, 0.2, 0.4, 0.6)),
                      SemanticObject("sky", "a blue sky.", (0.5, 0.0, 1.0, 0.25))), "A red box under a blue sky.")
-    enc = encode_image(IMAGE[:80, :128], sem, EncoderConfig(map_backend="boxes", pixel_codec="none")).encoded
+    enc = encode_image(IMAGE[:80, :128], sem, EncoderConfig(map=MapConfig("boxes"), pixel_codec="none")).encoded
     semantic, mapped = progressive_stages(enc)
     dec = DiffusionDecoder(model=str(tiny / "diffusion"), device="cpu", steps=3, size=128, restore="img2img")
     assert dec.working_size(128, 80) == (128, 80)
@@ -378,7 +381,7 @@ def test_map_stage_changes_only_inside_the_masks(tiny):
 @pytest.mark.parametrize("mode, option, folder", [("controlnet", "--controlnet-model", "controlnet"),
                                                    ("upscale", "--upscaler-model", "upscaler")])
 def test_restoration_pipelines(tiny, encoded, mode, option, folder, clean_env):
-    from miscnet.cli.models import make_decoder
+    from miscnet.receiver.decoders import make_decoder
     from miscnet.receiver.stages import progressive_stages
 
     decoder = make_decoder(decoder_args(tiny, *STEPS, option, str(tiny / folder), "--object-steps", "2"))
@@ -420,19 +423,29 @@ def test_shared_components(tiny):
 
 
 def test_classical_stays_the_default():
-    from miscnet.cli.models import add_decoder_options, make_decoder
+    from miscnet.cli.models import add_decoder_options, decoder_config
+    from miscnet.core.config import DecoderConfig, DiffusionConfig
     from miscnet.receiver.classical import ClassicalDecoder
+    from miscnet.receiver.decoders import make_decoder
 
     p = argparse.ArgumentParser()
     p.add_argument("--seed", type=int, default=3)  # a command that already has --seed keeps it
     add_decoder_options(p)
     args = p.parse_args([])
-    assert isinstance(make_decoder(args), ClassicalDecoder) and args.seed == 3
+    config = decoder_config(args)
+    assert isinstance(make_decoder(config), ClassicalDecoder) and args.seed == 3
+    assert config == DecoderConfig(diffusion=DiffusionConfig(seed=3))  # every other default is the dataclass's
+    assert isinstance(make_decoder(), ClassicalDecoder)
+    with pytest.raises(MiscError, match="unknown decoder"):
+        DecoderConfig("magic")
+    with pytest.raises(MiscError, match="at least 1"):  # a diffusion decoder's settings are checked when made
+        DecoderConfig("diffusion", DiffusionConfig(steps=0))
 
 
 def test_heavy_imports_stay_lazy():
     code = ("import sys; import miscnet.cli.main, miscnet.cli.models, experiments.models, sender.clip_map, "
-            "sender.semantic_backends, miscnet.core.pretrained, receiver.diffusion, sender.map_layer; "
+            "sender.semantic_backends, miscnet.core.pretrained, receiver.diffusion, sender.map_layer, "
+            "miscnet.core.config, miscnet.sender.semantics_source, miscnet.receiver.decoders; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -441,7 +454,7 @@ def test_heavy_imports_stay_lazy():
 
 def test_stage_images_write(tiny, encoded, tmp_path, clean_env):
     """The done criterion, as the CLI will run it: every stage image as a PNG on CPU."""
-    from miscnet.cli.models import make_decoder
+    from miscnet.receiver.decoders import make_decoder
     from miscnet.receiver.stages import progressive_stages
 
     decoder = make_decoder(decoder_args(tiny, *STEPS))

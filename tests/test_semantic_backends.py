@@ -288,37 +288,58 @@ def parser():
     return p
 
 
+def config(*argv):
+    """The SemanticsConfig the CLI's options make."""
+    from miscnet.cli.models import semantics_config
+
+    return semantics_config(parser().parse_args(list(argv)))
+
+
 def test_semantics_for_sidecar_default_keeps_todays_behaviour(foreign_image):
-    from miscnet.cli.models import semantics_for
+    from miscnet.core.config import SemanticsConfig
+    from miscnet.sender.semantics_source import semantics_for
 
     path, side = foreign_image
     args = parser().parse_args([str(path)])
     assert args.semantics_backend == "sidecar"
-    sem, warnings = semantics_for(args, None, path)
+    cfg = config(str(path))
+    assert cfg == SemanticsConfig()  # the CLI's defaults are the dataclass's
+    sem, warnings = semantics_for(cfg, None, path)
     assert [o.name for o in sem.objects] == ["Red Box", "Gradient Sky"]
-    sem2, _ = semantics_for(args, None, "sample:astronaut")
+    sem2, _ = semantics_for(cfg, None, "sample:astronaut")
     from miscnet.core.samples import sample_image_path
 
-    sem3, _ = semantics_for(args, None, sample_image_path("astronaut"))
+    sem3, _ = semantics_for(cfg, None, sample_image_path("astronaut"))
     assert sem2 == sem3 and sem2.objects
     side.unlink()
     with pytest.raises(MiscError, match="no semantics for .*--semantics FILE"):
-        semantics_for(args, None, path)
+        semantics_for(cfg, None, path)
 
 
 def test_semantics_for_openai_and_save(tmp_path):
-    from miscnet.cli.models import semantics_for
+    from miscnet.sender.semantics_source import semantics_for
 
     with FakeAPI([OK]) as api:
-        args = parser().parse_args(["img.png", "--semantics-backend", "openai", "--lmm-endpoint", api.url,
-                                    "--lmm-model", "m", "--save-semantics", str(tmp_path / "{stem}.json")])
-        sem, warnings = semantics_for(args, IMAGE, "img.png")
+        cfg = config("img.png", "--semantics-backend", "openai", "--lmm-endpoint", api.url,
+                     "--lmm-model", "m", "--save-semantics", str(tmp_path / "{stem}.json"))
+        sem, warnings = semantics_for(cfg, IMAGE, "img.png")
     assert names_details(sem) == EXPECTED
     saved = json.loads((tmp_path / "img.json").read_text())
     assert saved["caption"] == CAPTION and [o["name"] for o in saved["objects"]] == [n for n, _ in EXPECTED]
-    args = parser().parse_args(["img.png", "--semantics-backend", "openai", "--semantics", "x.json"])
     with pytest.raises(MiscError, match="cannot be combined"):
-        semantics_for(args, IMAGE, "img.png")
+        semantics_for(config("img.png", "--semantics-backend", "openai", "--semantics", "x.json"), IMAGE, "img.png")
+
+
+def test_semantics_config_checks_itself():
+    from miscnet.core.config import SemanticsConfig
+
+    for bad, match in [({"backend": "magic"}, "unknown semantics backend"), ({"lmm_timeout": 0}, "lmm timeout"),
+                       ({"lmm_retries": -1}, "lmm retries"), ({"lmm_max_tokens": 0}, "max tokens"),
+                       ({"backend": "hf", "sidecar": "x.json"}, "cannot be combined")]:
+        with pytest.raises(MiscError, match=match) as e:
+            SemanticsConfig(**bad)
+        assert "\n" not in str(e.value)
+    assert "secret" not in repr(SemanticsConfig(backend="openai", lmm_api_key="secret"))
 
 
 # ============================================================================ hf with a tiny VLM
@@ -368,12 +389,13 @@ def test_hf_backend_decodes_and_parses_what_the_model_generates(tiny_vlm, monkey
 
 
 def test_semantics_for_hf(tiny_vlm):
-    from miscnet.cli.models import semantics_for
+    from miscnet.sender.semantics_source import semantics_for
 
-    args = parser().parse_args(["img.png", "--semantics-backend", "hf", "--vlm-model", str(tiny_vlm),
-                                "--lmm-max-tokens", "4", "--model-device", "cpu"])
+    cfg = config("img.png", "--semantics-backend", "hf", "--vlm-model", str(tiny_vlm), "--lmm-max-tokens", "4",
+                 "--model-device", "cpu")
+    assert (cfg.backend, cfg.vlm_model, cfg.lmm_max_tokens, cfg.device) == ("hf", str(tiny_vlm), 4, "cpu")
     with pytest.raises(SemanticsError, match="hf model vlm"):
-        semantics_for(args, IMAGE, "img.png")
+        semantics_for(cfg, IMAGE, "img.png")
 
 
 def test_hf_backend_missing_model_is_one_clear_line(tmp_path, monkeypatch):

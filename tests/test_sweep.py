@@ -138,6 +138,34 @@ def test_a_scenario_from_a_dict_and_its_report_settings(photos):
         parse_scenario({"images": {"samples": ["coffee"]}, "run": {"seeds": [1, 1]}}, source="<dict>")
 
 
+def test_scenario_defaults_are_the_config_defaults_and_keys_reach_the_configs(photos):
+    from miscnet.channel.transport import TransportConfig
+    from miscnet.cli.main import build_parser, decoder_config, encoder_config, transport_config
+    from miscnet.core.config import DecoderConfig, DiffusionConfig, EncoderConfig, MapConfig, SemanticsConfig
+    from miscnet.core.errors import MiscError
+
+    (c,) = parse_scenario({"images": {"paths": [str(photos / "img1.png")]}}).configs
+    assert c.encoder_config() == EncoderConfig() and c.decoder_config() == DecoderConfig()
+    assert c.transport_config() == TransportConfig()
+    args = build_parser().parse_args(["simulate", "x.png"])  # one set of defaults: the CLI's are the same
+    assert (encoder_config(args), decoder_config(args), transport_config(args)) == (
+        c.encoder_config(), c.decoder_config(), c.transport_config())
+    (c,) = parse_scenario({"images": {"paths": [str(photos / "img1.png")]},
+                           "encoder": {"map": "clip", "clip_model": "m", "map_threshold": 0.5, "model_device": "cpu",
+                                       "grid": 6, "semantic": "hf", "vlm_model": "v", "lmm_max_tokens": 9,
+                                       "strict": True, "pixel": "webp", "levels": 1, "bpp": 0.05},
+                           "protection": {"mode": "fec", "fec_symbols": 2, "deadline": 3.0},
+                           "decoder": {"name": "diffusion", "steps": 5, "color_fix": False, "size": 256}}).configs
+    assert c.encoder_config() == EncoderConfig(
+        pixel_codec="webp", levels=1, bpp=0.05, map=MapConfig("clip", 6, "m", 0.5, "cpu"),
+        semantics=SemanticsConfig(backend="hf", vlm_model="v", lmm_max_tokens=9, device="cpu", strict=True))
+    assert c.semantics_config().sidecar is None
+    with pytest.raises(MiscError, match="cannot be combined"):  # images.semantics is for the sidecar backend
+        c.semantics_config("s.json")
+    assert c.transport_config() == TransportConfig(mode="fec", fec_min_symbols=2, deadline_s=3.0)
+    assert c.decoder_config() == DecoderConfig("diffusion", DiffusionConfig(steps=5, color_fix=False, size=256))
+
+
 # ---------------------------------------------------------------------------------------------- bad scenarios
 
 @pytest.mark.parametrize("body, where, what", [
@@ -188,10 +216,12 @@ def test_cli_reports_a_bad_scenario_in_one_line(tmp_path, capsys):
     from miscnet.core.errors import MiscError
 
     parser = argparse.ArgumentParser(prog="miscnet")
-    register(parser.add_subparsers(dest="command"))
+    sweep_parser = register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["sweep", str(_write(tmp_path, "[link]\nrate = 5", "x.toml")), "-o", str(tmp_path / "o")])
     with pytest.raises(MiscError, match=r"x\.toml: images: no images"):
         args.func(args)
+    help_text = sweep_parser.format_help()  # the scenario keys, read when help is shown
+    assert "scenario keys (section.key):" in help_text and "protection.fec_symbols" in help_text
 
 
 # ---------------------------------------------------------------------------------------------- running

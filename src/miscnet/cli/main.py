@@ -12,55 +12,66 @@ import os
 import sys
 from pathlib import Path
 
+from miscnet.channel.transport import MODES as PROTECTION_MODES
+from miscnet.channel.transport import TransportConfig
 from miscnet.cli import models as cli_models
 from miscnet.cli import sweep as cli_sweep
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
+from miscnet.core.config import PIXEL_CODECS, DecoderConfig, EncoderConfig, SemanticsConfig
 from miscnet.core.errors import MiscError
+
+_ENC = EncoderConfig()  # the defaults
+_TRANSPORT = TransportConfig()
 
 
 def add_encoder_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that encodes (encode, simulate, sender, sweep)."""
     g = p.add_argument_group("encoder")
     g.add_argument("--semantics", metavar="FILE", help="JSON sidecar or MISC CSV (default: IMAGE.json beside it)")
-    g.add_argument("--map", dest="map_backend", default="boxes", choices=list(cli_models.MAP_CHOICES),
-                   help="map layer backend (default: boxes, from the sidecar's boxes; clip: a CLIP model)")
-    g.add_argument("--grid", type=_positive_int, default=8, help="map grid N (N x N cells, default 8)")
-    g.add_argument("--pixel", dest="pixel_codec", default="auto",
-                   choices=["auto", "block", "webp", "avif", "jpeg", "none"], help="pixel layer codec")
-    g.add_argument("--levels", type=_positive_int, default=2, help="pixel levels, coarse first (default 2)")
+    g.add_argument("--map", dest="map_backend", default=_ENC.map.backend, choices=list(cli_models.MAP_CHOICES),
+                   help=f"map layer backend (default: {_ENC.map.backend}, from the sidecar's boxes; clip: a CLIP "
+                   "model)")
+    g.add_argument("--grid", type=_positive_int, default=_ENC.map.grid,
+                   help=f"map grid N (N x N cells, default {_ENC.map.grid})")
+    g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(PIXEL_CODECS),
+                   help=f"pixel layer codec (default {_ENC.pixel_codec})")
+    g.add_argument("--levels", type=_positive_int, default=_ENC.levels,
+                   help=f"pixel levels, coarse first (default {_ENC.levels})")
     budget = g.add_mutually_exclusive_group()
-    budget.add_argument("--budget", type=_positive_int, metavar="BYTES", help="whole-file byte budget")
-    budget.add_argument("--bpp", type=_positive_float, metavar="X", help="whole-file budget in bits per pixel")
-    g.add_argument("--strict", action="store_true", help="treat MISC's text limits as errors, not warnings")
-    cli_models.add_semantics_backend_options(g)
+    budget.add_argument("--budget", type=_positive_int, default=_ENC.budget_bytes, metavar="BYTES",
+                        help="whole-file byte budget")
+    budget.add_argument("--bpp", type=_positive_float, default=_ENC.bpp, metavar="X",
+                        help="whole-file budget in bits per pixel")
+    cli_models.add_semantics_backend_options(g)  # --strict first, then the semantics backends
     cli_models.add_map_model_options(g)
 
 
-def encoder_config(args: argparse.Namespace):
-    from miscnet.core.semantics import SemanticLimits
-    from miscnet.sender.encoder import EncoderConfig
-
-    return EncoderConfig(
-        map_backend=args.map_backend,
-        grid=args.grid,
-        pixel_codec=args.pixel_codec,
-        levels=args.levels,
-        budget_bytes=args.budget,
-        bpp=args.bpp,
-        limits=SemanticLimits(strict=args.strict),
-        map_options=cli_models.map_options(args),
-    )
+def encoder_config(args: argparse.Namespace) -> EncoderConfig:
+    """The EncoderConfig the encoder options ask for (with its SemanticsConfig and MapConfig)."""
+    return EncoderConfig(pixel_codec=args.pixel_codec, levels=args.levels, budget_bytes=args.budget, bpp=args.bpp,
+                         map=cli_models.map_config(args), semantics=cli_models.semantics_config(args))
 
 
-def load_input(image_arg: str, args: argparse.Namespace):
+def decoder_config(args: argparse.Namespace) -> DecoderConfig:
+    return cli_models.decoder_config(args)
+
+
+def make_decoder(args: argparse.Namespace):
+    from miscnet.receiver.decoders import make_decoder as receiver_make_decoder
+
+    return receiver_make_decoder(decoder_config(args))
+
+
+def load_input(image_arg: str, semantics: SemanticsConfig):
     """(image array, Semantics, warnings, image path) for an IMAGE argument (path or sample:NAME)."""
     from miscnet.core.image_io import load_image
     from miscnet.core.samples import resolve_image_arg
+    from miscnet.sender.semantics_source import semantics_for
 
     path, _ = resolve_image_arg(image_arg)
     image = load_image(path)
-    semantics, warnings = cli_models.semantics_for(args, image, image_arg)
+    semantics, warnings = semantics_for(semantics, image, image_arg)
     return image, semantics, warnings, path
 
 
@@ -97,8 +108,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     from miscnet.core.image_io import atomic_write_bytes
     from miscnet.sender.encoder import encode_image
 
-    image, semantics, warnings, _ = load_input(args.image, args)
-    result = encode_image(image, semantics, encoder_config(args))
+    config = encoder_config(args)
+    image, semantics, warnings, _ = load_input(args.image, config.semantics)
+    result = encode_image(image, semantics, config)
     result.warnings[:0] = warnings
     atomic_write_bytes(args.output, result.data)
     report = encode_report(result)
@@ -137,7 +149,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
     if reference is not None and reference.shape[:2] != (encoded.height, encoded.width):
         raise MiscError(f"reference is {reference.shape[1]}x{reference.shape[0]}, "
                         f"the bitstream {encoded.width}x{encoded.height}")
-    decoder = cli_models.make_decoder(args)
+    decoder = make_decoder(args)
     try:
         stages = progressive_stages(encoded)
         images = [decoder.render(stage) for stage in stages]
@@ -222,7 +234,8 @@ def add_link_options(p: argparse.ArgumentParser, default_rate: str | None = "64k
     g.add_argument("--loss", default="none", help="loss model: none, 'random P', 'gemodel P [R [1-H [1-K]]]', "
                    "'state P13 [P31 [P32 [P23 [P14]]]]'")
     g.add_argument("--queue", metavar="BYTES", help="drop-tail queue limit in bytes (default unlimited)")
-    g.add_argument("--mtu", type=_positive_int, default=1200, help="packet payload bytes (default 1200)")
+    g.add_argument("--mtu", type=_positive_int, default=_TRANSPORT.mtu,
+                   help=f"packet payload bytes (default {_TRANSPORT.mtu})")
     g.add_argument("--reverse-rate", default="1mbit", help="feedback link rate (default 1mbit)")
     g.add_argument("--reverse-delay", help="feedback link delay (default: the forward delay)")
     g.add_argument("--reverse-loss", default="none", help="feedback link loss model (default none)")
@@ -241,23 +254,25 @@ def link_config(args: argparse.Namespace):
 
 
 def add_protection_options(p: argparse.ArgumentParser) -> None:
+    t = _TRANSPORT
     g = p.add_argument_group("protection")
-    g.add_argument("--protect", default="none", choices=["none", "arq", "fec", "hybrid"],
-                   help="error control (default none)")
-    g.add_argument("--fec-strong-rate", type=_positive_float, default=0.5,
-                   help="FEC code rate k/n for the semantic + map block (default 0.5)")
-    g.add_argument("--fec-pixel-rate", type=_positive_float, default=0.8,
-                   help="FEC code rate k/n for pixel blocks (default 0.8)")
-    g.add_argument("--fec-symbols", type=_positive_int, default=4, metavar="N",
+    g.add_argument("--protect", default=t.mode, choices=list(PROTECTION_MODES),
+                   help=f"error control (default {t.mode})")
+    g.add_argument("--fec-strong-rate", type=_positive_float, default=t.strong_rate,
+                   help=f"FEC code rate k/n for the semantic + map block (default {t.strong_rate:g})")
+    g.add_argument("--fec-pixel-rate", type=_positive_float, default=t.pixel_rate,
+                   help=f"FEC code rate k/n for pixel blocks (default {t.pixel_rate:g})")
+    g.add_argument("--fec-symbols", type=_positive_int, default=t.fec_min_symbols, metavar="N",
                    help="under FEC, cut a small block into N symbols so one repair costs 1/N of it, not a copy "
-                        "(default 4; 1 keeps each small layer in one packet, which bursts favour)")
-    g.add_argument("--max-rounds", type=_positive_int, default=12, help="ARQ retransmission rounds (default 12)")
-    g.add_argument("--deadline", type=_positive_float, metavar="SECONDS", help="give an image up after this")
+                        f"(default {t.fec_min_symbols}; 1 keeps each small layer in one packet, which bursts "
+                        "favour)")
+    g.add_argument("--max-rounds", type=_positive_int, default=t.max_rounds,
+                   help=f"ARQ retransmission rounds (default {t.max_rounds})")
+    g.add_argument("--deadline", type=_positive_float, default=t.deadline_s, metavar="SECONDS",
+                   help="give an image up after this")
 
 
-def transport_config(args: argparse.Namespace):
-    from miscnet.channel.transport import TransportConfig
-
+def transport_config(args: argparse.Namespace) -> TransportConfig:
     return TransportConfig(mode=args.protect, mtu=args.mtu, strong_rate=args.fec_strong_rate,
                            pixel_rate=args.fec_pixel_rate, fec_min_symbols=args.fec_symbols,
                            max_rounds=args.max_rounds, deadline_s=args.deadline)
@@ -272,10 +287,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     items = []
     for arg in args.images:
-        image, semantics, _, path = load_input(arg, args)
+        image, semantics, _, path = load_input(arg, config.semantics)
         result = encode_image(image, semantics, config)
         items.append(SimImage(path.stem, result.encoded, image))
-    results = simulate(items, scenario, keep_images=bool(args.output), decoder=cli_models.make_decoder(args))
+    results = simulate(items, scenario, keep_images=bool(args.output), decoder=make_decoder(args))
     totals = {key: sum(r["totals"][key] for r in results)
               for key in ("wire_bytes", "retransmitted_bytes", "fec_bytes", "packets_sent", "packets_lost")}
     if args.output:
@@ -359,7 +374,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
 
     options = ReceiverOptions(out_dir=Path(args.out), listen=args.listen, tls=_tls(args), token=args.token,
                               decode_workers=args.decode_workers, max_streams=args.max_streams)
-    server, node, port = serve_receiver(options, cli_models.make_decoder(args))
+    server, node, port = serve_receiver(options, make_decoder(args))
     return _serve_until_signal(server, node, port, args, "receiver")
 
 
@@ -382,7 +397,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     items = []
     for arg in args.images:
-        image, semantics, warnings, path = load_input(arg, args)
+        image, semantics, warnings, path = load_input(arg, config.semantics)
         items.append((path.stem, encode_image(image, semantics, config).encoded))
     options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
                             server_name=args.server_name, token=args.token, retries=args.retry,
@@ -420,7 +435,10 @@ def cmd_samples(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from miscnet import __version__
+
     parser = argparse.ArgumentParser(prog="miscnet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"miscnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("encode", help="encode an image into a .misc file")
@@ -488,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="relay or receiver")
     add_encoder_options(p)
     add_protection_options(p)
-    p.add_argument("--mtu", type=_positive_int, default=1200, help="packet payload bytes (default 1200)")
+    p.add_argument("--mtu", type=_positive_int, default=_TRANSPORT.mtu,
+                   help=f"packet payload bytes (default {_TRANSPORT.mtu})")
     p.add_argument("--retry", type=int, default=0, metavar="N", help="reconnect N times after a broken stream")
     p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS")
     p.add_argument("--server-name", help="TLS name expected of the peer")

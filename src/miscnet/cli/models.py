@@ -1,14 +1,16 @@
 """Command-line pieces for the real MISC models, for src/miscnet/cli/main.py to wire in.
 
 * ``register(subparsers)``: the ``models`` command (list backends and their weights; ``models tiny DIR``).
-* ``add_semantics_backend_options(group)`` + ``semantics_for(args, image, image_path)``: where semantics
-  come from (``--semantics-backend sidecar|openai|hf``; sidecar, the default, behaves as before).
-* ``add_map_model_options(group)`` + ``map_options(args)``: ``--clip-model``, ``--map-threshold``; the
-  dict goes to ``EncoderConfig(map_options=...)``.
-* ``add_decoder_options(parser)`` + ``make_decoder(args)``: ``--decoder classical|diffusion`` and the
-  diffusion decoder's settings.
+* ``add_semantics_backend_options(group)`` + ``semantics_config(args)``: where semantics come from
+  (``--semantics-backend sidecar|openai|hf``; sidecar, the default, behaves as before), as a SemanticsConfig
+  for ``miscnet.sender.semantics_source.semantics_for``.
+* ``add_map_model_options(group)`` + ``map_config(args)``: ``--map``'s model settings (``--clip-model``,
+  ``--map-threshold``), as a MapConfig for ``EncoderConfig(map=...)``.
+* ``add_decoder_options(parser)`` + ``decoder_config(args)``: ``--decoder classical|diffusion`` and the
+  diffusion decoder's settings, as a DecoderConfig for ``miscnet.receiver.decoders.make_decoder``.
 
-Nothing here imports torch, diffusers or transformers at import time.
+Every default (and the default a help text shows) is read from the config dataclasses in
+``miscnet.core.config``. Nothing here imports torch, diffusers or transformers at import time.
 """
 
 from __future__ import annotations
@@ -22,11 +24,22 @@ from miscnet.cli.argtypes import float_in as _float_in
 from miscnet.cli.argtypes import non_negative_int as _non_negative_int
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
-from miscnet.core.errors import MiscError
+from miscnet.core.config import (
+    DECODERS,
+    MAP_BACKENDS,
+    RESTORE_MODES,
+    SEMANTICS_BACKENDS,
+    DecoderConfig,
+    DiffusionConfig,
+    MapConfig,
+    SemanticsConfig,
+)
 
-MAP_CHOICES = ("none", "boxes", "clip")
-SEMANTICS_BACKENDS = ("sidecar", "openai", "hf")
-DECODERS = ("classical", "diffusion")
+MAP_CHOICES = MAP_BACKENDS
+_SEM = SemanticsConfig()  # the defaults
+_MAP = MapConfig()
+_DEC = DecoderConfig()
+_DIFF = DiffusionConfig()
 
 
 def _has_option(container, flag: str) -> bool:
@@ -36,7 +49,7 @@ def _has_option(container, flag: str) -> bool:
 
 def _add_model_device(group) -> None:
     if not _has_option(group, "--model-device"):
-        group.add_argument("--model-device", default="auto", metavar="DEVICE",
+        group.add_argument("--model-device", default=_SEM.device, metavar="DEVICE",
                            help="device for the encoder's models (clip map, hf semantics): auto, cpu, cuda")
 
 
@@ -97,90 +110,42 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def add_semantics_backend_options(group) -> None:
-    """--semantics-backend and the openai / hf backends' settings (on an argument group or parser)."""
-    group.add_argument("--semantics-backend", choices=SEMANTICS_BACKENDS, default="sidecar",
-                       help="where semantics come from: sidecar (JSON / MISC CSV, default), openai (an "
-                       "OpenAI-compatible chat endpoint) or hf (a local vision-language model)")
-    group.add_argument("--lmm-model", metavar="NAME", help="openai: model name (default $MISCNET_LMM_MODEL)")
-    group.add_argument("--lmm-endpoint", metavar="URL",
+    """--strict, --semantics-backend and the openai / hf backends' settings (on an argument group or parser)."""
+    group.add_argument("--strict", action="store_true", default=_SEM.strict,
+                       help="treat MISC's text limits as errors, not warnings")
+    group.add_argument("--semantics-backend", choices=SEMANTICS_BACKENDS, default=_SEM.backend,
+                       help=f"where semantics come from: sidecar (JSON / MISC CSV), openai (an "
+                       f"OpenAI-compatible chat endpoint) or hf (a local vision-language model); default "
+                       f"{_SEM.backend}")
+    group.add_argument("--lmm-model", metavar="NAME", default=_SEM.lmm_model,
+                       help="openai: model name (default $MISCNET_LMM_MODEL)")
+    group.add_argument("--lmm-endpoint", metavar="URL", default=_SEM.lmm_endpoint,
                        help="openai: base URL, e.g. http://localhost:8000/v1 (default $OPENAI_BASE_URL, "
                        "else https://api.openai.com/v1)")
-    group.add_argument("--lmm-api-key", metavar="KEY",
+    group.add_argument("--lmm-api-key", metavar="KEY", default=_SEM.lmm_api_key,
                        help="openai: API key (default $OPENAI_API_KEY; prefer the variable: options show in ps)")
-    group.add_argument("--lmm-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
-                       help="openai: seconds per request (default 120)")
-    group.add_argument("--lmm-retries", type=_non_negative_int, default=3, metavar="N",
-                       help="openai: retries on timeouts, 429 and 5xx, with back-off (default 3)")
-    group.add_argument("--lmm-max-tokens", type=_positive_int, default=600, metavar="N",
-                       help="openai / hf: answer length limit in tokens (default 600)")
-    group.add_argument("--vlm-model", metavar="PATH|ID", help="hf: model folder or cached id (default "
-                       "$MISCNET_VLM_MODEL, else $MISCNET_MODELS_DIR/vlm)")
-    group.add_argument("--save-semantics", metavar="FILE",
+    group.add_argument("--lmm-timeout", type=_positive_float, default=_SEM.lmm_timeout, metavar="SECONDS",
+                       help=f"openai: seconds per request (default {_SEM.lmm_timeout:g})")
+    group.add_argument("--lmm-retries", type=_non_negative_int, default=_SEM.lmm_retries, metavar="N",
+                       help=f"openai: retries on timeouts, 429 and 5xx, with back-off (default {_SEM.lmm_retries})")
+    group.add_argument("--lmm-max-tokens", type=_positive_int, default=_SEM.lmm_max_tokens, metavar="N",
+                       help=f"openai / hf: answer length limit in tokens (default {_SEM.lmm_max_tokens})")
+    group.add_argument("--vlm-model", metavar="PATH|ID", default=_SEM.vlm_model,
+                       help="hf: model folder or cached id (default $MISCNET_VLM_MODEL, else "
+                       "$MISCNET_MODELS_DIR/vlm)")
+    group.add_argument("--save-semantics", metavar="FILE", default=_SEM.save,
                        help="openai / hf: also write the semantics as a JSON sidecar ('{stem}' is replaced by "
                        "the image's name), to reuse with --semantics")
     _add_model_device(group)
 
 
-def _sidecar_for(image_path) -> tuple[Path, Path | None]:
-    """(image path, sidecar or None) the way the CLI always resolved them, bundled samples included."""
-    from miscnet.core.samples import SAMPLE_NAMES, resolve_image_arg, sample_image_path, sample_sidecar_path
-
-    path, sidecar = resolve_image_arg(str(image_path))
-    if sidecar is None:  # a bundled sample given by its resolved path inside scikit-image
-        for name in SAMPLE_NAMES:
-            try:
-                if Path(path).resolve() == sample_image_path(name).resolve():
-                    return path, sample_sidecar_path(name)
-            except (MiscError, OSError):
-                break
-    return path, sidecar
-
-
-def semantics_for(args: argparse.Namespace, image_array, image_path) -> tuple:
-    """(Semantics, warnings) for one image with the chosen backend.
-
-    ``image_path`` is the IMAGE argument (a path or sample:NAME) or the resolved path. The sidecar backend
-    (the default) resolves ``--semantics`` or the sidecar beside the image exactly as before; openai and hf
-    ask their model about ``image_array``.
-    """
-    from miscnet.core.semantics import load_semantics
-
-    backend = getattr(args, "semantics_backend", None) or "sidecar"
-    explicit = getattr(args, "semantics", None)
-    if backend == "sidecar":
-        path, sidecar = _sidecar_for(image_path)
-        source = Path(explicit) if explicit else sidecar
-        if source is None:
-            raise MiscError(
-                f"no semantics for {image_path}: give --semantics FILE (JSON sidecar or MISC CSV) "
-                f"or put {Path(path).with_suffix('.json').name} beside the image"
-                f", or use --semantics-backend openai|hf")
-        return load_semantics(source, image_name=Path(path).name)
-    if explicit:
-        raise MiscError(f"--semantics reads a sidecar; it cannot be combined with --semantics-backend {backend} "
-                        "(use --save-semantics to keep what the model says)")
-    from miscnet.sender.semantic_backends import describe_image, semantics_backend
-
-    max_tokens = getattr(args, "lmm_max_tokens", 600)
-    if backend == "openai":
-        be = semantics_backend("openai", model=getattr(args, "lmm_model", None),
-                               base_url=getattr(args, "lmm_endpoint", None),
-                               api_key=getattr(args, "lmm_api_key", None),
-                               timeout=getattr(args, "lmm_timeout", 120.0), retries=getattr(args, "lmm_retries", 3),
-                               max_tokens=max_tokens)
-    else:
-        be = semantics_backend("hf", model=getattr(args, "vlm_model", None), max_new_tokens=max_tokens,
-                               device=getattr(args, "model_device", None) or "auto")
-    semantics, warnings = describe_image(be, image_array)
-    save = getattr(args, "save_semantics", None)
-    if save:
-        from miscnet.core.image_io import atomic_write_bytes
-        from miscnet.core.semantics import semantics_to_json
-
-        stem = Path(str(image_path).split(":", 1)[-1] if str(image_path).startswith("sample:") else image_path).stem
-        target = save.replace("{stem}", stem)
-        atomic_write_bytes(target, (json.dumps(semantics_to_json(semantics), indent=1) + "\n").encode("utf-8"))
-    return semantics, warnings
+def semantics_config(args: argparse.Namespace) -> SemanticsConfig:
+    """The SemanticsConfig the options ask for (``--semantics FILE`` is the sidecar backend's file)."""
+    return SemanticsConfig(
+        backend=args.semantics_backend, sidecar=args.semantics, lmm_model=args.lmm_model,
+        lmm_endpoint=args.lmm_endpoint, lmm_api_key=args.lmm_api_key, lmm_timeout=args.lmm_timeout,
+        lmm_retries=args.lmm_retries, lmm_max_tokens=args.lmm_max_tokens, vlm_model=args.vlm_model,
+        device=args.model_device, strict=args.strict, save=args.save_semantics)
 
 
 # ============================================================================ map
@@ -188,20 +153,19 @@ def semantics_for(args: argparse.Namespace, image_array, image_path) -> tuple:
 
 def add_map_model_options(group) -> None:
     """--clip-model and --map-threshold (the clip map backend's settings)."""
-    group.add_argument("--clip-model", metavar="PATH|ID", help="clip map: CLIP model folder or cached id "
-                       "(default $MISCNET_CLIP_MODEL, else $MISCNET_MODELS_DIR/clip)")
-    group.add_argument("--map-threshold", type=_float_in(0.0, 1.0), default=0.35, metavar="T",
+    group.add_argument("--clip-model", metavar="PATH|ID", default=_MAP.clip_model,
+                       help="clip map: CLIP model folder or cached id (default $MISCNET_CLIP_MODEL, else "
+                       "$MISCNET_MODELS_DIR/clip)")
+    group.add_argument("--map-threshold", type=_float_in(0.0, 1.0), default=_MAP.threshold, metavar="T",
                        help="clip map: a cell is in an object's mask when its normalised score exceeds T "
-                       "(default 0.35, MISC's)")
+                       f"(default {_MAP.threshold:g}, MISC's)")
     _add_model_device(group)
 
 
-def map_options(args: argparse.Namespace) -> dict:
-    """The options for EncoderConfig(map_options=...): empty unless --map clip."""
-    if getattr(args, "map_backend", None) != "clip":
-        return {}
-    return {"model": getattr(args, "clip_model", None), "threshold": getattr(args, "map_threshold", 0.35),
-            "device": getattr(args, "model_device", None) or "auto"}
+def map_config(args: argparse.Namespace) -> MapConfig:
+    """The MapConfig the options ask for (--map, --grid, --clip-model, --map-threshold, --model-device)."""
+    return MapConfig(backend=args.map_backend, grid=args.grid, clip_model=args.clip_model,
+                     threshold=args.map_threshold, device=args.model_device)
 
 
 # ============================================================================ decoder
@@ -210,56 +174,55 @@ def map_options(args: argparse.Namespace) -> dict:
 def add_decoder_options(parser: argparse.ArgumentParser) -> None:
     """--decoder and the diffusion decoder's settings (skips --seed / --device if the parser has them)."""
     g = parser.add_argument_group("decoder")
-    g.add_argument("--decoder", choices=DECODERS, default="classical",
-                   help="classical (no weights, default) or diffusion (MISC's decoder on diffusers)")
-    g.add_argument("--diffusion-model", metavar="PATH|ID", help="text-to-image pipeline folder or cached id "
-                   "(default $MISCNET_DIFFUSION_MODEL, else $MISCNET_MODELS_DIR/diffusion)")
-    g.add_argument("--controlnet-model", metavar="PATH|ID",
+    g.add_argument("--decoder", choices=DECODERS, default=_DEC.name,
+                   help=f"classical (no weights) or diffusion (MISC's decoder on diffusers); default {_DEC.name}")
+    g.add_argument("--diffusion-model", metavar="PATH|ID", default=_DIFF.model,
+                   help="text-to-image pipeline folder or cached id (default $MISCNET_DIFFUSION_MODEL, else "
+                   "$MISCNET_MODELS_DIR/diffusion)")
+    g.add_argument("--controlnet-model", metavar="PATH|ID", default=_DIFF.controlnet,
                    help="ControlNet for DiffBIR-style restoration (default $MISCNET_CONTROLNET_MODEL)")
-    g.add_argument("--upscaler-model", metavar="PATH|ID",
+    g.add_argument("--upscaler-model", metavar="PATH|ID", default=_DIFF.upscaler,
                    help="upscaler pipeline for restoration (default $MISCNET_UPSCALER_MODEL)")
-    g.add_argument("--restore", choices=("auto", "controlnet", "img2img", "upscale"), default="auto",
-                   help="how pixel stages are restored (auto: controlnet if configured, else upscale if "
-                   "configured, else img2img)")
+    g.add_argument("--restore", choices=RESTORE_MODES, default=_DIFF.restore,
+                   help=f"how pixel stages are restored (auto: controlnet if configured, else upscale if "
+                   f"configured, else img2img; default {_DIFF.restore})")
     if not _has_option(parser, "--device"):
-        g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    g.add_argument("--steps", type=_positive_int, default=40, help="global pass / text-to-image steps (default 40)")
-    g.add_argument("--object-steps", type=_positive_int, default=3, help="steps per object pass (default 3)")
-    g.add_argument("--guidance", type=_float_in(0.0, 50.0), default=7.0, help="global guidance (default 7)")
-    g.add_argument("--object-guidance", type=_float_in(0.0, 50.0), default=3.5,
-                   help="object pass guidance (default 3.5)")
-    g.add_argument("--strength", type=_float_in(0.0, 1.0, lo_open=True), default=0.6,
-                   help="img2img restoration strength of the global pass (default 0.6)")
-    g.add_argument("--diffusion-size", type=_positive_int, metavar="PIXELS",
+        g.add_argument("--device", default=_DIFF.device,
+                       help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {_DIFF.device})")
+    g.add_argument("--steps", type=_positive_int, default=_DIFF.steps,
+                   help=f"global pass / text-to-image steps (default {_DIFF.steps})")
+    g.add_argument("--object-steps", type=_positive_int, default=_DIFF.object_steps,
+                   help=f"steps per object pass (default {_DIFF.object_steps})")
+    g.add_argument("--guidance", type=_float_in(0.0, 50.0), default=_DIFF.guidance,
+                   help=f"global guidance (default {_DIFF.guidance:g})")
+    g.add_argument("--object-guidance", type=_float_in(0.0, 50.0), default=_DIFF.object_guidance,
+                   help=f"object pass guidance (default {_DIFF.object_guidance:g})")
+    g.add_argument("--strength", type=_float_in(0.0, 1.0, lo_open=True), default=_DIFF.strength,
+                   help=f"img2img restoration strength of the global pass (default {_DIFF.strength:g})")
+    g.add_argument("--diffusion-size", type=_positive_int, metavar="PIXELS", default=_DIFF.size,
                    help="working long side (default min(1024, 2 x the model's native size))")
-    g.add_argument("--negative-prompt", default="Blurry, Low Quality", help="(default 'Blurry, Low Quality')")
-    g.add_argument("--no-color-fix", action="store_true", help="skip the wavelet colour fix")
+    g.add_argument("--negative-prompt", default=_DIFF.negative_prompt, help=f"(default {_DIFF.negative_prompt!r})")
+    g.add_argument("--no-color-fix", dest="color_fix", action="store_false", default=_DIFF.color_fix,
+                   help="skip the wavelet colour fix")
     if not _has_option(parser, "--seed"):
-        g.add_argument("--seed", type=int, default=0, help="diffusion noise seed (default 0)")
-    g.add_argument("--cpu-offload", action="store_true",
+        g.add_argument("--seed", type=int, default=_DIFF.seed, help=f"diffusion noise seed (default {_DIFF.seed})")
+    g.add_argument("--cpu-offload", action="store_true", default=_DIFF.cpu_offload,
                    help="keep models in CPU memory and move each to the GPU only while it runs (needs accelerate)")
 
 
-def diffusion_config(args: argparse.Namespace):
-    from miscnet.receiver.diffusion import DiffusionConfig
-
+def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
+    """The DiffusionConfig the options ask for (a command's own --seed / --device is the decoder's too)."""
     return DiffusionConfig(
         model=args.diffusion_model, controlnet=args.controlnet_model, upscaler=args.upscaler_model,
-        restore=args.restore, device=getattr(args, "device", "auto") or "auto", size=args.diffusion_size,
-        steps=args.steps, guidance=args.guidance, object_steps=args.object_steps,
-        object_guidance=args.object_guidance, negative_prompt=args.negative_prompt, strength=args.strength,
-        seed=getattr(args, "seed", 0) or 0, cpu_offload=args.cpu_offload, color_fix=not args.no_color_fix)
+        restore=args.restore, device=args.device, size=args.diffusion_size, steps=args.steps,
+        guidance=args.guidance, object_steps=args.object_steps, object_guidance=args.object_guidance,
+        negative_prompt=args.negative_prompt, strength=args.strength, seed=args.seed,
+        cpu_offload=args.cpu_offload, color_fix=args.color_fix)
 
 
-def make_decoder(args: argparse.Namespace):
-    """The decoder the options ask for: an object with ``render(stage) -> uint8 (H, W, 3)``."""
-    if getattr(args, "decoder", "classical") == "classical":
-        from miscnet.receiver.classical import ClassicalDecoder
-
-        return ClassicalDecoder()
-    from miscnet.receiver.diffusion import DiffusionDecoder
-
-    return DiffusionDecoder(diffusion_config(args))
+def decoder_config(args: argparse.Namespace) -> DecoderConfig:
+    """The DecoderConfig the options ask for."""
+    return DecoderConfig(name=args.decoder, diffusion=diffusion_config(args))
 
 
 def env_summary() -> dict[str, str | None]:

@@ -12,14 +12,12 @@ import sys
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from miscnet.experiments.scenario import describe_keys
-
     p = subparsers.add_parser(
         "sweep", help="run a scenario file (TOML): every configuration, image and seed, in virtual time",
         description="Run every point of a scenario in virtual time and write results.csv, CompressAI-style "
                     "JSON per configuration, summary.json and figures (PNG) under DIR.",
-        epilog="scenario keys (section.key):\n" + describe_keys(),
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.format_help = _with_scenario_keys(p)  # the key list is read from the scenario module only for --help
     p.add_argument("scenario", metavar="SCENARIO.toml|NAME",
                    help="a scenario file, or the name of a committed one (bandwidth, burst_loss, codecs, protection)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="results folder")
@@ -35,6 +33,21 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
     p.set_defaults(func=cmd_sweep)
     return p
+
+
+def _with_scenario_keys(parser: argparse.ArgumentParser):
+    """parser.format_help with the scenario keys as epilog, looked up when help is shown: building the
+    parser (every ``miscnet`` command does) must not import miscnet.experiments."""
+    plain = parser.format_help
+
+    def format_help() -> str:
+        if parser.epilog is None:
+            from miscnet.experiments.scenario import describe_keys
+
+            parser.epilog = "scenario keys (section.key):\n" + describe_keys()
+        return plain()
+
+    return format_help
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
