@@ -14,13 +14,14 @@ import numpy as np
 from miscnet.core.container import EncodedImage, to_bytes
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.map_codec import DEFAULT_GRID, MAX_GRID, encode_map_layer
-from miscnet.core.pixel_codec import PixelSettings, choose_settings
+from miscnet.core.pixel import PixelSettings, codec_names
 from miscnet.core.semantic_codec import encode_semantic_layer
 from miscnet.core.semantics import SemanticLimits, Semantics, check_limits
 from miscnet.sender.map_layer import map_backend
+from miscnet.sender.rate_control import choose_settings
 from miscnet.v1 import bitstream_pb2 as pb
 
-PIXEL_CODECS = ("auto", "block", "webp", "avif", "jpeg", "none")
+PIXEL_CODECS = ("auto", *codec_names(), "none")
 MAP_BACKENDS = ("none", "boxes", "clip")
 # Without --budget / --bpp the pixel reference gets this much (MISC's operating point is
 # 0.02-0.05 bpp in all; its pixel reference alone about 0.02-0.04).
