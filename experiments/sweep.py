@@ -47,6 +47,7 @@ import numpy as np
 from miscnet.core.container import CODEC_NAMES, from_bytes, to_bytes
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.image_io import atomic_write_bytes
+from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: workers decode it)
 from miscnet.experiments.metrics import ms_ssim as _ms_ssim
 from miscnet.experiments.metrics import psnr as _psnr
 from miscnet.experiments.scenario import CONFIG_KEYS, Configuration, Point, ScenarioError, ScenarioSpec
