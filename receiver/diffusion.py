@@ -44,7 +44,7 @@ from PIL import Image
 
 from miscnet.core.errors import MiscError
 from miscnet.core.map_codec import upsample_mask
-from miscnet.core.pixel_codec import decode_pixels
+from miscnet.core.pixel import decode_pixels
 from miscnet.receiver.stages import StageInput
 
 RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale")

@@ -10,21 +10,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from miscnet.core import pixel_codec as pc
+from miscnet.core import pixel as pc
 from miscnet.core.errors import BitstreamError, BudgetError, MiscError
-from miscnet.core.pixel_codec import (
+from miscnet.core.pixel import (
     PixelLevel,
     PixelSettings,
-    block_bits,
-    block_means,
-    candidate_settings,
-    choose_settings,
     decode_pixels,
     decode_raster,
     encode_pixels,
-    misc_block_settings,
+    lookup,
     payload_bytes,
 )
+from miscnet.core.pixel import avif as avif_codec
+from miscnet.core.pixel import jpeg as jpeg_codec
+from miscnet.core.pixel import webp as webp_codec
+from miscnet.core.pixel.block import block_bits, block_means
+from miscnet.sender.rate_control import candidate_settings, choose_settings, misc_block_settings
 from miscnet.v1 import bitstream_pb2 as pb
 
 CODECS = ("block", "webp", "avif", "jpeg")
@@ -58,7 +59,7 @@ def settings_for(codec: str, levels: int, w: int = 40, h: int = 30) -> PixelSett
 def test_round_trip_and_prefix(codec, levels):
     coded = encode_pixels(IMAGE, settings_for(codec, levels))
     assert [lv.level for lv in coded] == list(range(levels))
-    assert all(lv.codec == pc.CODEC_IDS[codec] for lv in coded)
+    assert all(lv.codec == lookup(codec).codec_id for lv in coded)
     full = decode_pixels(coded, 160, 120)
     assert full.shape == (120, 160, 3) and full.dtype == np.uint8
     assert psnr(full, IMAGE) > 20
@@ -122,17 +123,18 @@ def test_odd_sizes_decode_to_original_size(codec):
 
 def test_containers_are_stripped_losslessly():
     thumb = np.asarray(Image.fromarray(IMAGE).resize((40, 30), Image.Resampling.LANCZOS))
-    for name, options in [("webp", {"quality": 60, "method": 6}),
-                          ("avif", {"quality": 60, "speed": pc.avif_speed(40, 30), **pc._AVIF_OPTIONS})]:
+    avif_options = {"quality": 60, "speed": avif_codec.avif_speed(40, 30), **avif_codec._AVIF_OPTIONS}
+    for name, options in [("webp", {"quality": 60, "method": 6}), ("avif", avif_options)]:
         buf = io.BytesIO()
         Image.fromarray(thumb).save(buf, name.upper(), **options)
         full = buf.getvalue()
-        payload = pc._THUMB_ENCODERS[name](thumb, 60)
-        rebuilt = pc._webp_rebuild(payload, 40, 30) if name == "webp" else pc._avif_rebuild(payload, 40, 30)
+        payload = lookup(name).encode_thumbnail(thumb, 60)
+        rebuilt = (webp_codec._webp_rebuild(payload, 40, 30) if name == "webp"
+                   else avif_codec._avif_rebuild(payload, 40, 30))
         assert rebuilt == full
         assert len(full) - len(payload) >= (27 if name == "webp" else 280)
-    scan = pc._jpeg_encode(thumb, 60)
-    assert pc._jpeg_header(40, 30, 60) + scan + b"\xff\xd9" == pc._jpeg_file(thumb, 60)
+    scan = jpeg_codec._jpeg_encode(thumb, 60)
+    assert jpeg_codec._jpeg_header(40, 30, 60) + scan + b"\xff\xd9" == jpeg_codec._jpeg_file(thumb, 60)
 
 
 @pytest.mark.parametrize("codec", ["webp", "avif", "jpeg"])
@@ -147,7 +149,7 @@ def test_choose_settings_respects_budget():
     for codec, budget in [("block", 600), ("webp", 300), ("avif", 300), ("jpeg", 400), ("auto", 300)]:
         s, coded = choose_settings(IMAGE, codec, 1, budget)
         assert payload_bytes(coded) <= budget
-        assert s.codec == codec or (codec == "auto" and s.codec in pc.THUMBNAIL_CODECS)
+        assert s.codec == codec or (codec == "auto" and s.codec in pc.auto_codec_names())
         assert coded == encode_pixels(IMAGE, s)
     s2, coded2 = choose_settings(IMAGE, "webp", 2, 500)
     assert payload_bytes(coded2) <= 500 and len(coded2) == 2
@@ -179,7 +181,7 @@ def test_candidate_settings_ladder():
     assert all(abs(w / h - 512 / 384) < 0.15 for w, h in rasters)
     blocks = candidate_settings(512, 384, "block", 1)
     assert [s.nbytes_hint for s in blocks] == sorted(s.nbytes_hint for s in blocks)
-    assert {s.codec for s in candidate_settings(64, 64, "auto", 1)} == set(pc.THUMBNAIL_CODECS)
+    assert {s.codec for s in candidate_settings(64, 64, "auto", 1)} == set(pc.auto_codec_names())
     with pytest.raises(MiscError):
         candidate_settings(64, 64, "png", 1)
 
@@ -194,7 +196,7 @@ def test_bad_settings_and_images_raise_misc_error():
 
 
 def _level(codec: str, level: int = 0, payload: bytes = b"\x00" * 8, **params) -> PixelLevel:
-    return PixelLevel(level, pc.CODEC_IDS[codec], pb.PixelParams(**params), payload)
+    return PixelLevel(level, lookup(codec).codec_id, pb.PixelParams(**params), payload)
 
 
 def test_decode_rejects_malformed_streams():
