@@ -283,3 +283,113 @@ def test_corrupted_real_payloads_raise_only_bitstream_error(codec, n, flips, cut
             data[pos % len(data)] = value
         levels.append(PixelLevel(lv.level, lv.codec, lv.params, bytes(data[: max(0, len(data) - cut % 4)])))
     _decodes_or_bitstream_error(levels, 80, 60)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+class _ToyMeans(pc.PixelCodec):
+    """A toy codec defined here only: cell means as raw bytes, sizes known without encoding."""
+
+    name = "toy-means"
+    codec_id = 60  # no CODEC_* value uses it
+    ladder_smallest = 4
+
+    def encode(self, image, settings, scratch=None):
+        means = block_means(image, settings.width, settings.height)
+        params = pb.PixelParams(width=settings.width, height=settings.height)
+        return [PixelLevel(0, self.codec_id, params, np.clip(np.rint(means), 0, 255).astype(np.uint8).tobytes())]
+
+    def decode(self, levels):
+        p = levels[0].params
+        if len(levels[0].payload) != p.width * p.height * 3:
+            raise BitstreamError("toy-means level: wrong size")
+        return np.frombuffer(levels[0].payload, np.uint8).reshape(p.height, p.width, 3).astype(np.float32)
+
+    def exact_bytes(self, settings):
+        return settings.width * settings.height * 3
+
+    def candidates(self, rasters, levels):
+        return [PixelSettings(self.name, w, h, levels=levels) for w, h in rasters]
+
+
+class _ToyZlib(_ToyMeans):
+    """The same means, quantised by quality and deflated: rate control searches its quality."""
+
+    name = "toy-zlib"
+    codec_id = 61
+    quality_search = True
+    ladder_smallest = 8
+
+    def encode(self, image, settings, scratch=None):
+        import zlib
+
+        step = 1 + (100 - (settings.quality or 50)) // 4
+        q = np.floor(block_means(image, settings.width, settings.height) / step).astype(np.uint8)
+        params = pb.PixelParams(width=settings.width, height=settings.height, quality=settings.quality, step=step)
+        return [PixelLevel(0, self.codec_id, params, zlib.compress(q.tobytes(), 9))]
+
+    def decode(self, levels):
+        import zlib
+
+        p = levels[0].params
+        try:
+            raw = zlib.decompress(levels[0].payload)
+        except zlib.error:
+            raise BitstreamError("toy-zlib level: undecodable") from None
+        if len(raw) != p.width * p.height * 3 or not 1 <= p.step <= 26:
+            raise BitstreamError("toy-zlib level: wrong size or step")
+        q = np.frombuffer(raw, np.uint8).reshape(p.height, p.width, 3).astype(np.float32)
+        return np.minimum(q * p.step + p.step / 2, 255)
+
+    def exact_bytes(self, settings):
+        return None
+
+
+@pytest.fixture(params=[_ToyMeans, _ToyZlib])
+def toy(request):
+    codec = pc.register(request.param())
+    try:
+        yield codec
+    finally:
+        pc.unregister(codec.name)
+        from miscnet.sender.rate_control import clear_search_cache
+
+        clear_search_cache()
+
+
+def test_builtin_codecs_are_registered():
+    assert pc.codec_names() == CODECS
+    assert pc.auto_codec_names() == ("webp", "avif", "jpeg")
+    for name in CODECS:
+        assert pc.lookup_id(lookup(name).codec_id) is lookup(name)
+    assert lookup("png") is None and pc.lookup_id(999) is None
+
+
+def test_a_registered_toy_codec_needs_no_table(toy):
+    assert toy.name in pc.codec_names() and toy.name not in pc.auto_codec_names()
+    with pytest.raises(MiscError):
+        pc.register(type(toy)())  # names and ids are unique
+    coded = encode_pixels(IMAGE, PixelSettings(toy.name, 40, 30, quality=80))
+    assert [lv.codec for lv in coded] == [toy.codec_id]
+    full = decode_pixels(coded, 160, 120)
+    assert full.shape == (120, 160, 3) and psnr(full, IMAGE) > 20
+    with pytest.raises(BitstreamError):
+        pc.thumbnail_file(coded[0])  # no file form unless the codec has one
+    s, chosen = choose_settings(IMAGE, toy.name, 1, 900)
+    assert s.codec == toy.name and payload_bytes(chosen) <= 900 and chosen == encode_pixels(IMAGE, s)
+    assert psnr(decode_pixels(chosen, 160, 120), IMAGE) > 20
+    assert {c.codec for c in candidate_settings(160, 120, toy.name, 1)} == {toy.name}
+    with pytest.raises(BudgetError):
+        choose_settings(IMAGE, toy.name, 1, 5)
+
+
+def test_unregistered_codecs_are_unknown():
+    codec = pc.register(_ToyMeans())
+    pc.unregister(codec.name)
+    assert codec.name not in pc.codec_names()
+    with pytest.raises(MiscError):
+        encode_pixels(IMAGE, PixelSettings(codec.name, 8, 8))
+    with pytest.raises(MiscError):
+        choose_settings(IMAGE, codec.name, 1, 900)
+    with pytest.raises(BitstreamError):
+        decode_pixels([PixelLevel(0, codec.codec_id, pb.PixelParams(width=2, height=2), b"\0" * 12)], 8, 8)
