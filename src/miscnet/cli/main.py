@@ -130,6 +130,7 @@ def _read_misc(path: str):
 def cmd_decode(args: argparse.Namespace) -> int:
     from miscnet.core.image_io import atomic_write_bytes, load_image, png_bytes
     from miscnet.core.samples import resolve_image_arg
+    from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: its files decode)
     from miscnet.receiver.stages import progressive_stages
 
     encoded, total = _read_misc(args.input)
