@@ -3,12 +3,13 @@
 A baseline is an ``EncodedImage`` whose only layer is a pixel layer of the whole image, so it crosses the
 very same transport, link and receiver as MISC's layers and is scored by the same classical decoder:
 
-- ``jpeg``, ``webp``, ``avif``: one level of the project's pixel codecs (sender/pixel_codec.py). Their
+- ``jpeg``, ``webp``, ``avif``: one level of the project's pixel codecs (miscnet.core.pixel). Their
   containers are stripped and rebuilt by the receiver, so they are a few hundred bytes SMALLER than the
   .jpg / .webp / .avif file a user would send: a baseline that is, if anything, too strong.
 - ``jpeg-progressive``: a standard progressive .jpg (Pillow / libjpeg, IJG tables, optimised Huffman
   tables, headers included), cut at scan boundaries into ``levels`` pixel levels, so the receiver shows
-  the coarse scans first as a browser does.
+  the coarse scans first as a browser does (experiments/jpeg_progressive.py, which registers it as a
+  pixel codec so the receiver's stage decoding reads it).
 
 Budget: the whole container (``len(to_bytes(encoded))``) must fit ``budget`` bytes (the sweep passes
 the MISC file's own size, so baselines never get more bytes than MISC). Raster:
@@ -22,26 +23,16 @@ the MISC file's own size, so baselines never get more bytes than MISC). Raster:
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from miscnet.core.container import EncodedImage, to_bytes
 from miscnet.core.errors import MiscError
-from miscnet.core.pixel_codec import (
-    DOWN_FILTER,
-    JPEG_PROGRESSIVE,
-    PixelLevel,
-    PixelSettings,
-    decode_pixels,
-    encode_pixels,
-    jpeg_progressive_segments,
-    psnr,
-    raster_ladder,
-)
+from miscnet.core.pixel import PixelLevel, PixelSettings, decode_pixels, encode_pixels, psnr
+from miscnet.experiments.jpeg_progressive import JPEG_PROGRESSIVE, encode_progressive_jpeg
+from miscnet.sender.rate_control import raster_ladder
 from miscnet.v1 import bitstream_pb2 as pb
 
 BASELINE_CODECS = ("jpeg", "webp", "avif", JPEG_PROGRESSIVE)
@@ -65,46 +56,6 @@ class Baseline:
     def info(self) -> dict:
         return {"codec": self.codec, "raster": f"{self.width}x{self.height}", "quality": self.quality,
                 "budget_bytes": self.budget, "fits_budget": self.fits}
-
-
-def encode_progressive_jpeg(image: np.ndarray, width: int, height: int, quality: int,
-                            levels: int = 3) -> list[PixelLevel]:
-    """A standard progressive JPEG of the image at width x height, cut into at most ``levels`` levels.
-
-    Level 0 is the headers and the first scan (the DC coefficients of every component); the other scans
-    are grouped into the remaining levels so that each holds about the same number of bytes.
-    """
-    if not 1 <= levels <= 64:
-        raise MiscError(f"{JPEG_PROGRESSIVE}: levels must be 1..64, not {levels}")
-    if not 1 <= quality <= 100:
-        raise MiscError(f"{JPEG_PROGRESSIVE}: quality must be 1..100, not {quality}")
-    img = Image.fromarray(image)
-    if img.size != (width, height):
-        img = img.resize((width, height), DOWN_FILTER)
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality, progressive=True, optimize=True)
-    data = buf.getvalue()
-    if not (data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")):
-        raise MiscError(f"{JPEG_PROGRESSIVE}: the encoder wrote an unexpected file")
-    body = data[:-2]  # the receiver adds EOI after whatever prefix of levels it has
-    scan_ends = [end for marker, _, end in jpeg_progressive_segments(body) if marker == 0xDA]
-    if not scan_ends or scan_ends[-1] != len(body):
-        raise MiscError(f"{JPEG_PROGRESSIVE}: the encoder wrote no scans or trailing data")
-    cuts = [scan_ends[0]]  # level 0: headers + first scan
-    rest = scan_ends[1:]
-    groups = min(levels - 1, len(rest))
-    if groups:
-        first, total = cuts[0], len(body) - cuts[0]
-        for j in range(1, groups):
-            target = first + total * j / groups
-            # the first scan end at or past the target, leaving at least one scan per later group
-            candidates = [e for e in rest[: len(rest) - (groups - j)] if e > cuts[-1]]
-            cuts.append(next((e for e in candidates if e >= target), candidates[-1]))
-        cuts.append(len(body))
-    params = pb.PixelParams(width=width, height=height, quality=quality)
-    starts = [0, *cuts[:-1]]
-    return [PixelLevel(k, pb.CODEC_PIXEL_JPEG_PROGRESSIVE, params, body[a:b])
-            for k, (a, b) in enumerate(zip(starts, cuts, strict=True))]
 
 
 def _pixel_layer(level: PixelLevel) -> pb.Layer:

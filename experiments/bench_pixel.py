@@ -1,6 +1,6 @@
 """Pixel layer: bytes each thumbnail codec needs to match MISC's block mode, per sample photo.
 
-``python -m experiments.bench_pixel [--json] [--levels N] [--codecs webp,avif,jpeg]``
+``python -m miscnet.experiments.bench_pixel [--json] [--levels N] [--codecs webp,avif,jpeg]``
 
 For each photo, MISC's ``pixel`` mode (32 blocks on the short side, aspect kept, step 8, RGB: 5 bits
 per value, 3 values per block, bit-packed) sets the reference: its real payload size and its PSNR at
@@ -22,17 +22,16 @@ import time
 import numpy as np
 from PIL import Image
 
-from miscnet.core.pixel_codec import (
-    THUMBNAIL_CODECS,
+from miscnet.core.pixel import (
+    auto_codec_names,
     decode_pixels,
     decode_raster,
     encode_pixels,
-    misc_block_settings,
     payload_bytes,
-    settings_for_psnr,
     thumbnail_file,
 )
 from miscnet.experiments.metrics import psnr
+from miscnet.sender.rate_control import misc_block_settings, settings_for_psnr
 
 TARGET_RATIO = 0.20
 SAMPLES = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field")
@@ -157,12 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="one JSON object per image, then a summary")
     parser.add_argument("--levels", type=int, default=1, help="levels for the thumbnail codecs (default 1)")
-    parser.add_argument("--codecs", default=",".join(THUMBNAIL_CODECS), help="comma-separated codecs")
+    thumbnail_codecs = auto_codec_names()
+    parser.add_argument("--codecs", default=",".join(thumbnail_codecs), help="comma-separated codecs")
     parser.add_argument("--images", default=",".join(SAMPLES), help="comma-separated sample names")
     args = parser.parse_args(argv)
     codecs = tuple(c for c in args.codecs.split(",") if c)
-    if any(c not in THUMBNAIL_CODECS for c in codecs):
-        parser.error(f"codecs must be among {', '.join(THUMBNAIL_CODECS)}")
+    if any(c not in thumbnail_codecs for c in codecs):
+        parser.error(f"codecs must be among {', '.join(thumbnail_codecs)}")
     names = tuple(n for n in args.images.split(",") if n)
     if any(n not in SAMPLES for n in names):
         parser.error(f"images must be among {', '.join(SAMPLES)}")

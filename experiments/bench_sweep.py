@@ -42,7 +42,7 @@ BENCH_SCENARIO = {
 
 def _clear_cache() -> None:
     try:
-        from miscnet.core.pixel_codec import clear_search_cache
+        from miscnet.sender.rate_control import clear_search_cache
     except ImportError:  # pragma: no cover
         return
     clear_search_cache()

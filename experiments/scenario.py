@@ -70,7 +70,6 @@ from miscnet.core.config import (
     DECODERS,
     MAP_BACKENDS,
     MAX_LEVELS,
-    PIXEL_CODECS,
     RESTORE_MODES,
     SEMANTICS_BACKENDS,
     DecoderConfig,
@@ -78,6 +77,7 @@ from miscnet.core.config import (
     EncoderConfig,
     MapConfig,
     SemanticsConfig,
+    pixel_codec_choices,
 )
 from miscnet.core.errors import MiscError
 
@@ -203,7 +203,7 @@ def _decoder(v: Any) -> str:
 
 
 def _pixel_codec(v: Any) -> str:
-    return _choice(PIXEL_CODECS)(v)
+    return _choice(pixel_codec_choices())(v)
 
 
 def _protect(v: Any) -> str:

@@ -22,6 +22,7 @@ from miscnet.channel.link import DuplexConfig
 from miscnet.channel.packet import Datagram, PacketError
 from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.core.container import EncodedImage, layer_name, to_bytes
+from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: its points decode here)
 from miscnet.receiver.assembly import ImageAssembly
 from miscnet.receiver.classical import ClassicalDecoder
 

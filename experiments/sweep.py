@@ -48,6 +48,7 @@ from miscnet.core.config import DecoderConfig
 from miscnet.core.container import CODEC_NAMES, from_bytes, to_bytes
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.image_io import atomic_write_bytes
+from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: workers decode it)
 from miscnet.experiments.metrics import ms_ssim as _ms_ssim
 from miscnet.experiments.metrics import psnr as _psnr
 from miscnet.experiments.records import first_pixel_events, stage_order
@@ -266,7 +267,7 @@ class _ProcessPool:
         methods = mp.get_all_start_methods()
         if "forkserver" in methods:
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(["experiments.sweep"])
+            ctx.set_forkserver_preload(["miscnet.experiments.sweep"])
         else:
             ctx = mp.get_context("spawn")
         self.workers = workers

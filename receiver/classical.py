@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from miscnet.core.map_codec import upsample_mask
-from miscnet.core.pixel_codec import decode_pixels
+from miscnet.core.pixel import decode_pixels
 from miscnet.receiver.stages import StageInput
 
 NEUTRAL = (128, 128, 128)

@@ -46,7 +46,7 @@ from PIL import Image
 from miscnet.core.config import MAX_WORKING_SIDE, NEGATIVE_PROMPT, RESTORE_MODES, DiffusionConfig  # noqa: F401
 from miscnet.core.errors import MiscError
 from miscnet.core.map_codec import upsample_mask
-from miscnet.core.pixel_codec import decode_pixels
+from miscnet.core.pixel import decode_pixels
 from miscnet.receiver.stages import StageInput
 
 WAVELET_LEVELS = 5

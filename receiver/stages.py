@@ -15,7 +15,7 @@ import numpy as np
 
 from miscnet.core.container import KIND_ORDER, EncodedImage, layer_name, validate_layer
 from miscnet.core.map_codec import decode_map_layer
-from miscnet.core.pixel_codec import PixelLevel
+from miscnet.core.pixel import PixelLevel
 from miscnet.core.semantic_codec import decode_semantic_layer
 from miscnet.core.semantics import Semantics
 from miscnet.v1 import bitstream_pb2 as pb

@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The encoder's config and choice lists live in miscnet.core.config (the CLI and scenarios build it too).
-from miscnet.core.config import MAP_BACKENDS, PIXEL_CODECS, EncoderConfig  # noqa: F401
+# The encoder's config lives in miscnet.core.config (the CLI and scenarios build it too).
+from miscnet.core.config import EncoderConfig
 from miscnet.core.container import EncodedImage, to_bytes
 from miscnet.core.errors import BudgetError
 from miscnet.core.map_codec import encode_map_layer
-from miscnet.core.pixel_codec import PixelSettings, choose_settings
+from miscnet.core.pixel import PixelSettings
 from miscnet.core.semantic_codec import encode_semantic_layer
 from miscnet.core.semantics import Semantics, check_limits
 from miscnet.sender.map_layer import map_backend_for
+from miscnet.sender.rate_control import choose_settings
 from miscnet.v1 import bitstream_pb2 as pb
 
 # Without --budget / --bpp the pixel reference gets this much (MISC's operating point is

@@ -443,8 +443,9 @@ def test_classical_stays_the_default():
 
 
 def test_heavy_imports_stay_lazy():
-    code = ("import sys; import miscnet.cli.main, miscnet.cli.models, experiments.models, sender.clip_map, "
-            "sender.semantic_backends, miscnet.core.pretrained, receiver.diffusion, sender.map_layer, "
+    code = ("import sys; import miscnet.cli.main, miscnet.cli.models, miscnet.experiments.models, "
+            "miscnet.sender.clip_map, miscnet.sender.semantic_backends, miscnet.core.pretrained, "
+            "miscnet.receiver.diffusion, miscnet.sender.map_layer, "
             "miscnet.core.config, miscnet.sender.semantics_source, miscnet.receiver.decoders; "
             "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")

@@ -10,21 +10,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from miscnet.core import pixel_codec as pc
+from miscnet.core import pixel as pc
 from miscnet.core.errors import BitstreamError, BudgetError, MiscError
-from miscnet.core.pixel_codec import (
+from miscnet.core.pixel import (
     PixelLevel,
     PixelSettings,
-    block_bits,
-    block_means,
-    candidate_settings,
-    choose_settings,
     decode_pixels,
     decode_raster,
     encode_pixels,
-    misc_block_settings,
+    lookup,
     payload_bytes,
 )
+from miscnet.core.pixel import avif as avif_codec
+from miscnet.core.pixel import jpeg as jpeg_codec
+from miscnet.core.pixel import webp as webp_codec
+from miscnet.core.pixel.block import block_bits, block_means
+from miscnet.sender.rate_control import candidate_settings, choose_settings, misc_block_settings
 from miscnet.v1 import bitstream_pb2 as pb
 
 CODECS = ("block", "webp", "avif", "jpeg")
@@ -58,7 +59,7 @@ def settings_for(codec: str, levels: int, w: int = 40, h: int = 30) -> PixelSett
 def test_round_trip_and_prefix(codec, levels):
     coded = encode_pixels(IMAGE, settings_for(codec, levels))
     assert [lv.level for lv in coded] == list(range(levels))
-    assert all(lv.codec == pc.CODEC_IDS[codec] for lv in coded)
+    assert all(lv.codec == lookup(codec).codec_id for lv in coded)
     full = decode_pixels(coded, 160, 120)
     assert full.shape == (120, 160, 3) and full.dtype == np.uint8
     assert psnr(full, IMAGE) > 20
@@ -122,17 +123,18 @@ def test_odd_sizes_decode_to_original_size(codec):
 
 def test_containers_are_stripped_losslessly():
     thumb = np.asarray(Image.fromarray(IMAGE).resize((40, 30), Image.Resampling.LANCZOS))
-    for name, options in [("webp", {"quality": 60, "method": 6}),
-                          ("avif", {"quality": 60, "speed": pc.avif_speed(40, 30), **pc._AVIF_OPTIONS})]:
+    avif_options = {"quality": 60, "speed": avif_codec.avif_speed(40, 30), **avif_codec._AVIF_OPTIONS}
+    for name, options in [("webp", {"quality": 60, "method": 6}), ("avif", avif_options)]:
         buf = io.BytesIO()
         Image.fromarray(thumb).save(buf, name.upper(), **options)
         full = buf.getvalue()
-        payload = pc._THUMB_ENCODERS[name](thumb, 60)
-        rebuilt = pc._webp_rebuild(payload, 40, 30) if name == "webp" else pc._avif_rebuild(payload, 40, 30)
+        payload = lookup(name).encode_thumbnail(thumb, 60)
+        rebuilt = (webp_codec._webp_rebuild(payload, 40, 30) if name == "webp"
+                   else avif_codec._avif_rebuild(payload, 40, 30))
         assert rebuilt == full
         assert len(full) - len(payload) >= (27 if name == "webp" else 280)
-    scan = pc._jpeg_encode(thumb, 60)
-    assert pc._jpeg_header(40, 30, 60) + scan + b"\xff\xd9" == pc._jpeg_file(thumb, 60)
+    scan = jpeg_codec._jpeg_encode(thumb, 60)
+    assert jpeg_codec._jpeg_header(40, 30, 60) + scan + b"\xff\xd9" == jpeg_codec._jpeg_file(thumb, 60)
 
 
 @pytest.mark.parametrize("codec", ["webp", "avif", "jpeg"])
@@ -147,7 +149,7 @@ def test_choose_settings_respects_budget():
     for codec, budget in [("block", 600), ("webp", 300), ("avif", 300), ("jpeg", 400), ("auto", 300)]:
         s, coded = choose_settings(IMAGE, codec, 1, budget)
         assert payload_bytes(coded) <= budget
-        assert s.codec == codec or (codec == "auto" and s.codec in pc.THUMBNAIL_CODECS)
+        assert s.codec == codec or (codec == "auto" and s.codec in pc.auto_codec_names())
         assert coded == encode_pixels(IMAGE, s)
     s2, coded2 = choose_settings(IMAGE, "webp", 2, 500)
     assert payload_bytes(coded2) <= 500 and len(coded2) == 2
@@ -179,7 +181,7 @@ def test_candidate_settings_ladder():
     assert all(abs(w / h - 512 / 384) < 0.15 for w, h in rasters)
     blocks = candidate_settings(512, 384, "block", 1)
     assert [s.nbytes_hint for s in blocks] == sorted(s.nbytes_hint for s in blocks)
-    assert {s.codec for s in candidate_settings(64, 64, "auto", 1)} == set(pc.THUMBNAIL_CODECS)
+    assert {s.codec for s in candidate_settings(64, 64, "auto", 1)} == set(pc.auto_codec_names())
     with pytest.raises(MiscError):
         candidate_settings(64, 64, "png", 1)
 
@@ -194,7 +196,7 @@ def test_bad_settings_and_images_raise_misc_error():
 
 
 def _level(codec: str, level: int = 0, payload: bytes = b"\x00" * 8, **params) -> PixelLevel:
-    return PixelLevel(level, pc.CODEC_IDS[codec], pb.PixelParams(**params), payload)
+    return PixelLevel(level, lookup(codec).codec_id, pb.PixelParams(**params), payload)
 
 
 def test_decode_rejects_malformed_streams():
@@ -281,3 +283,113 @@ def test_corrupted_real_payloads_raise_only_bitstream_error(codec, n, flips, cut
             data[pos % len(data)] = value
         levels.append(PixelLevel(lv.level, lv.codec, lv.params, bytes(data[: max(0, len(data) - cut % 4)])))
     _decodes_or_bitstream_error(levels, 80, 60)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+class _ToyMeans(pc.PixelCodec):
+    """A toy codec defined here only: cell means as raw bytes, sizes known without encoding."""
+
+    name = "toy-means"
+    codec_id = 60  # no CODEC_* value uses it
+    ladder_smallest = 4
+
+    def encode(self, image, settings, scratch=None):
+        means = block_means(image, settings.width, settings.height)
+        params = pb.PixelParams(width=settings.width, height=settings.height)
+        return [PixelLevel(0, self.codec_id, params, np.clip(np.rint(means), 0, 255).astype(np.uint8).tobytes())]
+
+    def decode(self, levels):
+        p = levels[0].params
+        if len(levels[0].payload) != p.width * p.height * 3:
+            raise BitstreamError("toy-means level: wrong size")
+        return np.frombuffer(levels[0].payload, np.uint8).reshape(p.height, p.width, 3).astype(np.float32)
+
+    def exact_bytes(self, settings):
+        return settings.width * settings.height * 3
+
+    def candidates(self, rasters, levels):
+        return [PixelSettings(self.name, w, h, levels=levels) for w, h in rasters]
+
+
+class _ToyZlib(_ToyMeans):
+    """The same means, quantised by quality and deflated: rate control searches its quality."""
+
+    name = "toy-zlib"
+    codec_id = 61
+    quality_search = True
+    ladder_smallest = 8
+
+    def encode(self, image, settings, scratch=None):
+        import zlib
+
+        step = 1 + (100 - (settings.quality or 50)) // 4
+        q = np.floor(block_means(image, settings.width, settings.height) / step).astype(np.uint8)
+        params = pb.PixelParams(width=settings.width, height=settings.height, quality=settings.quality, step=step)
+        return [PixelLevel(0, self.codec_id, params, zlib.compress(q.tobytes(), 9))]
+
+    def decode(self, levels):
+        import zlib
+
+        p = levels[0].params
+        try:
+            raw = zlib.decompress(levels[0].payload)
+        except zlib.error:
+            raise BitstreamError("toy-zlib level: undecodable") from None
+        if len(raw) != p.width * p.height * 3 or not 1 <= p.step <= 26:
+            raise BitstreamError("toy-zlib level: wrong size or step")
+        q = np.frombuffer(raw, np.uint8).reshape(p.height, p.width, 3).astype(np.float32)
+        return np.minimum(q * p.step + p.step / 2, 255)
+
+    def exact_bytes(self, settings):
+        return None
+
+
+@pytest.fixture(params=[_ToyMeans, _ToyZlib])
+def toy(request):
+    codec = pc.register(request.param())
+    try:
+        yield codec
+    finally:
+        pc.unregister(codec.name)
+        from miscnet.sender.rate_control import clear_search_cache
+
+        clear_search_cache()
+
+
+def test_builtin_codecs_are_registered():
+    assert pc.codec_names() == CODECS
+    assert pc.auto_codec_names() == ("webp", "avif", "jpeg")
+    for name in CODECS:
+        assert pc.lookup_id(lookup(name).codec_id) is lookup(name)
+    assert lookup("png") is None and pc.lookup_id(999) is None
+
+
+def test_a_registered_toy_codec_needs_no_table(toy):
+    assert toy.name in pc.codec_names() and toy.name not in pc.auto_codec_names()
+    with pytest.raises(MiscError):
+        pc.register(type(toy)())  # names and ids are unique
+    coded = encode_pixels(IMAGE, PixelSettings(toy.name, 40, 30, quality=80))
+    assert [lv.codec for lv in coded] == [toy.codec_id]
+    full = decode_pixels(coded, 160, 120)
+    assert full.shape == (120, 160, 3) and psnr(full, IMAGE) > 20
+    with pytest.raises(BitstreamError):
+        pc.thumbnail_file(coded[0])  # no file form unless the codec has one
+    s, chosen = choose_settings(IMAGE, toy.name, 1, 900)
+    assert s.codec == toy.name and payload_bytes(chosen) <= 900 and chosen == encode_pixels(IMAGE, s)
+    assert psnr(decode_pixels(chosen, 160, 120), IMAGE) > 20
+    assert {c.codec for c in candidate_settings(160, 120, toy.name, 1)} == {toy.name}
+    with pytest.raises(BudgetError):
+        choose_settings(IMAGE, toy.name, 1, 5)
+
+
+def test_unregistered_codecs_are_unknown():
+    codec = pc.register(_ToyMeans())
+    pc.unregister(codec.name)
+    assert codec.name not in pc.codec_names()
+    with pytest.raises(MiscError):
+        encode_pixels(IMAGE, PixelSettings(codec.name, 8, 8))
+    with pytest.raises(MiscError):
+        choose_settings(IMAGE, codec.name, 1, 900)
+    with pytest.raises(BitstreamError):
+        decode_pixels([PixelLevel(0, codec.codec_id, pb.PixelParams(width=2, height=2), b"\0" * 12)], 8, 8)

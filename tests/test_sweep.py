@@ -13,7 +13,7 @@ from PIL import Image
 
 from miscnet.core.container import from_bytes, to_bytes
 from miscnet.core.errors import BitstreamError
-from miscnet.core.pixel_codec import PixelLevel, decode_pixels
+from miscnet.core.pixel import PixelLevel, decode_pixels
 from miscnet.experiments.baselines import encode_baseline, encode_progressive_jpeg
 from miscnet.experiments.scenario import ScenarioError, load_scenario, parse_scenario, simulation_seed
 from miscnet.experiments.sweep import CSV_FIELDS, run_sweep

@@ -18,7 +18,7 @@ from miscnet.cli import models as cli_models
 from miscnet.cli import sweep as cli_sweep
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
-from miscnet.core.config import PIXEL_CODECS, DecoderConfig, EncoderConfig, SemanticsConfig
+from miscnet.core.config import DecoderConfig, EncoderConfig, SemanticsConfig, pixel_codec_choices
 from miscnet.core.errors import MiscError
 
 _ENC = EncoderConfig()  # the defaults
@@ -34,7 +34,7 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
                    "model)")
     g.add_argument("--grid", type=_positive_int, default=_ENC.map.grid,
                    help=f"map grid N (N x N cells, default {_ENC.map.grid})")
-    g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(PIXEL_CODECS),
+    g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(pixel_codec_choices()),
                    help=f"pixel layer codec (default {_ENC.pixel_codec})")
     g.add_argument("--levels", type=_positive_int, default=_ENC.levels,
                    help=f"pixel levels, coarse first (default {_ENC.levels})")
@@ -142,6 +142,7 @@ def _read_misc(path: str):
 def cmd_decode(args: argparse.Namespace) -> int:
     from miscnet.core.image_io import atomic_write_bytes, load_image, png_bytes
     from miscnet.core.samples import resolve_image_arg
+    from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: its files decode)
     from miscnet.receiver.stages import progressive_stages
 
     encoded, total = _read_misc(args.input)

@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.map_codec import DEFAULT_GRID, MAX_GRID
+from miscnet.core.pixel import codec_names
 from miscnet.core.semantics import SemanticLimits
 
 SEMANTICS_BACKENDS = ("sidecar", "openai", "hf")
 MAP_BACKENDS = ("none", "boxes", "clip")
-# TODO(merge): derive from miscnet.core.pixel.codec_names()
-PIXEL_CODECS = ("auto", "block", "webp", "avif", "jpeg", "none")
 MAX_LEVELS = 4
 DECODERS = ("classical", "diffusion")
 RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale")
@@ -33,6 +32,12 @@ NEGATIVE_PROMPT = "Blurry, Low Quality"
 MAX_WORKING_SIDE = 4096
 MAP_THRESHOLD = 0.35  # MISC's: a cell is in an object's mask when its normalised CLIP score exceeds this
 MODEL_DEVICE = "auto"  # every model's default device: CUDA when present, else the CPU (core.pretrained.pick_device)
+
+
+def pixel_codec_choices() -> tuple[str, ...]:
+    """What ``--pixel`` / ``encoder.pixel`` may name: auto (search every auto codec), each registered codec
+    a MISC encoder may choose, or none. Asked each time, so a codec registered later is offered too."""
+    return ("auto", *codec_names(), "none")
 
 
 def _positive_finite(v: float) -> bool:
@@ -124,8 +129,8 @@ class EncoderConfig:
         self.check()
 
     def check(self) -> None:
-        if self.pixel_codec not in PIXEL_CODECS:
-            raise MiscError(f"unknown pixel codec '{self.pixel_codec}' (use {', '.join(PIXEL_CODECS)})")
+        if self.pixel_codec not in (choices := pixel_codec_choices()):
+            raise MiscError(f"unknown pixel codec '{self.pixel_codec}' (use {', '.join(choices)})")
         self.map.check()
         if not 1 <= self.levels <= MAX_LEVELS:
             raise MiscError(f"--levels must be 1..{MAX_LEVELS}, not {self.levels}")
