@@ -22,16 +22,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
 
-from miscnet.core.errors import MiscError
+from miscnet.channel.errors import LinkConfigError
+from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, LossModel
 
-if TYPE_CHECKING:
-    from miscnet.channel.loss import LossModel
-
-
-class LinkConfigError(MiscError):
-    """A link parameter (rate, time, size, loss spec, trace file) that cannot be used."""
+__all__ = ["LinkConfigError", "parse_loss", "parse_percent", "parse_rate", "parse_size", "parse_time"]
 
 
 # A decimal number as strtod reads it, without hex, inf or nan (which make no sense for a link).
@@ -139,8 +134,6 @@ def parse_loss(text: str | None) -> LossModel | None:
     >>> parse_loss("gemodel 1% 30% 70% 0.1%")   # p, r, 1-h, 1-k
     GilbertElliott(p=0.01, r=0.3, one_minus_h=0.7, one_minus_k=0.001)
     """
-    from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott  # loss.py imports this module
-
     spec = "" if text is None else str(text)
     tokens = spec.split()
     if tokens and tokens[0].lower() in ("loss", "drop"):
