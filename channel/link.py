@@ -1,279 +1,176 @@
-"""The link model in SimPy: byte-limited drop-tail queue -> rate (constant or trace) -> loss -> delay.
+"""Links and paths in SimPy, built from the elements of ``channel/elements.py``.
 
-One direction of a path is a ``Link``; ``DuplexConfig`` builds a forward link and a reverse (feedback) link
-with their own parameters. The model works on any ``simpy.Environment``, including
+A ``Link`` is one hop, one direction: ``[Loss] -> Port (drop-tail queue + rate) -> [Loss] -> [Reorder] ->
+Wire (delay + jitter)``; the loss sits after the rate limiter by default and before the queue with
+``loss_before_queue=True``. A ``Path`` chains links for one flow (edge access link -> shared cell ->
+backhaul) and delivers at its end; a link built with ``shared=True`` may sit on the paths of several flows:
+their packets queue FIFO together in its port and each leaves to its own flow's next link or
+``deliver``. ``DuplexConfig`` builds a forward and a reverse (feedback) direction with their own
+parameters. Everything works on any ``simpy.Environment``, including
 ``simpy.rt.RealtimeEnvironment(strict=False)`` for live nodes: it only reads ``env.now`` and schedules
-timeouts, and it must be driven from the simulation's thread (SimPy is not thread-safe).
+events, and it must be driven from the simulation's thread (SimPy is not thread-safe).
 
-Semantics, and the tool each is taken from:
+Semantics and the tools they follow are described with each element (``Port``: netem's rate recursion
+and mm-link's traces and drop-tail queue; ``Loss``: netem's loss models; ``Wire``: netem's uniform jitter,
+never reordering; ``Reorder``: netem's ``reorder``). In short, per link:
 
-- Queue: drop-tail on bytes, like ``mm-link --uplink-queue=droptail --uplink-queue-args=bytes=N``. The
-  queue holds packets that have not started to leave the bottleneck; a packet whose size does not fit in
-  what is left is dropped on arrival and ``send`` returns False. The packet being serialised is not in the
-  queue (mm-link's packet "in transit" has left its queue too). ``queue_bytes=None`` = unlimited. Sizes
-  count ``packet.size`` (mm-link would also count its 4-byte tun header).
-- Constant rate: netem's recursion, ``send_time = max(prev_send_time, now) + 8 * size / rate`` where
-  send_time is when the packet's last bit has left the bottleneck. An arrival on an idle link starts at
-  once and is never queued (so a zero-byte queue is a bufferless link).
-- Trace rate: mm-link's opportunities. Each opportunity may move 1504 bytes and each packet costs
-  ``size + 4`` (mm-link reads packets from a tun device WITH its 4-byte packet-info header, and its
-  PACKET_SIZE is 1504), so one 1500-byte IP packet fills one opportunity exactly. A packet larger than the
-  opportunity's remaining budget carries its remaining bytes to the next one; budget left when nothing is
-  queued is wasted; an arrival at time t may only use opportunities strictly after t (mm-link burns those
-  due at or before "now" before it enqueues). Departure = the opportunity that moves its last byte.
-- Loss: decided once per packet after serialisation (the order of Pantheon/Mahimahi's
-  ``mm-delay D mm-loss uplink L mm-link up down`` and of the design's data path): a lost packet has used
-  the bottleneck, as a frame lost on the air has used airtime. ``loss_before_queue=True`` gives netem's
-  order instead (loss decided on arrival, before the queue; lost packets take neither queue nor rate).
-- Delay: ``delay`` seconds of propagation plus, when ``jitter`` > 0, a draw uniform on [-jitter, +jitter]
-  (netem's default jitter distribution, no correlation), the sum clipped at 0; then the arrival is clipped
-  to be no earlier than the previous packet's, so the link never reorders (as netem with a rate does).
+- a lost packet after the rate limiter has used the bottleneck, as a frame lost on the air has used
+  airtime (the order of Pantheon/Mahimahi's ``mm-delay D mm-loss uplink L mm-link up down``);
+  ``loss_before_queue=True`` gives netem's order (lost packets take neither queue nor rate);
+- ``Link.send`` returns False when the link's queue had no room; a loss in the network returns True.
 
-All departure and arrival times are computed when a packet is sent (the queue is FIFO, so nothing later
-can change them): each delivered packet costs one SimPy event and idle links or opportunities cost none.
-Deliveries are scheduled to land on the computed float time exactly.
+Cost: departure and arrival times are computed when a packet is sent (queues are FIFO, so nothing later
+can change them). A single link, and a chain of private links, cost one SimPy event per delivered packet;
+a shared link costs one more event per packet where it is entered from an earlier link (the flows' times
+must be merged in time order there), and a reordering link one where it hands on to a next link.
+
+Randomness: a link spawns its generator into two streams, loss first, jitter second (a link without
+reordering spawns nothing else, so its draws are what they always were); a reordering link spawns a third
+stream after those two for the reorder decisions. A path of n > 1 links spawns n streams, one per link;
+a one-link path uses its generator as that link would.
+
+Stats count each packet when its fate is computed; ``packets_delivered`` counts packets when the link hands
+them on: at their arrival time where a gate stands at the link's end (the end of a path, before a shared
+link, after a reordering link), else when computed (a private next link takes them at once).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from heapq import heappush
-from pathlib import Path
-from typing import Any, Protocol
+from pathlib import Path as FilePath
+from typing import Any
 
 import numpy as np
 import simpy
-from simpy.events import NORMAL
 
+from miscnet.channel.elements import (
+    TRACE_BUDGET_BYTES,
+    TUN_HEADER_BYTES,
+    Exit,
+    Gate,
+    Loss,
+    Packet,
+    Port,
+    Reorder,
+    ResequencingGate,
+    Wire,
+    event_at,
+)
 from miscnet.channel.loss import LossModel
 from miscnet.channel.trace import OPPORTUNITY_BYTES, Trace
-from miscnet.channel.units import LinkConfigError, parse_loss, parse_rate, parse_size, parse_time
+from miscnet.channel.units import LinkConfigError, parse_loss, parse_rate, parse_reorder, parse_size, parse_time
 
-TUN_HEADER_BYTES = 4  # mm-link counts a tun packet-info header with every packet ...
-TRACE_BUDGET_BYTES = OPPORTUNITY_BYTES + TUN_HEADER_BYTES  # ... against PACKET_SIZE = 1504 per opportunity
+__all__ = ["TRACE_BUDGET_BYTES", "TUN_HEADER_BYTES", "DuplexConfig", "DuplexLink", "Link", "LinkConfig",
+           "Packet", "Path", "PathConfig", "saturate"]
+
 DEFAULT_REVERSE_RATE = "1mbit"  # feedback (NACKs, acks) is tiny; 1 Mbit/s keeps it from being the bottleneck
 
 
-class Packet(Protocol):
-    size: int  # bytes on the wire
-
-
-def _delay_to(now: float, t: float) -> float:
-    """The delay that brings ``now`` closest to ``t`` from above (0 if t has passed)."""
-    if t <= now:
-        return 0.0
-    d = t - now
-    while d > 0.0 and now + d > t:
-        d = math.nextafter(d, -math.inf)
-    while now + d < t:
-        d = math.nextafter(d, math.inf)
-    return d
-
-
-def _event_at(env: simpy.Environment, t: float) -> simpy.Event:
-    """A triggered event processed at exactly time ``t`` (>= env.now).
-
-    SimPy only schedules at ``now + delay``, and for some (now, t) no float delay gives t exactly (the
-    sums skip it when rounding ties). Delivery times are meant to equal the computed times, so in those
-    rare cases we put the event on SimPy 4's queue ourselves, in the same (time, priority, id, event) form
-    ``Environment.schedule`` uses; an environment without that queue gets the nearest later time instead.
-    """
-    now = env.now
-    d = _delay_to(now, t)
-    if now + d == t or t <= now:
-        return env.timeout(d)
-    queue, eid = getattr(env, "_queue", None), getattr(env, "_eid", None)
-    if not isinstance(queue, list) or eid is None:
-        return env.timeout(d)
-    ev = simpy.Event(env)
-    ev._ok = True
-    ev._value = None
-    heappush(queue, (t, NORMAL, next(eid), ev))
-    return ev
-
-
 class Link:
-    """One direction of a path. ``send(packet)``; ``deliver(packet)`` is called at the arrival time."""
+    """One hop, one direction. With ``deliver``: ``send(packet)``, and ``deliver(packet)`` is called at the
+    arrival time. Without it the link is a hop for ``Path`` (``shared=True``: for the paths of several flows).
+
+    ``reorder`` is (probability, correlation, gap) for a ``Reorder`` element before the wire (see there),
+    or None (the default: no reordering). It needs a delay or a jitter to skip, as netem's does.
+    """
 
     def __init__(self, env: simpy.Environment, rate: float | Trace, delay: float = 0.0, jitter: float = 0.0,
                  loss: LossModel | None = None, queue_bytes: int | None = None, *,
-                 rng: np.random.Generator, deliver: Callable[[Any], None], name: str = "uplink",
-                 loss_before_queue: bool = False):
-        if isinstance(rate, Trace):
-            self.trace: Trace | None = rate
-            self.rate_bps: float | None = None
-        else:
-            rate = float(rate)
-            if not (rate > 0 and math.isfinite(rate)):
-                raise LinkConfigError(f"{name}: rate must be a positive number of bit/s, got {rate!r}")
-            self.trace, self.rate_bps = None, rate
-        if not (delay >= 0 and math.isfinite(delay)) or not (jitter >= 0 and math.isfinite(jitter)):
-            raise LinkConfigError(
-                f"{name}: delay and jitter must be finite and >= 0 (got {delay!r}, {jitter!r})")
-        if queue_bytes is not None and (int(queue_bytes) != queue_bytes or queue_bytes < 0):
-            raise LinkConfigError(
-                f"{name}: queue_bytes must be a whole number >= 0 or None, got {queue_bytes!r}")
+                 rng: np.random.Generator, deliver: Callable[[Any], None] | None = None, name: str = "uplink",
+                 loss_before_queue: bool = False, reorder: tuple[float, float, int] | None = None,
+                 shared: bool = False):
         self.env = env
         self.name = name
-        self.delay = float(delay)
-        self.jitter = float(jitter)
-        self.loss = loss
-        self.queue_bytes = None if queue_bytes is None else int(queue_bytes)
-        self.loss_before_queue = loss_before_queue
-        self._deliver = deliver
+        self.port = Port(env, rate, queue_bytes, name)
         # separate streams: switching jitter on does not change which packets are lost
-        self._loss_rng, self._jitter_rng = rng.spawn(2)
+        loss_rng, jitter_rng = rng.spawn(2)
+        self.wire = Wire(delay, jitter, jitter_rng, name)
+        if reorder is not None and not (delay or jitter):
+            raise LinkConfigError(f"{name}: reordering needs a delay (or jitter) to skip, as netem's does")
+        self.reorderer = None if reorder is None else Reorder(*reorder, rng=rng.spawn(1)[0])
+        self.loss_element = None if loss is None else Loss(loss, loss_rng)
+        self.loss_before_queue = loss_before_queue
+        self.shared = shared
+        elements: list = [self.port]
+        if self.loss_element is not None:
+            elements.insert(0 if loss_before_queue else 1, self.loss_element)
+        if self.reorderer is not None:
+            elements.append(self.reorderer)
+        elements.append(self.wire)
+        self.elements: tuple = tuple(elements)
+        self.exits: list = []  # one per path through this link: Exit or Gate
+        self._path: Path | None = None
+        self._route: tuple = ()
+        if deliver is not None:
+            self._path = Path(env, [self], deliver, name=name)
+            self._route = self._path.route
 
-        # bottleneck state
-        self._prev_send = -math.inf  # constant rate: when the previous packet finished leaving
-        self._opp = -1  # trace: opportunity where the previous packet finished ...
-        self._left = 0  # ... and the bytes of its budget still unused
-        self._pending: deque[tuple[float, int]] = deque()  # (start of serialisation, size) of queued packets
-        self._queued = 0
-        # propagation: FIFO of (arrival time, packet); one timeout armed for the head at a time
-        self._flight: deque[tuple[float, Any]] = deque()
-        self._armed = False
-        self._last_arrival = -math.inf
-
-        self.packets_sent = 0  # every packet offered to send()
-        self.bytes_sent = 0
-        self.packets_dropped_queue = 0
-        self.bytes_dropped_queue = 0
-        self.packets_lost = 0
-        self.bytes_lost = 0
-        self.packets_delivered = 0
-        self.bytes_delivered = 0
-        self.loss_trials = 0  # packets that met the loss model
-        self.loss_bursts = 0  # runs of consecutive losses among those
-        self._in_burst = False
-
-    # ---- the data path -----------------------------------------------------------------------------
+    # ---- the data path -------------------------------------------------------------------------------------
     def send(self, packet: Packet) -> bool:
         """Offer a packet now; False if the queue had no room (a loss in the network still returns True)."""
-        now = self.env.now
-        size = packet.size
-        self.packets_sent += 1
-        self.bytes_sent += size
-        if self.loss_before_queue and self.loss is not None and self._draw_loss(size):
-            return True
+        route = self._route
+        if not route:
+            raise LinkConfigError(f"{self.name}: a link built without deliver is sent through its Path")
+        return route[0].put(packet, self.env.now, route, 0)
 
-        pending = self._pending
-        while pending and pending[0][0] <= now:  # these have started to leave: out of the queue
-            self._queued -= pending.popleft()[1]
+    # ---- configuration, as the old fused link had it ---------------------------------------------------
+    trace = property(lambda self: self.port.trace)
+    rate_bps = property(lambda self: self.port.rate_bps)
+    queue_bytes = property(lambda self: self.port.queue_bytes)
+    delay = property(lambda self: self.wire.delay)
+    jitter = property(lambda self: self.wire.jitter)
+    loss = property(lambda self: None if self.loss_element is None else self.loss_element.model)
 
-        trace = self.trace
-        if trace is None:
-            prev = self._prev_send
-            start = prev if prev > now else now
-            depart = start + 8 * size / self.rate_bps
-        else:
-            opp, left = self._opp, self._left
-            if opp < 0 or trace.time_of(opp) <= now:  # idle: what the last opportunity had left is gone
-                opp, left = trace.index_after(now), TRACE_BUDGET_BYTES
-            elif left == 0:
-                opp, left = opp + 1, TRACE_BUDGET_BYTES
-            start = trace.time_of(opp)
-            cost = size + TUN_HEADER_BYTES
-            if cost <= left:
-                left -= cost
-            else:
-                rest = cost - left
-                k = -(-rest // TRACE_BUDGET_BYTES)
-                opp += k
-                left = k * TRACE_BUDGET_BYTES - rest
-            depart = trace.time_of(opp)
+    @property
+    def reorders(self) -> bool:
+        return self.reorderer is not None
 
-        if start > now:  # it waits in the queue
-            limit = self.queue_bytes
-            if limit is not None and self._queued + size > limit:
-                self.packets_dropped_queue += 1
-                self.bytes_dropped_queue += size
-                return False
-            pending.append((start, size))
-            self._queued += size
-        if trace is None:
-            self._prev_send = depart
-        else:
-            self._opp, self._left = opp, left
+    # ---- observation -------------------------------------------------------------------------------------
+    @property
+    def packets_sent(self) -> int:
+        """Every packet offered to the link."""
+        return self.elements[0].packets_in
 
-        if not self.loss_before_queue and self.loss is not None and self._draw_loss(size):
-            return True
+    @property
+    def bytes_sent(self) -> int:
+        return self.elements[0].bytes_in
 
-        d = self.delay
-        if self.jitter:
-            d += self.jitter * (2.0 * self._jitter_rng.random() - 1.0)
-            if d < 0.0:
-                d = 0.0
-        arrival = depart + d
-        if arrival < self._last_arrival:
-            arrival = self._last_arrival  # never overtake the packet ahead
-        self._last_arrival = arrival
-        self._flight.append((arrival, packet))
-        if not self._armed:
-            self._arm(arrival)
-        return True
+    packets_dropped_queue = property(lambda self: self.port.packets_dropped)
+    bytes_dropped_queue = property(lambda self: self.port.bytes_dropped)
+    packets_lost = property(lambda self: 0 if self.loss_element is None else self.loss_element.packets_lost)
+    bytes_lost = property(lambda self: 0 if self.loss_element is None else self.loss_element.bytes_lost)
+    loss_trials = property(lambda self: 0 if self.loss_element is None else self.loss_element.packets_in)
+    loss_bursts = property(lambda self: 0 if self.loss_element is None else self.loss_element.bursts)
+    packets_reordered = property(lambda self: 0 if self.reorderer is None else self.reorderer.packets_picked)
 
-    def _draw_loss(self, size: int) -> bool:
-        self.loss_trials += 1
-        if self.loss.lost(self._loss_rng):
-            self.packets_lost += 1
-            self.bytes_lost += size
-            if not self._in_burst:
-                self.loss_bursts += 1
-                self._in_burst = True
-            return True
-        self._in_burst = False
-        return False
+    @property
+    def packets_delivered(self) -> int:
+        return sum(e.packets_out for e in self.exits)
 
-    def _arm(self, t: float) -> None:
-        self._armed = True
-        _event_at(self.env, t).callbacks.append(self._land)
-
-    def _land(self, _event: simpy.Event) -> None:
-        now = self.env.now
-        flight = self._flight
-        while flight and flight[0][0] <= now:
-            _, packet = flight.popleft()
-            self.packets_delivered += 1
-            self.bytes_delivered += packet.size
-            self._deliver(packet)  # may send again, on this link or another
-        if flight:
-            self._arm(flight[0][0])
-        else:
-            self._armed = False
-
-    # ---- observation -------------------------------------------------------------------------------
-    def _refresh(self) -> None:
-        now = self.env.now
-        pending = self._pending
-        while pending and pending[0][0] <= now:
-            self._queued -= pending.popleft()[1]
+    @property
+    def bytes_delivered(self) -> int:
+        return sum(e.bytes_out for e in self.exits)
 
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting to start serialisation now (what the drop-tail limit applies to)."""
-        self._refresh()
-        return self._queued
+        return self.port.queued_bytes
 
     @property
     def queued_packets(self) -> int:
-        self._refresh()
-        return len(self._pending)
+        return self.port.queued_packets
 
     @property
     def busy_until(self) -> float:
         """When the last accepted packet finishes leaving the bottleneck (-inf if none yet)."""
-        if self.trace is None:
-            return self._prev_send
-        return -math.inf if self._opp < 0 else self.trace.time_of(self._opp)
+        return self.port.busy_until
 
     @property
     def in_flight(self) -> int:
-        """Packets accepted and not lost that have not been delivered yet."""
-        return len(self._flight)
+        """Packets accepted and not lost that this link has not handed on yet (held at its end)."""
+        return sum(e.in_flight for e in self.exits)
 
     @property
     def mean_burst(self) -> float:
@@ -282,10 +179,10 @@ class Link:
 
     def capacity_bps(self) -> float:
         """Constant rate, or the trace's mean capacity over one period."""
-        return self.rate_bps if self.trace is None else self.trace.capacity_bps()
+        return self.port.capacity_bps()
 
     def stats(self) -> dict[str, float]:
-        return {
+        out = {
             "packets_sent": self.packets_sent, "bytes_sent": self.bytes_sent,
             "packets_dropped_queue": self.packets_dropped_queue,
             "bytes_dropped_queue": self.bytes_dropped_queue,
@@ -293,11 +190,95 @@ class Link:
             "packets_delivered": self.packets_delivered, "bytes_delivered": self.bytes_delivered,
             "loss_bursts": self.loss_bursts, "mean_burst": self.mean_burst,
         }
+        if self.reorderer is not None:
+            out["packets_reordered"] = self.packets_reordered
+        return out
 
     def __repr__(self) -> str:
         rate = f"{self.rate_bps:g} bit/s" if self.trace is None else repr(self.trace)
+        extra = "" if self.reorderer is None else f", {self.reorderer!r}"
         return (f"Link({self.name!r}, {rate}, delay={self.delay:g}s, jitter={self.jitter:g}s, "
-                f"loss={self.loss!r})")
+                f"loss={self.loss!r}{extra})")
+
+
+class Path:
+    """One flow's row of links: ``send(packet)`` enters the first, ``deliver(packet)`` is called at the end.
+
+    Links must be built without ``deliver``; a link may be on several paths only if built ``shared=True``.
+    Between links the path puts a gate where one is needed (before a shared link that is not the first,
+    after a reordering link) and a plain counting exit elsewhere; the last link ends in the delivery gate.
+    """
+
+    def __init__(self, env: simpy.Environment, links: Sequence[Link], deliver: Callable[[Any], None],
+                 name: str = "path"):
+        links = list(links)
+        if not links:
+            raise LinkConfigError(f"{name}: a path needs at least one link")
+        self.env = env
+        self.name = name
+        self.links = links
+        route: list = []
+        gates: list[Gate] = []
+        for k, link in enumerate(links):
+            if link._path is not None and link._path is not self:
+                raise LinkConfigError(f"{name}: link {link.name!r} delivers on its own; build it without deliver")
+            if link.exits and not link.shared:
+                raise LinkConfigError(
+                    f"{name}: link {link.name!r} is already on a path; build it with shared=True to share it")
+            route.extend(link.elements)
+            last = k == len(links) - 1
+            if last or link.reorders or links[k + 1].shared:
+                gate_type = ResequencingGate if link.reorders else Gate
+                gate = gate_type(env, deliver if last else None)
+                gates.append(gate)
+                out = gate
+            else:
+                out = Exit()
+            link.exits.append(out)
+            route.append(out)
+        self.route = tuple(route)
+        for gate in gates:
+            if gate.deliver is None:
+                gate.bind(self.route, self.route.index(gate) + 1)
+        self.gates = gates
+        self.packets_sent = 0
+        self.bytes_sent = 0
+
+    def send(self, packet: Packet) -> bool:
+        """Offer a packet now; False if the first link's queue had no room."""
+        self.packets_sent += 1
+        self.bytes_sent += packet.size
+        route = self.route
+        return route[0].put(packet, self.env.now, route, 0)
+
+    @property
+    def packets_delivered(self) -> int:
+        return self.gates[-1].packets_out
+
+    @property
+    def bytes_delivered(self) -> int:
+        return self.gates[-1].bytes_out
+
+    @property
+    def in_flight(self) -> int:
+        """Packets sent on this path that are held at one of its gates (not yet delivered)."""
+        return sum(g.in_flight for g in self.gates)
+
+    @property
+    def queued_packets(self) -> int:
+        """Packets waiting in the queues of the path's links (a shared link's include other flows')."""
+        return sum(link.queued_packets for link in self.links)
+
+    def capacity_bps(self) -> float:
+        return min(link.capacity_bps() for link in self.links)
+
+    def stats(self) -> dict[str, Any]:
+        return {"packets_sent": self.packets_sent, "bytes_sent": self.bytes_sent,
+                "packets_delivered": self.packets_delivered, "bytes_delivered": self.bytes_delivered,
+                "links": [link.stats() for link in self.links]}
+
+    def __repr__(self) -> str:
+        return f"Path({self.name!r}, {' -> '.join(link.name for link in self.links)})"
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -317,6 +298,7 @@ class LinkConfig:
     queue_bytes: int | None = None
     loss_before_queue: bool = False
     name: str = "uplink"
+    reorder: str = "none"  # netem's "P [CORR] [gap N]"; see channel.elements.Reorder
 
     def __post_init__(self) -> None:
         if (self.rate_bps is None) == (self.trace is None):
@@ -324,16 +306,21 @@ class LinkConfig:
             raise LinkConfigError(f"{self.name}: give either a rate or a trace, not {which}")
         model = parse_loss(self.loss)  # fail early, at configuration time
         object.__setattr__(self, "loss", model.spec if model is not None else "none")
+        reorder = parse_reorder(self.reorder)
+        if reorder is not None and not (self.delay_s or self.jitter_s):
+            raise LinkConfigError(f"{self.name}: reordering needs a delay (or jitter) to skip, as netem's does")
+        object.__setattr__(self, "reorder", "none" if reorder is None else _reorder_spec(*reorder))
 
     @classmethod
     def from_strings(cls, rate: str | None = None, delay: str = "0ms", jitter: str = "0ms",
                      loss: str = "none", queue: str | int | None = None,
-                     trace: str | Path | Trace | None = None, name: str = "uplink",
-                     loss_before_queue: bool = False) -> LinkConfig:
+                     trace: str | FilePath | Trace | None = None, name: str = "uplink",
+                     loss_before_queue: bool = False, reorder: str = "none") -> LinkConfig:
         """tc-style strings, as CLI options give them: ``rate="64kbit", delay="40ms", loss="random 5%"``.
 
-        ``queue`` is a tc size ("64kb", "3000") or None / "none" / "unlimited"; ``trace`` a Mahimahi file.
-        Times follow tc: a bare number is microseconds.
+        ``queue`` is a tc size ("64kb", "3000") or None / "none" / "unlimited"; ``trace`` a Mahimahi file;
+        ``reorder`` netem's "P [CORR] [gap N]" ("25% 50%", "100% gap 5"). Times follow tc: a bare number
+        is microseconds.
         """
         if rate is not None and trace is not None:
             raise LinkConfigError(f"{name}: give either a rate or a trace, not both")
@@ -347,7 +334,7 @@ class LinkConfig:
             trace = Trace.load(trace)
         return cls(rate_bps=None if rate is None else parse_rate(rate), trace=trace,
                    delay_s=parse_time(delay), jitter_s=parse_time(jitter), loss=loss, queue_bytes=q,
-                   loss_before_queue=loss_before_queue, name=name)
+                   loss_before_queue=loss_before_queue, name=name, reorder=reorder)
 
     def reverse_default(self, name: str = "downlink") -> LinkConfig:
         """The feedback direction when none is given: 1 Mbit/s, same delay, no jitter, no loss, no limit."""
@@ -360,8 +347,8 @@ class LinkConfig:
         return replace(self, **changes)
 
     def describe(self) -> dict[str, str]:
-        """Flat strings for result rows and reports."""
-        return {
+        """Flat strings for result rows and reports (``reorder`` only when the link reorders)."""
+        out = {
             "name": self.name,
             "rate": f"{self.rate_bps:g}bit" if self.trace is None else f"trace:{self.trace.name}",
             "capacity_bps": f"{self.capacity_bps():.6g}",
@@ -369,26 +356,82 @@ class LinkConfig:
             "loss": self.loss, "queue": "unlimited" if self.queue_bytes is None else f"{self.queue_bytes}b",
             "loss_order": "before-queue" if self.loss_before_queue else "after-rate",
         }
+        if self.reorder != "none":
+            out["reorder"] = self.reorder
+        return out
 
     def build(self, env: simpy.Environment, rng: np.random.Generator,
-              deliver: Callable[[Any], None]) -> Link:
+              deliver: Callable[[Any], None] | None = None, *, shared: bool = False) -> Link:
+        """A fresh link. With ``deliver`` it is ready to ``send``; without, it is a hop for ``Path``."""
         return Link(env, self.trace if self.trace is not None else self.rate_bps, self.delay_s, self.jitter_s,
                     parse_loss(self.loss), self.queue_bytes, rng=rng, deliver=deliver, name=self.name,
-                    loss_before_queue=self.loss_before_queue)
+                    loss_before_queue=self.loss_before_queue, reorder=parse_reorder(self.reorder), shared=shared)
+
+
+def _reorder_spec(p: float, corr: float, gap: int) -> str:
+    pct = lambda x: f"{x * 100:.10g}%"  # noqa: E731
+    return f"{pct(p)} {pct(corr)}" + (f" gap {gap}" if gap != 1 else "")
+
+
+@dataclass(frozen=True)
+class PathConfig:
+    """Links in a row for one flow (e.g. edge access link -> cell -> backhaul); builds a ``Path``.
+
+    Each link gets its own stream (``rng.spawn(n)``) when there are several; a one-link path is built
+    exactly as that link alone. Links shared with other flows are built as objects (``LinkConfig.build(...,
+    shared=True)``) and put on ``Path``s directly.
+    """
+
+    links: tuple[LinkConfig, ...]
+    name: str = "path"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "links", tuple(self.links))
+        if not self.links:
+            raise LinkConfigError(f"{self.name}: a path needs at least one link")
+
+    @property
+    def delay_s(self) -> float:
+        return sum(link.delay_s for link in self.links)
+
+    def capacity_bps(self) -> float:
+        return min(link.capacity_bps() for link in self.links)
+
+    def reverse_default(self, name: str = "downlink") -> LinkConfig:
+        """1 Mbit/s with the path's total delay, no jitter, no loss, no limit."""
+        return LinkConfig(rate_bps=parse_rate(DEFAULT_REVERSE_RATE), delay_s=self.delay_s, name=name)
+
+    def with_(self, **changes: Any) -> PathConfig:
+        return replace(self, **changes)
+
+    def describe(self) -> dict[str, str]:
+        """Flat strings: the path's name and capacity, then each link's fields as ``<link name>.<field>``."""
+        out = {"name": self.name, "capacity_bps": f"{self.capacity_bps():.6g}",
+               "links": " -> ".join(link.name for link in self.links)}
+        for k, link in enumerate(self.links):
+            for key, value in link.describe().items():
+                if key != "name":
+                    out[f"{k}:{link.name}.{key}"] = value
+        return out
+
+    def build(self, env: simpy.Environment, rng: np.random.Generator, deliver: Callable[[Any], None]) -> Path:
+        rngs = [rng] if len(self.links) == 1 else rng.spawn(len(self.links))
+        links = [cfg.build(env, r) for cfg, r in zip(self.links, rngs, strict=True)]
+        return Path(env, links, deliver, name=self.name)
 
 
 @dataclass
 class DuplexLink:
-    forward: Link
-    reverse: Link
+    forward: Link | Path
+    reverse: Link | Path
 
 
 @dataclass(frozen=True)
 class DuplexConfig:
-    """A forward (edge -> cloud) and a reverse (feedback) link, each with its own parameters."""
+    """A forward (edge -> cloud) and a reverse (feedback) direction, each a link or a path of its own."""
 
-    forward: LinkConfig
-    reverse: LinkConfig | None = None  # None: forward.reverse_default()
+    forward: LinkConfig | PathConfig
+    reverse: LinkConfig | PathConfig | None = None  # None: forward.reverse_default()
 
     def __post_init__(self) -> None:
         if self.reverse is None:
@@ -447,7 +490,7 @@ def saturate(config: LinkConfig, seconds: float, seed: int, packet_size: int = 1
                 if not room:
                     break
                 link.send(probe)
-            pending = link._pending
+            pending = link.port._pending
             if not pending:
                 wake = link.busy_until
             else:  # wake while some of the backlog is still waiting for a later instant
@@ -460,7 +503,7 @@ def saturate(config: LinkConfig, seconds: float, seed: int, packet_size: int = 1
                         continue
             if wake <= env.now:
                 raise RuntimeError("saturate: the sender would spin without time passing")
-            yield _event_at(env, wake)
+            yield event_at(env, wake)
 
     env.process(sender())
     end = seconds + config.delay_s

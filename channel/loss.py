@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from miscnet.channel.units import LinkConfigError
+from miscnet.channel.errors import LinkConfigError
 
 
 @runtime_checkable

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from miscnet.channel.units import LinkConfigError
+from miscnet.channel.errors import LinkConfigError
 
 OPPORTUNITY_BYTES = 1500  # what one line delivers, in IP bytes (mm-link's 1504 include a 4-byte tun header)
 

@@ -16,22 +16,18 @@ same meaning (case-insensitive, as tc compares suffixes with strcasecmp):
   optional ``%`` sign: ``random 5`` and ``random 5%`` both mean 5 %, ``random 0.05`` means 0.05 %.
   ``none`` (or an empty string, or a zero random loss) means no loss. A leading ``loss``/``drop`` keyword
   is ignored so a netem command line can be pasted.
+- reorder (netem's ``reorder``): ``P [CORR] [gap N]``, percentages as for loss; ``gap`` defaults to 1.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import TYPE_CHECKING
 
-from miscnet.core.errors import MiscError
+from miscnet.channel.errors import LinkConfigError
+from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, LossModel
 
-if TYPE_CHECKING:
-    from miscnet.channel.loss import LossModel
-
-
-class LinkConfigError(MiscError):
-    """A link parameter (rate, time, size, loss spec, trace file) that cannot be used."""
+__all__ = ["LinkConfigError", "parse_loss", "parse_percent", "parse_rate", "parse_reorder", "parse_size", "parse_time"]
 
 
 # A decimal number as strtod reads it, without hex, inf or nan (which make no sense for a link).
@@ -139,8 +135,6 @@ def parse_loss(text: str | None) -> LossModel | None:
     >>> parse_loss("gemodel 1% 30% 70% 0.1%")   # p, r, 1-h, 1-k
     GilbertElliott(p=0.01, r=0.3, one_minus_h=0.7, one_minus_k=0.001)
     """
-    from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott  # loss.py imports this module
-
     spec = "" if text is None else str(text)
     tokens = spec.split()
     if tokens and tokens[0].lower() in ("loss", "drop"):
@@ -176,3 +170,33 @@ def parse_loss(text: str | None) -> LossModel | None:
         raise LinkConfigError(
             f"bad loss {spec!r}: ecn marking is not modelled (packets are lost, not marked)")
     raise LinkConfigError(f"unknown loss model {tokens[0]!r} in {spec!r} ({_LOSS_HELP})")
+
+
+def parse_reorder(text: str | None) -> tuple[float, float, int] | None:
+    """netem's ``reorder P [CORR] [gap N]`` as (probability, correlation, gap), or None for no reordering.
+
+    Percentages as in ``parse_loss``; ``gap`` defaults to 1 (tc's default when reorder is given). A leading
+    ``reorder`` keyword is ignored; ``none`` / empty / a zero probability mean no reordering.
+
+    >>> parse_reorder("25% 50% gap 5")
+    (0.25, 0.5, 5)
+    """
+    spec = "" if text is None else str(text)
+    tokens = spec.split()
+    if tokens and tokens[0].lower() == "reorder":
+        tokens = tokens[1:]
+    if not tokens or (len(tokens) == 1 and tokens[0].lower() == "none"):
+        return None
+    gap = 1
+    lowered = [tok.lower() for tok in tokens]
+    if "gap" in lowered:
+        k = lowered.index("gap")
+        if k != len(tokens) - 2 or not tokens[k + 1].isdigit() or int(tokens[k + 1]) < 1:
+            raise LinkConfigError(f"bad reorder {spec!r}: 'gap' takes a whole number >= 1 and comes last")
+        gap = int(tokens[k + 1])
+        tokens = tokens[:k]
+    if not 1 <= len(tokens) <= 2:
+        raise LinkConfigError(f"bad reorder {spec!r}: expected P [CORRELATION] [gap N], e.g. '25% 50%'")
+    p = parse_percent(tokens[0], "reorder probability", spec)
+    corr = parse_percent(tokens[1], "reorder correlation", spec) if len(tokens) == 2 else 0.0
+    return None if p == 0.0 else (p, corr, gap)
