@@ -445,6 +445,39 @@ class DuplexConfig:
                           self.reverse.build(env, r_rng, deliver_reverse))
 
 
+@dataclass(frozen=True)
+class LinkSpec:
+    """A duplex link as users write it (tc-style strings), holding the one set of defaults.
+
+    The CLI's link options and a scenario's ``[link]`` keys are its fields under the same names; ``build``
+    parses them into the ``DuplexConfig`` the simulator and the relay use. ``rate=None`` is DEFAULT_RATE
+    unless a trace is given; ``reverse_delay=None`` is the forward delay.
+    """
+
+    DEFAULT_RATE = "64kbit"  # class constant (not a field): the forward rate when neither rate nor trace
+
+    rate: str | None = None
+    trace: str | FilePath | Trace | None = None
+    delay: str = "0ms"
+    jitter: str = "0ms"
+    loss: str = "none"
+    reorder: str = "none"
+    queue: str | int | None = None  # drop-tail bytes; None: unlimited
+    loss_before_queue: bool = False  # netem's order instead of mm-loss behind mm-link
+    reverse_rate: str = DEFAULT_REVERSE_RATE
+    reverse_delay: str | None = None
+    reverse_loss: str = "none"
+
+    def build(self) -> DuplexConfig:
+        rate = self.rate if self.rate is not None or self.trace is not None else self.DEFAULT_RATE
+        forward = LinkConfig.from_strings(rate=rate, trace=self.trace, delay=self.delay, jitter=self.jitter,
+                                          loss=self.loss, queue=self.queue, name="uplink",
+                                          loss_before_queue=self.loss_before_queue, reorder=self.reorder)
+        reverse = LinkConfig.from_strings(rate=self.reverse_rate, delay=self.reverse_delay or self.delay,
+                                          loss=self.reverse_loss, name="downlink")
+        return DuplexConfig(forward, reverse)
+
+
 # ---- measurement -----------------------------------------------------------------------------------------
 class _Probe:
     __slots__ = ("size",)

@@ -64,6 +64,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from miscnet.channel.link import LinkSpec
 from miscnet.channel.transport import MODES as PROTECTION_MODES
 from miscnet.channel.transport import TransportConfig
 from miscnet.core.config import (
@@ -176,6 +177,13 @@ def _loss(v: Any) -> str:
     from miscnet.channel.units import parse_loss
 
     parse_loss(_str(v))
+    return v
+
+
+def _reorder(v: Any) -> str:
+    from miscnet.channel.units import parse_reorder
+
+    parse_reorder(_str(v))
     return v
 
 
@@ -293,6 +301,7 @@ class Param:
 # The defaults of the encoder, protection and decoder keys are the config dataclasses' (the CLI's too).
 _SEM, _MAP, _ENC = SemanticsConfig(), MapConfig(), EncoderConfig()
 _DEC, _DIFF, _TRANSPORT = DecoderConfig(), DiffusionConfig(), TransportConfig()
+_LINK = LinkSpec()
 
 # Every key a scenario may set, as "section.key". Sweepable ones make the configurations.
 PARAMS: dict[str, Param] = {
@@ -319,17 +328,20 @@ PARAMS: dict[str, Param] = {
     "encoder.bpp": Param(_ENC.bpp, _optional(_float(0.0, lo_open=True)), "whole-file budget in bpp (--bpp)"),
     "encoder.strict": Param(_SEM.strict, _bool, "MISC's text limits as errors (--strict)"),
     # link: the CLI's link options
-    "link.rate": Param(None, _optional(_rate), "constant forward rate (--rate; 64kbit unless a trace)"),
-    "link.trace": Param(None, _optional(_str), "Mahimahi trace file (--trace)", path=True),
-    "link.delay": Param("0ms", _time, "one-way delay (--delay)"),
-    "link.jitter": Param("0ms", _time, "delay jitter (--jitter)"),
-    "link.loss": Param("none", _loss, "netem loss model (--loss)"),
-    "link.queue": Param(None, _queue, "drop-tail queue in bytes (--queue)"),
-    "link.loss_before_queue": Param(False, _bool, "netem's order: loss decided before the queue"),
+    "link.rate": Param(_LINK.rate, _optional(_rate),
+                       f"constant forward rate (--rate; {LinkSpec.DEFAULT_RATE} unless a trace)"),
+    "link.trace": Param(_LINK.trace, _optional(_str), "Mahimahi trace file (--trace)", path=True),
+    "link.delay": Param(_LINK.delay, _time, "one-way delay (--delay)"),
+    "link.jitter": Param(_LINK.jitter, _time, "delay jitter (--jitter)"),
+    "link.loss": Param(_LINK.loss, _loss, "netem loss model (--loss)"),
+    "link.reorder": Param(_LINK.reorder, _reorder, "netem-like reordering 'P [CORR] [gap N]' (--reorder)"),
+    "link.queue": Param(_LINK.queue, _queue, "drop-tail queue in bytes (--queue)"),
+    "link.loss_before_queue": Param(_LINK.loss_before_queue, _bool, "netem's order: loss decided before the queue"),
     "link.mtu": Param(_TRANSPORT.mtu, _int(64, 65000), "packet payload bytes (--mtu)"),
-    "link.reverse_rate": Param("1mbit", _rate, "feedback link rate (--reverse-rate)"),
-    "link.reverse_delay": Param(None, _optional(_time), "feedback delay (--reverse-delay; default: delay)"),
-    "link.reverse_loss": Param("none", _loss, "feedback link loss (--reverse-loss)"),
+    "link.reverse_rate": Param(_LINK.reverse_rate, _rate, "feedback link rate (--reverse-rate)"),
+    "link.reverse_delay": Param(_LINK.reverse_delay, _optional(_time),
+                                "feedback delay (--reverse-delay; default: delay)"),
+    "link.reverse_loss": Param(_LINK.reverse_loss, _loss, "feedback link loss (--reverse-loss)"),
     # protection: the CLI's protection options
     "protection.mode": Param(_TRANSPORT.mode, _protect, "error control (--protect)"),
     "protection.fec_strong_rate": Param(_TRANSPORT.strong_rate, _float(0.05, 1.0),
@@ -469,19 +481,12 @@ class Configuration:
         return _digest({k: v for k, v in p.items() if k.startswith("decoder.")})
 
     def link_config(self):
-        from miscnet.channel.link import DuplexConfig, LinkConfig
-
         p = self.params
-        trace = _trace(p["link.trace"])
-        rate = None if trace is not None else (p["link.rate"] or "64kbit")
-        forward = LinkConfig.from_strings(rate=rate, trace=trace,
-                                          delay=p["link.delay"], jitter=p["link.jitter"], loss=p["link.loss"],
-                                          queue=p["link.queue"], name="uplink",
-                                          loss_before_queue=p["link.loss_before_queue"])
-        reverse = LinkConfig.from_strings(rate=p["link.reverse_rate"],
-                                          delay=p["link.reverse_delay"] or p["link.delay"],
-                                          loss=p["link.reverse_loss"], name="downlink")
-        return DuplexConfig(forward, reverse)
+        return LinkSpec(rate=p["link.rate"], trace=_trace(p["link.trace"]), delay=p["link.delay"],
+                        jitter=p["link.jitter"], loss=p["link.loss"], reorder=p["link.reorder"],
+                        queue=p["link.queue"], loss_before_queue=p["link.loss_before_queue"],
+                        reverse_rate=p["link.reverse_rate"], reverse_delay=p["link.reverse_delay"],
+                        reverse_loss=p["link.reverse_loss"]).build()
 
     def transport_config(self) -> TransportConfig:
         p = self.params

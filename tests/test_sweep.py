@@ -166,6 +166,32 @@ def test_scenario_defaults_are_the_config_defaults_and_keys_reach_the_configs(ph
     assert c.decoder_config() == DecoderConfig("diffusion", DiffusionConfig(steps=5, color_fix=False, size=256))
 
 
+def test_scenario_and_cli_links_come_from_one_link_spec(photos):
+    from miscnet.channel.link import LinkSpec
+    from miscnet.cli.main import build_parser, link_config
+    from miscnet.core.errors import MiscError
+
+    images = {"paths": [str(photos / "img1.png")]}
+    (c,) = parse_scenario({"images": images}).configs
+    args = build_parser().parse_args(["simulate", "x.png"])
+    assert c.link_config() == link_config(args) == LinkSpec().build()
+    assert LinkSpec().build().forward.describe()["rate"] == "64000bit"  # DEFAULT_RATE when neither rate nor trace
+    link = {"rate": "32kbit", "delay": "30ms", "jitter": "2ms", "loss": "random 3%", "reorder": "10% gap 3",
+            "queue": 4000, "loss_before_queue": True, "reverse_rate": "2mbit", "reverse_delay": "5ms",
+            "reverse_loss": "random 1%"}
+    (c,) = parse_scenario({"images": images, "link": link}).configs
+    args = build_parser().parse_args(["simulate", "x.png", "--rate", "32kbit", "--delay", "30ms", "--jitter", "2ms",
+                                      "--loss", "random 3%", "--reorder", "10% gap 3", "--queue", "4000",
+                                      "--reverse-rate", "2mbit", "--reverse-delay", "5ms",
+                                      "--reverse-loss", "random 1%"])
+    expected = LinkSpec(**link).build()
+    assert c.link_config() == expected
+    assert link_config(args) == LinkSpec(**{**link, "loss_before_queue": False}).build()  # no CLI flag for it
+    assert expected.forward.reorder != "none" and expected.forward.loss_before_queue
+    with pytest.raises(MiscError, match="reorder"):
+        parse_scenario({"images": images, "link": {"reorder": "lots"}})
+
+
 # ---------------------------------------------------------------------------------------------- bad scenarios
 
 @pytest.mark.parametrize("body, where, what", [

@@ -224,34 +224,38 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_link_options(p: argparse.ArgumentParser, default_rate: str | None = "64kbit") -> None:
+def add_link_options(p: argparse.ArgumentParser) -> None:
     """Link options shared by every command that has a link (tc / netem / mahimahi semantics)."""
+    from miscnet.channel.link import LinkSpec
+
+    d = LinkSpec()
     g = p.add_argument_group("link (tc units: 64kbit, 40ms, 'random 5%', 'gemodel 1% 30% 70% 0.1%')")
     rate = g.add_mutually_exclusive_group()
-    rate.add_argument("--rate", help=f"constant forward rate (default {default_rate})")
+    rate.add_argument("--rate", help=f"constant forward rate (default {LinkSpec.DEFAULT_RATE})")
     rate.add_argument("--trace", metavar="FILE", help="Mahimahi trace file for the forward rate")
-    g.add_argument("--delay", default="0ms", help="one-way propagation delay (default 0ms)")
-    g.add_argument("--jitter", default="0ms", help="delay jitter, uniform +/- (default 0ms); never reorders")
-    g.add_argument("--loss", default="none", help="loss model: none, 'random P', 'gemodel P [R [1-H [1-K]]]', "
-                   "'state P13 [P31 [P32 [P23 [P14]]]]'")
+    g.add_argument("--delay", default=d.delay, help=f"one-way propagation delay (default {d.delay})")
+    g.add_argument("--jitter", default=d.jitter,
+                   help=f"delay jitter, uniform +/- (default {d.jitter}); never reorders by itself")
+    g.add_argument("--loss", default=d.loss, help="loss model: none, 'random P', 'gemodel P [R [1-H [1-K]]]', "
+                   f"'state P13 [P31 [P32 [P23 [P14]]]]' (default {d.loss})")
+    g.add_argument("--reorder", default=d.reorder, metavar="'P [CORR] [gap N]'",
+                   help=f"netem-like reordering: a packet picked with probability P skips the delay (default "
+                   f"{d.reorder})")
     g.add_argument("--queue", metavar="BYTES", help="drop-tail queue limit in bytes (default unlimited)")
     g.add_argument("--mtu", type=_positive_int, default=_TRANSPORT.mtu,
                    help=f"packet payload bytes (default {_TRANSPORT.mtu})")
-    g.add_argument("--reverse-rate", default="1mbit", help="feedback link rate (default 1mbit)")
+    g.add_argument("--reverse-rate", default=d.reverse_rate, help=f"feedback link rate (default {d.reverse_rate})")
     g.add_argument("--reverse-delay", help="feedback link delay (default: the forward delay)")
-    g.add_argument("--reverse-loss", default="none", help="feedback link loss model (default none)")
-    p.set_defaults(default_rate=default_rate)
+    g.add_argument("--reverse-loss", default=d.reverse_loss,
+                   help=f"feedback link loss model (default {d.reverse_loss})")
 
 
 def link_config(args: argparse.Namespace):
-    from miscnet.channel.link import DuplexConfig, LinkConfig
+    from miscnet.channel.link import LinkSpec
 
-    rate = args.rate if args.rate or args.trace else args.default_rate
-    forward = LinkConfig.from_strings(rate=rate, trace=args.trace, delay=args.delay, jitter=args.jitter,
-                                      loss=args.loss, queue=args.queue, name="uplink")
-    reverse = LinkConfig.from_strings(rate=args.reverse_rate, delay=args.reverse_delay or args.delay,
-                                      loss=args.reverse_loss, name="downlink")
-    return DuplexConfig(forward, reverse)
+    return LinkSpec(rate=args.rate, trace=args.trace, delay=args.delay, jitter=args.jitter, loss=args.loss,
+                    reorder=args.reorder, queue=args.queue, reverse_rate=args.reverse_rate,
+                    reverse_delay=args.reverse_delay, reverse_loss=args.reverse_loss).build()
 
 
 def add_protection_options(p: argparse.ArgumentParser) -> None:
