@@ -1,6 +1,6 @@
 """Channel benchmarks, each a ratio measured side by side in one run.
 
-``python -m experiments.bench_channel [--seeds N] [--json]`` prints:
+``python -m miscnet.experiments.bench_channel [--seeds N] [--json]`` prints:
 
 1. link speed: packets per wall second through one ``Link`` (1 Gbit/s, 5 ms, a window of packets kept
    in flight by the delivery callback), measured side by side with two bare SimPy baselines moving the

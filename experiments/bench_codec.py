@@ -1,6 +1,6 @@
 """Encode + classical decode time per 512 x 512 image on this CPU.
 
-``python -m experiments.bench_codec [--repeat N] [--json]``: for each bundled sample, the median wall
+``python -m miscnet.experiments.bench_codec [--repeat N] [--json]``: for each bundled sample, the median wall
 time of a full encode (semantic + map + rate-controlled pixel layer at the default budget) and of a
 classical decode of every stage, reported as measured and scaled to 512 x 512 pixels.
 """

@@ -1,6 +1,6 @@
 """Benchmarks of the live nodes on loopback, each measured side by side in one run.
 
-``python -m experiments.bench_live [--seconds S] [--json]``:
+``python -m miscnet.experiments.bench_live [--seconds S] [--json]``:
 
 1. link fidelity of the relay (the SimPy model on the wall clock): delivered throughput against the
    configured rate and against a Mahimahi trace's capacity over the same window (target within +/-3%);

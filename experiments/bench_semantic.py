@@ -1,6 +1,6 @@
 """Semantic-layer coding benchmark: our payload against MISC's 8 bits per character and brotli.
 
-    python -m experiments.bench_semantic [--json] [--target 0.35] [files ...]
+    python -m miscnet.experiments.bench_semantic [--json] [--target 0.35] [files ...]
 
 Rows: MISC's published LMM answer (GPT-example.csv) and every JSON sidecar in src/miscnet/core/samples/,
 or the .json / .csv files given. PASS when every row's ratio (our payload / MISC raw bytes) is at or
@@ -93,7 +93,7 @@ def _sources(files: list[str]) -> list[tuple[str, Semantics]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_semantic",
+    ap = argparse.ArgumentParser(prog="python -m miscnet.experiments.bench_semantic",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="*", help=".json sidecars or MISC .csv files (default: the MISC example "
                     "and src/miscnet/core/samples/*.json)")

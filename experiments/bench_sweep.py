@@ -1,6 +1,6 @@
 """Sweep throughput: points per second of a 200-point sweep with 1 and 2 local workers, side by side.
 
-``python -m experiments.bench_sweep [--workers 1 2] [--json]``. The sweep is MISC on the five bundled
+``python -m miscnet.experiments.bench_sweep [--workers 1 2] [--json]``. The sweep is MISC on the five bundled
 samples at two budgets, over five link / protection configurations, with four seeds (5 x 2 x 5 x 4 =
 200 points; 10 encodings). Each run starts cold in a fresh output folder and writes the CSV and JSON
 outputs (no figures). Reported per run: wall time, points per second, and the share of worker time
