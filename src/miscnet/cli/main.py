@@ -547,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("miscnet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (miscnet ... | head): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
