@@ -449,6 +449,11 @@ class Configuration:
                              budget_bytes=p["encoder.budget"], bpp=p["encoder.bpp"], map=self.map_config(),
                              semantics=self.semantics_config())
 
+    def identity(self) -> dict[str, Any]:
+        """The parameters that make a point's id: those set away from their defaults. A key added to
+        PARAMS later leaves the ids (and so ``--resume``) of earlier results valid while it is at its default."""
+        return {k: v for k, v in self.params.items() if v != PARAMS[k].default}
+
     def encoder_key(self) -> str:
         return _digest({k: v for k, v in self.params.items() if k.startswith("encoder.")})
 
@@ -573,7 +578,7 @@ class ScenarioSpec:
             for i, _ in enumerate(self.images):
                 for seed in self.seeds:
                     for method in self.methods:
-                        ident = {"params": c.params, "image": self.images[i].name, "input": self.image_digest(i),
+                        ident = {"params": c.identity(), "image": self.images[i].name, "input": self.image_digest(i),
                                  "seed": seed, "method": method, **(base if method != "misc" else {})}
                         out.append(Point(_digest(ident), c.index, i, seed, method,
                                          simulation_seed(seed, self.images[i].name)))

@@ -54,6 +54,24 @@ def test_install_adds_only_the_miscnet_import_name(installed):
     assert (installed / "miscnet" / "v1" / "bitstream.proto").is_file()  # the schema ships with its code
 
 
+# Where each source folder lands beneath miscnet (pyproject.toml's package-dir).
+MAPPED = {"src/miscnet": "", "sender": "sender", "receiver": "receiver", "channel": "channel",
+          "experiments": "experiments", "proto/miscnet/v1": "v1"}
+DATA_SUFFIXES = (".json", ".toml", ".txt", ".proto")
+
+
+def test_install_holds_every_module_and_data_file(installed):
+    """A package or data file missing from pyproject's lists would vanish from a real install."""
+    missing = []
+    for src, dest in MAPPED.items():
+        for f in (ROOT / src).rglob("*"):
+            rel = f.relative_to(ROOT / src)
+            if f.suffix in (".py", *DATA_SUFFIXES) and "__pycache__" not in rel.parts and f.name != "generate.py":
+                if not (installed / "miscnet" / dest / rel).is_file():
+                    missing.append(f"{src}/{rel}")
+    assert not missing, f"not installed: {missing}"
+
+
 def test_import_contracts_hold(installed):
     lint = shutil.which("lint-imports", path=str(BIN))
     if lint is None:

@@ -166,6 +166,18 @@ def test_scenario_defaults_are_the_config_defaults_and_keys_reach_the_configs(ph
     assert c.decoder_config() == DecoderConfig("diffusion", DiffusionConfig(steps=5, color_fix=False, size=256))
 
 
+def test_point_ids_ignore_keys_left_at_their_defaults(photos):
+    """A key set to its default (as a key added to miscnet later is, in old results) keeps every point id,
+    so --resume still finds the points of a results folder written before the key existed."""
+    images = {"paths": [str(photos / "img1.png")]}
+    plain = parse_scenario({"images": images, "link": {"rate": "32kbit"}}).points()
+    spelled = parse_scenario({"images": images, "link": {"rate": "32kbit", "reorder": "none", "delay": "0ms"},
+                              "encoder": {"levels": 2}}).points()
+    assert [p.id for p in plain] == [p.id for p in spelled]
+    other = parse_scenario({"images": images, "link": {"rate": "32kbit", "reorder": "5%", "delay": "9ms"}}).points()
+    assert {p.id for p in plain}.isdisjoint(p.id for p in other)
+
+
 def test_scenario_and_cli_links_come_from_one_link_spec(photos):
     from miscnet.channel.link import LinkSpec
     from miscnet.cli.main import build_parser, link_config
