@@ -26,12 +26,13 @@ import simpy
 
 from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.channel.transport import TransportConfig
+from miscnet.core.config import EncoderConfig
 from miscnet.core.container import to_bytes
 from miscnet.core.image_io import load_image
 from miscnet.core.samples import sample_image_path, sample_sidecar_path
 from miscnet.core.semantics import load_semantics
 from miscnet.experiments.simulate import Scenario, SimImage, simulate
-from miscnet.sender.encoder import EncoderConfig, encode_image
+from miscnet.sender.encoder import encode_image
 from miscnet.v1 import bitstream_pb2 as pb
 
 RATE, DELAY, LOSS = 64000.0, 0.040, 0.05

@@ -12,13 +12,14 @@ import json
 import statistics
 import time
 
+from miscnet.core.config import EncoderConfig
 from miscnet.core.container import from_bytes
 from miscnet.core.image_io import load_image
 from miscnet.core.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
 from miscnet.core.semantics import load_semantics
 from miscnet.receiver.classical import ClassicalDecoder
 from miscnet.receiver.stages import progressive_stages
-from miscnet.sender.encoder import EncoderConfig, encode_image
+from miscnet.sender.encoder import encode_image
 from miscnet.sender.rate_control import clear_search_cache
 
 

@@ -203,12 +203,13 @@ def overhead() -> dict:
 def receiver_throughput(images: int) -> dict:
     import tempfile
 
+    from miscnet.core.config import EncoderConfig
     from miscnet.core.image_io import load_image
     from miscnet.core.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
     from miscnet.core.semantics import load_semantics
     from miscnet.receiver.classical import ClassicalDecoder
     from miscnet.receiver.node import ReceiverOptions, serve_receiver
-    from miscnet.sender.encoder import EncoderConfig, encode_image
+    from miscnet.sender.encoder import encode_image
     from miscnet.sender.node import SenderOptions, send_images
 
     encoded = []

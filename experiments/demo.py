@@ -10,6 +10,7 @@ import csv
 import io
 from pathlib import Path
 
+from miscnet.core.config import EncoderConfig
 from miscnet.core.container import from_bytes
 from miscnet.core.image_io import atomic_write_bytes, load_image, png_bytes
 from miscnet.core.samples import SAMPLE_NAMES, sample_image_path, sample_sidecar_path
@@ -17,7 +18,7 @@ from miscnet.core.semantics import load_semantics
 from miscnet.experiments.metrics import quality
 from miscnet.receiver.classical import ClassicalDecoder
 from miscnet.receiver.stages import progressive_stages
-from miscnet.sender.encoder import EncoderConfig, encode_image
+from miscnet.sender.encoder import encode_image
 
 FIELDS = ["image", "width", "height", "stage", "payload_bytes", "file_bytes", "bpp", "psnr", "ssim", "ms_ssim"]
 

@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 # The decoder's settings live in miscnet.core.config, where the CLI and scenarios build them.
-from miscnet.core.config import MAX_WORKING_SIDE, NEGATIVE_PROMPT, RESTORE_MODES, DiffusionConfig  # noqa: F401
+from miscnet.core.config import DiffusionConfig
 from miscnet.core.errors import MiscError
 from miscnet.core.map_codec import upsample_mask
 from miscnet.core.pixel import decode_pixels

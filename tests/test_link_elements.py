@@ -355,11 +355,12 @@ def test_a_reordering_hop_before_another_feeds_it_in_time_order():
 
 def test_duplex_over_a_path_with_reordering_runs_the_transport():
     from miscnet.channel.transport import TransportConfig
+    from miscnet.core.config import EncoderConfig
     from miscnet.core.image_io import load_image
     from miscnet.core.samples import sample_image_path, sample_sidecar_path
     from miscnet.core.semantics import load_semantics
     from miscnet.experiments.simulate import Scenario, SimImage, simulate
-    from miscnet.sender.encoder import EncoderConfig, encode_image
+    from miscnet.sender.encoder import encode_image
 
     image = load_image(sample_image_path("astronaut"))
     sem, _ = load_semantics(sample_sidecar_path("astronaut"))

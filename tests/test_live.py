@@ -17,6 +17,7 @@ from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.channel.packet import DATA, Packet
 from miscnet.channel.relay import RelayOptions, serve_relay
 from miscnet.channel.transport import TransportConfig
+from miscnet.core.config import EncoderConfig
 from miscnet.core.errors import MiscError
 from miscnet.core.image_io import load_image
 from miscnet.core.samples import sample_image_path, sample_sidecar_path
@@ -24,7 +25,7 @@ from miscnet.core.semantics import load_semantics
 from miscnet.experiments.simulate import Scenario, SimImage, simulate
 from miscnet.receiver.classical import ClassicalDecoder
 from miscnet.receiver.node import ReceiverOptions, serve_receiver
-from miscnet.sender.encoder import EncoderConfig, encode_image
+from miscnet.sender.encoder import encode_image
 from miscnet.sender.node import SenderOptions, send_images
 from miscnet.v1 import services_pb2 as spb
 from miscnet.v1 import services_pb2_grpc as sgrpc

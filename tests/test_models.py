@@ -358,12 +358,12 @@ def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
 
 def test_map_stage_changes_only_inside_the_masks(tiny):
     """On a 128 x 80 image decoded at its own size: outside every mask the map stage is the semantic one."""
-    from miscnet.core.config import MapConfig
+    from miscnet.core.config import EncoderConfig, MapConfig
     from miscnet.core.map_codec import upsample_mask
     from miscnet.core.semantics import SemanticObject, Semantics
     from miscnet.receiver.diffusion import DiffusionDecoder
     from miscnet.receiver.stages import progressive_stages
-    from miscnet.sender.encoder import EncoderConfig, encode_image
+    from miscnet.sender.encoder import encode_image
 
     sem = Semantics((SemanticObject("box", "a red box.", (0.1, 0.2, 0.4, 0.6)),
                      SemanticObject("sky", "a blue sky.", (0.5, 0.0, 1.0, 0.25))), "A red box under a blue sky.")
