@@ -47,7 +47,6 @@ import simpy
 
 from miscnet.channel.elements import (
     TRACE_BUDGET_BYTES,
-    TUN_HEADER_BYTES,
     Exit,
     Gate,
     Loss,
@@ -58,12 +57,12 @@ from miscnet.channel.elements import (
     Wire,
     event_at,
 )
+from miscnet.channel.errors import LinkConfigError
 from miscnet.channel.loss import LossModel
 from miscnet.channel.trace import OPPORTUNITY_BYTES, Trace
-from miscnet.channel.units import LinkConfigError, parse_loss, parse_rate, parse_reorder, parse_size, parse_time
+from miscnet.channel.units import parse_loss, parse_rate, parse_reorder, parse_size, parse_time
 
-__all__ = ["TRACE_BUDGET_BYTES", "TUN_HEADER_BYTES", "DuplexConfig", "DuplexLink", "Link", "LinkConfig",
-           "Packet", "Path", "PathConfig", "saturate"]
+__all__ = ["DuplexConfig", "DuplexLink", "Link", "LinkConfig", "LinkSpec", "Packet", "Path", "PathConfig", "saturate"]
 
 DEFAULT_REVERSE_RATE = "1mbit"  # feedback (NACKs, acks) is tiny; 1 Mbit/s keeps it from being the bottleneck
 

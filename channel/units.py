@@ -27,7 +27,7 @@ import re
 from miscnet.channel.errors import LinkConfigError
 from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, LossModel
 
-__all__ = ["LinkConfigError", "parse_loss", "parse_percent", "parse_rate", "parse_reorder", "parse_size", "parse_time"]
+__all__ = ["parse_loss", "parse_percent", "parse_rate", "parse_reorder", "parse_size", "parse_time"]
 
 
 # A decimal number as strtod reads it, without hex, inf or nan (which make no sense for a link).

@@ -88,9 +88,10 @@ _DECODERS: dict[str, Any] = {}  # per process: a diffusion decoder loads its mod
 def _decoder_for(config: DecoderConfig | None) -> Any:
     from miscnet.receiver.decoders import make_decoder
 
-    key = repr(config) if config is not None else "classical"
+    config = config or DecoderConfig()
+    key = "classical" if config.name == "classical" else repr(config)  # the classical decoder has no settings
     if key not in _DECODERS:
-        _DECODERS[key] = ClassicalDecoder() if config is None else make_decoder(config)
+        _DECODERS[key] = make_decoder(config)
     return _DECODERS[key]
 
 
@@ -527,9 +528,6 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
         if skey not in semantics:
             semantics[skey] = semantics_for(spec, c, key[0], images[key[0]], out / "semantics")
 
-    def decoder_config(c: Configuration) -> DecoderConfig | None:
-        return None if c.params["decoder.name"] == "classical" else c.decoder_config()
-
     def cost(key: tuple) -> float:  # encode cost grows with pixels; longest first balances best
         return images[key[0]].shape[0] * images[key[0]].shape[1]
 
@@ -570,7 +568,7 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
         points = by_misc[key]
         c = configs[points[0].config]
         handle = executor.submit(prepare_misc, ":".join(map(str, key)), spec.images[key[0]].name, images[key[0]],
-                                 semantics[(key[0], c.semantics_key())], c.encoder_config(), decoder_config(c))
+                                 semantics[(key[0], c.semantics_key())], c.encoder_config(), c.decoder_config())
         tasks[handle] = ("misc", key)
     try:
         while tasks:
@@ -606,7 +604,7 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
                             baseline_prepared[bkey] = None
                             handle = executor.submit(prepare_baseline, ":".join(map(str, bkey)),
                                                      spec.images[p.image].name, images[p.image], p.method, budget,
-                                                     raster, levels, decoder_config(configs[p.config]))
+                                                     raster, levels, configs[p.config].decoder_config())
                             tasks[handle] = ("baseline", bkey)
                         elif baseline_prepared[bkey] is not None:  # already encoded for an equal budget
                             ready = baseline_prepared[bkey]

@@ -246,7 +246,8 @@ def test_live_nodes_import_no_experiments_and_no_matplotlib(tmp_path, foreign_im
 def test_help_defaults_are_the_config_defaults(capsys):
     """Every option's default is the config dataclasses' (and what the help text shows)."""
     from miscnet.channel.transport import TransportConfig
-    from miscnet.cli.main import build_parser, decoder_config, encoder_config, transport_config
+    from miscnet.cli.main import build_parser, encoder_config, transport_config
+    from miscnet.cli.models import decoder_config
     from miscnet.core.config import DecoderConfig, DiffusionConfig, EncoderConfig
 
     parser = build_parser()

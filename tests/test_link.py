@@ -9,10 +9,11 @@ import pytest
 import simpy
 import simpy.rt
 
+from miscnet.channel.errors import LinkConfigError
 from miscnet.channel.link import DuplexConfig, Link, LinkConfig, saturate
 from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, _chain_stats
 from miscnet.channel.trace import Trace
-from miscnet.channel.units import LinkConfigError, parse_loss, parse_rate, parse_size, parse_time
+from miscnet.channel.units import parse_loss, parse_rate, parse_size, parse_time
 from miscnet.core.errors import MiscError
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"

@@ -10,9 +10,10 @@ import pytest
 import simpy
 
 from miscnet.channel.elements import Port, Reorder, Wire
+from miscnet.channel.errors import LinkConfigError
 from miscnet.channel.link import DuplexConfig, Link, LinkConfig, PathConfig
 from miscnet.channel.link import Path as LinkPath
-from miscnet.channel.units import LinkConfigError, parse_reorder
+from miscnet.channel.units import parse_reorder
 
 TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
 if not TRACES.is_dir():  # a checkout whose shared/ sits inside it

@@ -140,7 +140,8 @@ def test_a_scenario_from_a_dict_and_its_report_settings(photos):
 
 def test_scenario_defaults_are_the_config_defaults_and_keys_reach_the_configs(photos):
     from miscnet.channel.transport import TransportConfig
-    from miscnet.cli.main import build_parser, decoder_config, encoder_config, transport_config
+    from miscnet.cli.main import build_parser, encoder_config, transport_config
+    from miscnet.cli.models import decoder_config
     from miscnet.core.config import DecoderConfig, DiffusionConfig, EncoderConfig, MapConfig, SemanticsConfig
     from miscnet.core.errors import MiscError
 

@@ -18,7 +18,7 @@ from miscnet.cli import models as cli_models
 from miscnet.cli import sweep as cli_sweep
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
-from miscnet.core.config import DecoderConfig, EncoderConfig, SemanticsConfig, pixel_codec_choices
+from miscnet.core.config import MAP_BACKENDS, EncoderConfig, SemanticsConfig, pixel_codec_choices
 from miscnet.core.errors import MiscError
 
 _ENC = EncoderConfig()  # the defaults
@@ -29,7 +29,7 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that encodes (encode, simulate, sender, sweep)."""
     g = p.add_argument_group("encoder")
     g.add_argument("--semantics", metavar="FILE", help="JSON sidecar or MISC CSV (default: IMAGE.json beside it)")
-    g.add_argument("--map", dest="map_backend", default=_ENC.map.backend, choices=list(cli_models.MAP_CHOICES),
+    g.add_argument("--map", dest="map_backend", default=_ENC.map.backend, choices=list(MAP_BACKENDS),
                    help=f"map layer backend (default: {_ENC.map.backend}, from the sidecar's boxes; clip: a CLIP "
                    "model)")
     g.add_argument("--grid", type=_positive_int, default=_ENC.map.grid,
@@ -53,14 +53,10 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
                          map=cli_models.map_config(args), semantics=cli_models.semantics_config(args))
 
 
-def decoder_config(args: argparse.Namespace) -> DecoderConfig:
-    return cli_models.decoder_config(args)
-
-
 def make_decoder(args: argparse.Namespace):
     from miscnet.receiver.decoders import make_decoder as receiver_make_decoder
 
-    return receiver_make_decoder(decoder_config(args))
+    return receiver_make_decoder(cli_models.decoder_config(args))
 
 
 def load_input(image_arg: str, semantics: SemanticsConfig):

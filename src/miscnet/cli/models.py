@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from miscnet.cli.argtypes import float_in as _float_in
@@ -26,7 +25,6 @@ from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
 from miscnet.core.config import (
     DECODERS,
-    MAP_BACKENDS,
     RESTORE_MODES,
     SEMANTICS_BACKENDS,
     DecoderConfig,
@@ -35,7 +33,6 @@ from miscnet.core.config import (
     SemanticsConfig,
 )
 
-MAP_CHOICES = MAP_BACKENDS
 _SEM = SemanticsConfig()  # the defaults
 _MAP = MapConfig()
 _DEC = DecoderConfig()
@@ -223,11 +220,3 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
 def decoder_config(args: argparse.Namespace) -> DecoderConfig:
     """The DecoderConfig the options ask for."""
     return DecoderConfig(name=args.decoder, diffusion=diffusion_config(args))
-
-
-def env_summary() -> dict[str, str | None]:
-    """The model-related environment variables, for reports."""
-    keys = ("MISCNET_MODELS_DIR", "MISCNET_DIFFUSION_MODEL", "MISCNET_CONTROLNET_MODEL", "MISCNET_UPSCALER_MODEL",
-            "MISCNET_CLIP_MODEL", "MISCNET_VLM_MODEL", "MISCNET_LMM_MODEL", "OPENAI_BASE_URL", "HF_HOME",
-            "HF_HUB_CACHE", "HF_HUB_OFFLINE")
-    return {k: os.environ.get(k) for k in keys}
