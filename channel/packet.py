@@ -31,7 +31,14 @@ _CRC = struct.Struct("!I")
 
 
 class PacketError(BitstreamError):
-    """A packet that fails its checksum, is truncated, too large or of an unknown version / kind."""
+    """A packet that fails its checksum, is truncated, too large or of an unknown version / kind.
+
+    ``reason`` names the check that failed, for the drop counters (short, oversize, checksum, version, kind).
+    """
+
+    def __init__(self, message: str, reason: str = "malformed"):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(slots=True, frozen=True)
@@ -51,25 +58,21 @@ class Packet:
 def decode_packet(data: bytes) -> Packet:
     """Parse and verify one packet; PacketError for anything a sender of ours would not produce."""
     if len(data) < HEADER_BYTES:
-        raise PacketError(f"packet of {len(data)} bytes is shorter than its header")
+        raise PacketError(f"packet of {len(data)} bytes is shorter than its header", "short")
     if len(data) > MAX_PACKET_BYTES:
-        raise PacketError(f"packet of {len(data)} bytes is over the {MAX_PACKET_BYTES} byte limit")
-    first, image_id, block, symbol, k = _FIELDS.unpack_from(data)
+        raise PacketError(f"packet of {len(data)} bytes is over the {MAX_PACKET_BYTES} byte limit", "oversize")
+    # the checksum first: no field of a packet that fails it is read, let alone acted on
     (crc,) = _CRC.unpack_from(data, 8)
     payload = data[HEADER_BYTES:]
     if zlib.crc32(payload, zlib.crc32(data[:8])) != crc:
-        raise PacketError("packet checksum mismatch")
+        raise PacketError("packet checksum mismatch", "checksum")
+    first, image_id, block, symbol, k = _FIELDS.unpack_from(data)
     version, kind, reserved = first >> 6, (first >> 3) & 7, first & 7
     if version != VERSION or reserved:
-        raise PacketError(f"packet version {version} unknown")
+        raise PacketError(f"packet version {version} unknown", "version")
     if kind not in KIND_NAMES:
-        raise PacketError(f"packet kind {kind} unknown")
+        raise PacketError(f"packet kind {kind} unknown", "kind")
     return Packet(kind, image_id, block, symbol, k, bytes(payload))
-
-
-def peek_image_id(data: bytes) -> int | None:
-    """The image id field of a packet, unverified (for per-image byte counts before the checksum)."""
-    return _FIELDS.unpack_from(data)[1] if len(data) >= HEADER_BYTES else None
 
 
 class Datagram:

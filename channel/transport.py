@@ -15,7 +15,7 @@ Error control modes:
   hybrid  fec's first round, then arq's rounds, asking for fresh repair symbols (any k of a block decode).
 Round-trip times from POLL to Feedback drive the retransmission timer (RFC 6298: SRTT, RTTVAR, backoff).
 
-Receiver side (``TransportReceiver``): verifies packets (checksum, sizes, limits), reassembles blocks
+Receiver side (``TransportReceiver``): verifies packets (checksum first, sizes, limits), reassembles blocks
 (loss, duplication and reordering tolerated), decodes FEC, parses units and reports each layer once;
 answers POLLs with Feedback.
 """
@@ -37,10 +37,13 @@ from miscnet.v1 import transport_pb2 as tpb
 
 MODES = ("none", "arq", "fec", "hybrid")
 FEC_ALIGN = 8  # RaptorQ symbols are multiples of 8 bytes in the raptorq package
+# raptorq 2.0 gives repair symbols 4 bytes longer than the source symbols below 64 bytes (and its decoder
+# then panics): FEC symbols are never smaller, and a receiver refuses smaller ones.
 MIN_FEC_SYMBOL = 64
 MAX_BLOCKS = 64
-MAX_SYMBOLS = 4096  # per block: bounds receiver memory at MAX_SYMBOLS * MTU per block
-MAX_UNIT_BYTES = 4 * 1024 * 1024
+MAX_SYMBOLS = 4096
+MAX_BLOCK_BYTES = 4 * 1024 * 1024  # one block (k symbols) at most: bounds a block's memory and FEC work
+MAX_UNIT_BYTES = MAX_BLOCK_BYTES
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class Block:
             want = max(index + 1, 2 * len(self._repairs), 4)
             if self._encoder is None:
                 t = len(self.symbols[0])
+                # max packet size t + 4 (RFC 6330 payload id + symbol) makes raptorq pick symbol size t
                 self._encoder = raptorq.Encoder.with_defaults(b"".join(self.symbols), t + 4)
             packets = self._encoder.get_encoded_packets(want)
             self._repairs = [p[4:] for p in packets[self.k :]]
@@ -185,10 +189,12 @@ def _cut(index: int, names: tuple[str, ...], strong: bool, data: bytes, config: 
         k = math.ceil(n / mtu)
         if k < config.fec_min_symbols:  # finer symbols: one repair covers one loss without a full copy
             k = max(k, min(config.fec_min_symbols, n // MIN_FEC_SYMBOL))
-        t = math.ceil(math.ceil(n / k) / FEC_ALIGN) * FEC_ALIGN
+        t = max(MIN_FEC_SYMBOL, math.ceil(math.ceil(n / k) / FEC_ALIGN) * FEC_ALIGN)
         k = math.ceil(n / t)
         data = data + bytes(k * t - n)  # zero padding reads as the end-of-units marker
         symbols = [data[i * t : (i + 1) * t] for i in range(k)]
+    if len(data) > MAX_BLOCK_BYTES:
+        raise MiscError(f"block of {n} bytes is over the transport's limit of {MAX_BLOCK_BYTES} bytes")
     if len(symbols) > MAX_SYMBOLS:
         raise MiscError(f"block of {n} bytes needs {len(symbols)} symbols, over {MAX_SYMBOLS}; raise --mtu")
     return Block(index, names, strong, n, symbols, config.uses_fec)
@@ -373,12 +379,26 @@ class ImageSender:
 
 # ---------------------------------------------------------------- receiver
 
+# Why a packet or a block was dropped: the keys of ReceiverStats.drops (docs/PROTOCOL.md, "Limits").
+PACKET_DROPS = ("short", "oversize", "checksum", "version", "kind", "fields", "images", "memory", "symbol-size",
+                "duplicate")
+BLOCK_DROPS = ("units", "header-mismatch", "fec")
+
+
+def _is_native_panic(exc: BaseException) -> bool:
+    # pyo3's PanicException (a Rust assertion inside raptorq) derives from BaseException, so a plain
+    # ``except Exception`` lets it end the thread; it is the one BaseException we take as a bad block.
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 @dataclass
 class _BlockState:
     k: int
-    symbol_size: int
     symbols: dict[int, bytes] = field(default_factory=dict)
+    held: int = 0  # bytes in symbols
     decoded: bool = False
+    fec_size: int | None = None  # the one symbol size once a repair symbol has been seen
+    decoder: object | None = None
 
 
 @dataclass
@@ -389,17 +409,36 @@ class LayerArrival:
 
 
 @dataclass
+class Received:
+    """What one datagram did: the verified image id it counted for (None if dropped), layers, replies."""
+
+    image_id: int | None
+    arrivals: list[LayerArrival]
+    feedback: list[bytes]
+
+
+@dataclass
 class ReceiverStats:
     packets_received: int = 0
     bytes_received: int = 0
-    packets_bad: int = 0  # checksum, version, size, limits: dropped and counted
-    packets_duplicate: int = 0
-    blocks_bad: int = 0  # passed packet checks but did not decode into valid units
     feedback_sent: int = 0
     feedback_bytes: int = 0
+    drops: dict[str, int] = field(default_factory=dict)  # packet drops by reason (PACKET_DROPS)
+    blocks_bad: dict[str, int] = field(default_factory=dict)  # blocks that passed packet checks, by reason
 
-    def as_dict(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    @property
+    def packets_bad(self) -> int:
+        """Packets dropped for anything but being a duplicate."""
+        return sum(n for reason, n in self.drops.items() if reason != "duplicate")
+
+    @property
+    def packets_duplicate(self) -> int:
+        return self.drops.get("duplicate", 0)
+
+    def as_dict(self) -> dict:
+        return {"packets_received": self.packets_received, "bytes_received": self.bytes_received,
+                "feedback_sent": self.feedback_sent, "feedback_bytes": self.feedback_bytes,
+                "drops": dict(self.drops), "blocks_bad": dict(self.blocks_bad)}
 
 
 class _ImageState:
@@ -414,7 +453,12 @@ class _ImageState:
 
 
 class TransportReceiver:
-    """Reassembles the images of one sender stream. ``on_datagram`` returns (arrivals, feedback bytes)."""
+    """Reassembles the images of one sender stream; ``on_datagram`` returns what one datagram did.
+
+    The work and memory one packet can cause are bounded: the checksum is checked before any state is
+    touched, a block holds at most MAX_BLOCK_BYTES, all undecoded blocks together ``max_buffered_bytes``,
+    and a packet is fed to the FEC decoder once (the decoder keeps its state between packets).
+    """
 
     def __init__(self, max_images: int = 256, max_symbol_bytes: int = 65000,
                  max_buffered_bytes: int = 64 * 1024 * 1024):
@@ -425,20 +469,22 @@ class TransportReceiver:
         self.max_buffered_bytes = max_buffered_bytes  # symbols of undecoded blocks, all images together
         self.buffered_bytes = 0
 
-    def on_datagram(self, data: bytes) -> tuple[list[LayerArrival], list[bytes]]:
+    def _drop(self, reason: str, image_id: int | None = None) -> Received:
+        self.stats.drops[reason] = self.stats.drops.get(reason, 0) + 1
+        return Received(image_id, [], [])
+
+    def on_datagram(self, data: bytes) -> Received:
         self.stats.packets_received += 1
         self.stats.bytes_received += len(data)
         try:
             packet = decode_packet(data)
-        except PacketError:
-            self.stats.packets_bad += 1
-            return [], []
+        except PacketError as exc:
+            return self._drop(exc.reason)
         if packet.kind == POLL:
-            return [], [self._feedback(packet)]
+            return Received(packet.image_id, [], [self._feedback(packet)])
         if packet.kind != DATA:
-            self.stats.packets_bad += 1
-            return [], []
-        return self._on_data(packet), []
+            return self._drop("kind")
+        return self._on_data(packet)
 
     def image_complete(self, image_id: int) -> bool:
         state = self.images.get(image_id)
@@ -447,79 +493,98 @@ class TransportReceiver:
     def forget(self, image_id: int) -> None:
         state = self.images.pop(image_id, None)
         if state is not None:
-            self.buffered_bytes -= sum(len(v) for b in state.blocks.values() for v in b.symbols.values())
+            self.buffered_bytes -= sum(b.held for b in state.blocks.values())
 
-    def _image(self, image_id: int) -> _ImageState | None:
-        state = self.images.get(image_id)
-        if state is None:
-            if len(self.images) >= self.max_images:
-                return None
-            state = self.images[image_id] = _ImageState()
-        return state
-
-    def _on_data(self, p: Packet) -> list[LayerArrival]:
+    def _on_data(self, p: Packet) -> Received:
         size = len(p.payload)
         if (p.block >= MAX_BLOCKS or not 1 <= p.k <= MAX_SYMBOLS or size == 0
                 or size > self.max_symbol_bytes):
-            self.stats.packets_bad += 1
-            return []
-        image = self._image(p.image_id)
+            return self._drop("fields")
+        image = self.images.get(p.image_id)
         if image is None:
-            self.stats.packets_bad += 1
-            return []
+            if len(self.images) >= self.max_images:
+                return self._drop("images")
+            image = self.images[p.image_id] = _ImageState()
         block = image.blocks.get(p.block)
         if block is None:
-            block = image.blocks[p.block] = _BlockState(p.k, size)
+            block = image.blocks[p.block] = _BlockState(p.k)
         elif block.k != p.k:
-            self.stats.packets_bad += 1
-            return []
+            return self._drop("fields", p.image_id)
         if block.decoded or p.symbol in block.symbols:
-            self.stats.packets_duplicate += 1
-            return []
-        if self.buffered_bytes + size > self.max_buffered_bytes:
-            self.stats.packets_bad += 1  # memory stays bounded whatever a sender claims
-            return []
+            return self._drop("duplicate", p.image_id)
+        if p.symbol >= p.k or block.fec_size is not None:  # a repair symbol: this is a FEC block
+            if not _fec_symbol_ok(p.k, size) or block.fec_size not in (None, size):
+                return self._drop("symbol-size", p.image_id)
+            if block.fec_size is None:  # every symbol of a FEC block has this size: evict any other
+                block.fec_size = size
+                for sid in [s for s, v in block.symbols.items() if len(v) != size]:
+                    self._evict(block, sid)
+        if block.held + size > MAX_BLOCK_BYTES or self.buffered_bytes + size > self.max_buffered_bytes:
+            return self._drop("memory", p.image_id)  # memory stays bounded whatever a sender claims
         block.symbols[p.symbol] = p.payload
+        block.held += size
         self.buffered_bytes += size
-        data = self._try_decode(block)
+        data = self._try_decode(block, p.symbol)
         if data is None:
-            return []
+            return Received(p.image_id, [], [])
         block.decoded = True
-        self.buffered_bytes -= sum(len(v) for v in block.symbols.values())
-        block.symbols = {}  # free memory; the units live on in image.layers
+        self.buffered_bytes -= block.held
+        block.symbols, block.held, block.decoder = {}, 0, None  # free memory; the units live on in image.layers
+        if data is _FAILED:
+            return Received(p.image_id, [], [])
+        return Received(p.image_id, self._accept_units(image, p.image_id, data), [])
+
+    def _evict(self, block: _BlockState, sid: int) -> None:
+        n = len(block.symbols.pop(sid))
+        block.held -= n
+        self.buffered_bytes -= n
+        self.stats.drops["symbol-size"] = self.stats.drops.get("symbol-size", 0) + 1
+
+    def _accept_units(self, image: _ImageState, image_id: int, data: bytes) -> list[LayerArrival]:
         try:
             header, layers = unpack_units(data)
         except BitstreamError:
-            self.stats.blocks_bad += 1
+            self._block_bad("units")
             return []
         if image.header is None:
             image.header = header
         elif header.SerializeToString() != image.header.SerializeToString():
-            self.stats.blocks_bad += 1
+            self._block_bad("header-mismatch")
             return []
         arrivals = []
         for layer in layers:
             name = layer_name(layer)
             if name not in image.layers:
                 image.layers[name] = layer
-                arrivals.append(LayerArrival(p.image_id, header, layer))
+                arrivals.append(LayerArrival(image_id, header, layer))
         return arrivals
 
-    @staticmethod
-    def _try_decode(block: _BlockState) -> bytes | None:
+    def _block_bad(self, reason: str) -> None:
+        self.stats.blocks_bad[reason] = self.stats.blocks_bad.get(reason, 0) + 1
+
+    def _try_decode(self, block: _BlockState, newest: int):
+        """The block's bytes once it can be rebuilt; None until then; _FAILED if FEC decoding failed."""
         k, symbols = block.k, block.symbols
-        if all(s in symbols for s in range(k)):  # systematic: the source symbols are the data
+        if len(symbols) >= k and all(s in symbols for s in range(k)):  # systematic: the source symbols
             return b"".join(symbols[s] for s in range(k))
-        if len(symbols) < k:
+        if block.fec_size is None or len(symbols) < k:
             return None
-        t = block.symbol_size
-        if any(len(v) != t for v in symbols.values()):
-            return None  # only FEC blocks carry repair symbols, and those have equal sizes
-        decoder = raptorq.Decoder.with_defaults(k * t, t + 4)
-        for sid, payload in symbols.items():
-            result = decoder.decode(bytes([0]) + sid.to_bytes(3, "big") + payload)
-            if result is not None:
-                return bytes(result)
+        t = block.fec_size
+        try:
+            if block.decoder is None:  # the k-th symbol: start the decoder with everything held
+                block.decoder = raptorq.Decoder.with_defaults(k * t, t + 4)
+                feed = list(symbols)
+            else:
+                feed = [newest]
+            for sid in feed:
+                result = block.decoder.decode(_payload_id(sid) + symbols[sid])
+                if result is not None:
+                    return bytes(result) if len(result) == k * t else _FAILED
+        except BaseException as exc:
+            if not _is_native_panic(exc):
+                raise
+            self._block_bad("fec")
+            return _FAILED
         return None
 
     def _feedback(self, poll: Packet) -> bytes:
@@ -536,12 +601,25 @@ class TransportReceiver:
         return data
 
 
+_FAILED = object()
+
+
+def _fec_symbol_ok(k: int, size: int) -> bool:
+    """Symbol sizes our senders produce for FEC blocks, and raptorq 2.0 decodes correctly."""
+    return size >= MIN_FEC_SYMBOL and size % FEC_ALIGN == 0 and k * size <= MAX_BLOCK_BYTES
+
+
+def _payload_id(symbol: int) -> bytes:
+    """RFC 6330's FEC payload id: source block number (always 0: one source block) and the 24-bit ESI."""
+    return b"\x00" + symbol.to_bytes(3, "big")
+
+
 def parse_feedback(data: bytes) -> tuple[int, tpb.Feedback]:
     """(image id, Feedback) from a FEEDBACK packet; PacketError if it is not one."""
     packet = decode_packet(data)
     if packet.kind != FEEDBACK:
-        raise PacketError(f"expected a feedback packet, got {packet.kind}")
+        raise PacketError(f"expected a feedback packet, got {packet.kind}", "kind")
     try:
         return packet.image_id, tpb.Feedback.FromString(packet.payload)
     except (DecodeError, RecursionError, ValueError) as exc:
-        raise PacketError(f"malformed feedback: {exc}") from None
+        raise PacketError(f"malformed feedback: {exc}", "feedback") from None

@@ -89,11 +89,11 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
         if image_id in delivered_bytes:
             delivered_bytes[image_id] += dg.size
             delivered_packets[image_id] += 1
-        arrivals, feedback = receiver.on_datagram(dg.data)
-        for fb in feedback:
+        received = receiver.on_datagram(dg.data)
+        for fb in received.feedback:
             link.reverse.send(Datagram(fb, "feedback", image_id))
         by_image: dict[int, list] = {}
-        for arrival in arrivals:  # layers of one packet make one stage, not several
+        for arrival in received.arrivals:  # layers of one packet make one stage, not several
             by_image.setdefault(arrival.image_id, []).append(arrival)
         for i, group in by_image.items():
             if i not in delivered_bytes:

@@ -21,7 +21,6 @@ from pathlib import Path
 import grpc
 
 from miscnet.channel.grpc_util import TlsFiles, check_token, start_server
-from miscnet.channel.packet import peek_image_id
 from miscnet.channel.transport import TransportReceiver
 from miscnet.core.container import layers_digest
 from miscnet.core.image_io import MAX_PIXELS, png_bytes, save_png
@@ -246,16 +245,16 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         with self._lock:
             self.stats["packets"] += 1
         before = stream.transport.stats.packets_bad
-        image_id = peek_image_id(data)
+        received = stream.transport.on_datagram(data)
+        image_id = received.image_id  # verified: a packet that fails its checks creates no state
         if image_id is not None:
             stream.first_seen.setdefault(image_id, now)
             stream.wire_bytes[image_id] = stream.wire_bytes.get(image_id, 0) + len(data)
-        arrivals, feedback = stream.transport.on_datagram(data)
         if stream.transport.stats.packets_bad != before:
             with self._lock:
                 self.stats["packets_bad"] += 1
         groups: dict[int, list] = {}
-        for arrival in arrivals:
+        for arrival in received.arrivals:
             groups.setdefault(arrival.image_id, []).append(arrival)
         for image_id, group in groups.items():
             header = group[0].header
@@ -270,7 +269,7 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
             stage = assembly.add(*(a.layer for a in group))
             if stage is not None:
                 self._on_stage(stream, image_id, assembly, stage, now)
-        return feedback
+        return received.feedback
 
     def _on_stage(self, stream: _Stream, image_id: int, assembly: ImageAssembly, stage: StageInput,
                   now: float) -> None:

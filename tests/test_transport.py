@@ -48,8 +48,8 @@ def test_packet_header_is_12_bytes_and_checked():
 @given(st.binary(max_size=200))
 def test_hostile_packets_are_counted_never_crash(data):
     rx = TransportReceiver()
-    arrivals, feedback = rx.on_datagram(data)
-    assert arrivals == [] and rx.stats.packets_received == 1
+    received = rx.on_datagram(data)
+    assert received.arrivals == [] and received.image_id is None and rx.stats.packets_received == 1
 
 
 def test_small_layers_share_one_packet(encoded_samples):
@@ -68,7 +68,7 @@ def test_reassembly_survives_duplication_and_reordering(encoded_samples, mode):
     rx = TransportReceiver()
     got = {}
     for data in shuffled:
-        for arrival in rx.on_datagram(data)[0]:
+        for arrival in rx.on_datagram(data).arrivals:
             got[layer_name(arrival.layer)] = hashlib.sha256(arrival.layer.SerializeToString()).hexdigest()
     assert got == layer_hashes(enc) and rx.image_complete(5)
     assert rx.stats.packets_duplicate >= 3
