@@ -5,6 +5,10 @@ thread owns the simulation (SimPy is not thread-safe) and advances it to the wal
 event is due or a packet arrives from a gRPC thread through a queue. Each sender stream gets its own
 duplex link (forward: sender -> receiver, reverse: feedback), seeded from the relay's seed and the
 stream's number. Image labels are control-plane and pass unimpaired.
+
+Bounded like the receiver: the link queues hold at most ``queue_bytes`` unless the link sets its own limit
+(an unlimited queue at 8 kbit/s would hold hundreds of MB for days), open streams are limited, a stream idle
+for ``idle_timeout_s`` is ended, and the link counters are served by the Stats RPC and Prometheus.
 """
 
 from __future__ import annotations
@@ -20,12 +24,11 @@ import numpy as np
 import simpy
 
 from miscnet.channel.grpc_util import TlsFiles, check_token, open_channel, start_server
-from miscnet.channel.link import DuplexConfig
+from miscnet.channel.link import DuplexConfig, LinkConfig, PathConfig
 from miscnet.channel.packet import Datagram
+from miscnet.channel.stats import Counters, add_stats_service
 from miscnet.v1 import services_pb2 as spb
 from miscnet.v1 import services_pb2_grpc as sgrpc
-
-_END = object()
 
 
 class WallClockSim:
@@ -91,24 +94,82 @@ class RelayOptions:
     token: str | None = None
     max_streams: int = 48
     grpc_workers: int = 128
+    queue_bytes: int = 256 * 1024  # per link queue, where the link config leaves it unlimited
+    idle_timeout_s: float = 30.0
+    hop_queue: int = 1024  # messages waiting for the next hop, each way
+
+
+def bounded_queues(config: DuplexConfig, queue_bytes: int) -> DuplexConfig:
+    """``config`` with every unlimited link queue limited to ``queue_bytes``."""
+
+    def bound(one: LinkConfig | PathConfig):
+        if isinstance(one, PathConfig):
+            return one.with_(links=tuple(bound(link) for link in one.links))
+        return one if one.queue_bytes is not None else one.with_(queue_bytes=queue_bytes)
+
+    return DuplexConfig(bound(config.forward), bound(config.reverse))
+
+
+_LINK_STATS = ("packets_sent", "packets_dropped_queue", "packets_lost", "packets_delivered", "bytes_sent",
+               "bytes_delivered")
 
 
 class RelayNode(sgrpc.LinkServicer):
     def __init__(self, options: RelayOptions):
         self.options = options
+        self.link_config = bounded_queues(options.link, options.queue_bytes)
         self.sim = WallClockSim()
         self.channel = open_channel(options.forward, options.forward_tls, server_name=options.forward_server_name)
         self.stub = sgrpc.LinkStub(self.channel)
         self._streams = threading.BoundedSemaphore(options.max_streams)
         self._seq = 0
         self._lock = threading.Lock()
-        self.links: list = []  # every stream's DuplexLink, for the statistics
+        self.links: list = []  # the open streams' DuplexLinks
+        self._closed_totals: dict[str, float] = {}  # link statistics of streams that have ended
+        self.counters = Counters("relay")
+        self.counters.describe("streams_total", "sender streams accepted")
+        self.counters.describe("streams_refused_total", "streams refused, by reason (full: max open streams)")
+        self.counters.describe("streams_idle_total", "streams ended for sending nothing for the idle timeout")
+        self.counters.describe("hop_dropped_total", "packets the link delivered but the next hop did not take "
+                               "(its queue full), by direction")
+        self.counters.gauge_fn("streams_open", lambda: len(self.links), "sender streams open now")
+        for direction in ("forward", "reverse"):
+            for stat in _LINK_STATS:
+                self.counters.gauge_fn(f"{direction}_{stat}", lambda d=direction, k=stat: self.link_total(d, k),
+                                       f"{direction} links, all streams so far: {stat.replace('_', ' ')}")
+            self.counters.gauge_fn(f"{direction}_queued_bytes",
+                                   lambda d=direction: self._open_sum(d, "queued_bytes"),
+                                   f"bytes in the {direction} link queues now")
+
+    def _open_sum(self, direction: str, attr: str) -> float:
+        with self._lock:
+            links = list(self.links)
+        return sum(getattr(getattr(link, direction), attr, 0) for link in links)
+
+    def link_total(self, direction: str, stat: str) -> float:
+        """A link statistic summed over every stream so far (open ones read live)."""
+        with self._lock:
+            links, closed = list(self.links), self._closed_totals.get(f"{direction}_{stat}", 0)
+        return closed + sum(getattr(link, direction).stats().get(stat, 0) for link in links)
+
+    def _retire(self, link) -> None:
+        with self._lock:
+            if link not in self.links:
+                return
+            self.links.remove(link)
+            for direction in ("forward", "reverse"):
+                stats = getattr(link, direction).stats()
+                for stat in _LINK_STATS:
+                    key = f"{direction}_{stat}"
+                    self._closed_totals[key] = self._closed_totals.get(key, 0) + stats.get(stat, 0)
 
     def Exchange(self, request_iterator, context):  # noqa: N802
         check_token(context, self.options.token)
         if not self._streams.acquire(blocking=False):
+            self.counters.inc("streams_refused_total", reason="full")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open streams")
         try:
+            self.counters.inc("streams_total")
             yield from self._relay(request_iterator, context)
         finally:
             self._streams.release()
@@ -117,16 +178,23 @@ class RelayNode(sgrpc.LinkServicer):
         with self._lock:
             self._seq += 1
             seq = self._seq
-        upstream: queue.Queue = queue.Queue()
-        downstream: queue.Queue = queue.Queue()
+        upstream: queue.Queue = queue.Queue(self.options.hop_queue)
+        downstream: queue.Queue = queue.Queue(self.options.hop_queue)
         ready = threading.Event()
         holder: dict = {}
 
+        def deliver(out: queue.Queue, direction: str):
+            def put(d: Datagram) -> None:  # in the simulation thread, which must never block
+                try:
+                    out.put_nowait(spb.LinkMessage(packet=d.data))
+                except queue.Full:  # the next hop does not read: drop, counted, rather than grow
+                    self.counters.inc("hop_dropped_total", direction=direction)
+            return put
+
         def build() -> None:  # in the simulation thread
             rng = np.random.default_rng(np.random.SeedSequence([self.options.seed, seq]))
-            holder["link"] = self.options.link.build(
-                self.sim.env, rng, lambda d: upstream.put(spb.LinkMessage(packet=d.data)),
-                lambda d: downstream.put(spb.LinkMessage(packet=d.data)))
+            holder["link"] = self.link_config.build(self.sim.env, rng, deliver(upstream, "forward"),
+                                                    deliver(downstream, "reverse"))
             ready.set()
 
         self.sim.call(build)
@@ -135,26 +203,31 @@ class RelayNode(sgrpc.LinkServicer):
         with self._lock:
             self.links.append(link)
         metadata = [(k, v) for k, v in context.invocation_metadata() if k == "authorization"]
+        forward_done, reverse_done = threading.Event(), threading.Event()
 
         def upstream_requests():
             while True:
-                item = upstream.get()
-                if item is _END:
-                    return
-                yield item
+                try:
+                    yield upstream.get(timeout=0.5)
+                except queue.Empty:
+                    if forward_done.is_set():
+                        return
 
         call = self.stub.Exchange(upstream_requests(), metadata=metadata)
+
+        last_activity = [time.monotonic()]
 
         def from_sender() -> None:
             try:
                 for message in request_iterator:
+                    last_activity[0] = time.monotonic()
                     if message.WhichOneof("body") == "packet":
                         self.sim.call(link.forward.send, Datagram(message.packet, "data"))
                     else:
-                        upstream.put(message)
+                        upstream.put(message)  # a label: blocks this sender's reader when full (back-pressure)
             except grpc.RpcError:
                 pass
-            self.sim.call(self._close_when_drained, link, upstream)
+            self.sim.call(self._close_when_drained, link.forward, forward_done)
 
         def from_receiver() -> None:
             try:
@@ -163,30 +236,39 @@ class RelayNode(sgrpc.LinkServicer):
                         self.sim.call(link.reverse.send, Datagram(message.packet, "feedback"))
             except grpc.RpcError as exc:
                 holder["error"] = exc
-            self.sim.call(self._close_when_drained, link, downstream, "reverse")
+            self.sim.call(self._close_when_drained, link.reverse, reverse_done)
 
         threads = [threading.Thread(target=from_sender, daemon=True), threading.Thread(target=from_receiver,
                                                                                          daemon=True)]
         for t in threads:
             t.start()
-        while True:
-            item = downstream.get()
-            if item is _END:
-                break
-            yield item
-        call.cancel()
+        idle = self.options.idle_timeout_s
+        try:
+            while True:
+                try:
+                    item = downstream.get(timeout=min(0.5, idle))
+                except queue.Empty:
+                    if reverse_done.is_set():
+                        break
+                    if time.monotonic() - last_activity[0] > idle:
+                        self.counters.inc("streams_idle_total")
+                        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"stream idle for {idle:g} s")
+                    continue
+                yield item
+        finally:
+            call.cancel()
+            self._retire(link)
         error = holder.get("error")
         if error is not None and error.code() != grpc.StatusCode.CANCELLED:
             context.abort(error.code(), f"receiver: {error.details()}")
 
-    def _close_when_drained(self, link, out: queue.Queue, direction: str = "forward") -> None:
+    def _close_when_drained(self, one_way, done: threading.Event) -> None:
         """Close the next hop once the link has delivered (or lost) what it carries."""
-        one_way = link.forward if direction == "forward" else link.reverse
 
         def waiter():
             while one_way.in_flight or one_way.queued_packets:
                 yield self.sim.env.timeout(0.005)
-            out.put(_END)
+            done.set()
 
         self.sim.env.process(waiter())
 
@@ -198,13 +280,14 @@ class RelayNode(sgrpc.LinkServicer):
 def serve_relay(options: RelayOptions) -> tuple[grpc.Server, RelayNode, int]:
     node = RelayNode(options)
 
+    names = [spb.DESCRIPTOR.services_by_name["Link"].full_name]
+
     def register(server: grpc.Server) -> None:
         sgrpc.add_LinkServicer_to_server(node, server)
+        names.append(add_stats_service(server, node.counters, options.token))
 
     try:
-        server, _, port = start_server(options.listen, options.tls, register,
-                                       [spb.DESCRIPTOR.services_by_name["Link"].full_name],
-                                       workers=options.grpc_workers)
+        server, _, port = start_server(options.listen, options.tls, register, names, workers=options.grpc_workers)
     except BaseException:
         node.close()
         raise

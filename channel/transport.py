@@ -415,6 +415,8 @@ class Received:
     image_id: int | None
     arrivals: list[LayerArrival]
     feedback: list[bytes]
+    dropped: str | None = None  # why the packet was dropped (PACKET_DROPS), if it was
+    block_bad: str | None = None  # why the block it completed was dropped (BLOCK_DROPS), if it was
 
 
 @dataclass
@@ -471,7 +473,7 @@ class TransportReceiver:
 
     def _drop(self, reason: str, image_id: int | None = None) -> Received:
         self.stats.drops[reason] = self.stats.drops.get(reason, 0) + 1
-        return Received(image_id, [], [])
+        return Received(image_id, [], [], dropped=reason)
 
     def on_datagram(self, data: bytes) -> Received:
         self.stats.packets_received += 1
@@ -531,36 +533,32 @@ class TransportReceiver:
         self.buffered_bytes -= block.held
         block.symbols, block.held, block.decoder = {}, 0, None  # free memory; the units live on in image.layers
         if data is _FAILED:
-            return Received(p.image_id, [], [])
-        return Received(p.image_id, self._accept_units(image, p.image_id, data), [])
+            return self._block_bad(p.image_id, "fec")
+        try:
+            header, layers = unpack_units(data)
+        except BitstreamError:
+            return self._block_bad(p.image_id, "units")
+        if image.header is None:
+            image.header = header
+        elif header.SerializeToString() != image.header.SerializeToString():
+            return self._block_bad(p.image_id, "header-mismatch")
+        arrivals = []
+        for layer in layers:
+            name = layer_name(layer)
+            if name not in image.layers:
+                image.layers[name] = layer
+                arrivals.append(LayerArrival(p.image_id, header, layer))
+        return Received(p.image_id, arrivals, [])
+
+    def _block_bad(self, image_id: int, reason: str) -> Received:
+        self.stats.blocks_bad[reason] = self.stats.blocks_bad.get(reason, 0) + 1
+        return Received(image_id, [], [], block_bad=reason)
 
     def _evict(self, block: _BlockState, sid: int) -> None:
         n = len(block.symbols.pop(sid))
         block.held -= n
         self.buffered_bytes -= n
         self.stats.drops["symbol-size"] = self.stats.drops.get("symbol-size", 0) + 1
-
-    def _accept_units(self, image: _ImageState, image_id: int, data: bytes) -> list[LayerArrival]:
-        try:
-            header, layers = unpack_units(data)
-        except BitstreamError:
-            self._block_bad("units")
-            return []
-        if image.header is None:
-            image.header = header
-        elif header.SerializeToString() != image.header.SerializeToString():
-            self._block_bad("header-mismatch")
-            return []
-        arrivals = []
-        for layer in layers:
-            name = layer_name(layer)
-            if name not in image.layers:
-                image.layers[name] = layer
-                arrivals.append(LayerArrival(image_id, header, layer))
-        return arrivals
-
-    def _block_bad(self, reason: str) -> None:
-        self.stats.blocks_bad[reason] = self.stats.blocks_bad.get(reason, 0) + 1
 
     def _try_decode(self, block: _BlockState, newest: int):
         """The block's bytes once it can be rebuilt; None until then; _FAILED if FEC decoding failed."""
@@ -583,7 +581,6 @@ class TransportReceiver:
         except BaseException as exc:
             if not _is_native_panic(exc):
                 raise
-            self._block_bad("fec")
             return _FAILED
         return None
 

@@ -7,12 +7,13 @@ before it); its name is the last usable layer in stream order.
 from __future__ import annotations
 
 from miscnet.core.container import layer_name
-from miscnet.receiver.stages import StageInput, stage_input
+from miscnet.receiver.stages import MAX_RENDER_PIXELS, StageInput, stage_input
 from miscnet.v1 import bitstream_pb2 as pb
 
 
 class ImageAssembly:
-    def __init__(self, header: pb.Header):
+    def __init__(self, header: pb.Header, max_render_pixels: int | None = MAX_RENDER_PIXELS):
+        self.max_render_pixels = max_render_pixels
         self.width = header.width
         self.height = header.height
         self.layer_count = header.layer_count
@@ -33,7 +34,7 @@ class ImageAssembly:
                 fresh = True
         if not fresh:
             return None
-        stage = stage_input(self.width, self.height, self.layers.values())
+        stage = stage_input(self.width, self.height, self.layers.values(), max_pixels=self.max_render_pixels)
         if len(stage.layers) <= self._used:
             return None
         self._used = len(stage.layers)

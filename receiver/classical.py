@@ -21,6 +21,14 @@ NEUTRAL = (128, 128, 128)
 OBJECT_COLOURS = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178),
                   (213, 94, 0), (204, 121, 167)]
 MASK_OPACITY = 0.45
+DRAW_MAX_PIXELS = 1024 * 1024  # semantic stages are drawn at most this large, then up-sampled
+
+
+def _draw_size(width: int, height: int) -> tuple[int, int]:
+    if width * height <= DRAW_MAX_PIXELS:
+        return width, height
+    scale = (DRAW_MAX_PIXELS / (width * height)) ** 0.5
+    return max(1, int(width * scale)), max(1, int(height * scale))
 
 
 class ClassicalDecoder:
@@ -28,13 +36,16 @@ class ClassicalDecoder:
 
     def render(self, stage: StageInput) -> np.ndarray:
         """Reconstruction of one stage as uint8 (height, width, 3)."""
+        stage.check_time("decoding")
         if stage.has_pixels:
             return decode_pixels(stage.pixel_levels, stage.width, stage.height)
         return draw_semantics(stage)
 
 
 def draw_semantics(stage: StageInput) -> np.ndarray:
-    width, height = stage.width, stage.height
+    # Drawn on a canvas of at most DRAW_MAX_PIXELS (a picture of names and masks gains nothing from more),
+    # so the cost of a stage without pixels does not grow with the size its header declares.
+    width, height = _draw_size(stage.width, stage.height)
     canvas = np.empty((height, width, 3), dtype=np.float32)
     canvas[:] = NEUTRAL
     names = [obj.name for obj in stage.semantics.objects] if stage.semantics else []
@@ -67,4 +78,6 @@ def draw_semantics(stage: StageInput) -> np.ndarray:
         lines += [""] + textwrap.wrap(stage.semantics.caption, chars)
         draw.multiline_text((size, size), "\n".join(lines), fill=(255, 255, 255), font=font,
                             spacing=size // 4)
+    if img.size != (stage.width, stage.height):
+        img = img.resize((stage.width, stage.height), Image.Resampling.BILINEAR)
     return np.asarray(img)

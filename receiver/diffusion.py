@@ -295,6 +295,7 @@ class DiffusionDecoder:
         self._pipes: _Pipelines | None = None
         self._t2i_cache: tuple[tuple, np.ndarray] | None = None
         self.last_timing: StageTiming | None = None
+        self._local = threading.local()
         self.warnings: list[str] = []  # notes for the user (e.g. prompts longer than the text encoder reads)
 
     # --- loading
@@ -336,6 +337,9 @@ class DiffusionDecoder:
     def _timed(self, name: str, fn, *args):
         from miscnet.core.pretrained import quiet_loading
 
+        stage = getattr(self._local, "stage", None)
+        if stage is not None:  # the receiver's time bound: no new pass once the deadline is past
+            stage.check_time(name)
         t0 = time.perf_counter()
         try:
             with quiet_loading():  # library chatter per call (truncation, deprecations) stays out of the CLI
@@ -397,6 +401,7 @@ class DiffusionDecoder:
     def render(self, stage: StageInput) -> np.ndarray:
         """Reconstruction of one stage as uint8 (height, width, 3)."""
         c = self.config
+        self._local.stage = stage  # per thread: the receiver's decode workers share this decoder
         timing = self.last_timing = StageTiming(stage.name)
         t0 = time.perf_counter()
         sem = stage.semantics

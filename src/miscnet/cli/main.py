@@ -20,6 +20,7 @@ from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
 from miscnet.core.config import MAP_BACKENDS, EncoderConfig, SemanticsConfig, pixel_codec_choices
 from miscnet.core.errors import MiscError
+from miscnet.receiver.stages import MAX_RENDER_PIXELS
 
 _ENC = EncoderConfig()  # the defaults
 _TRANSPORT = TransportConfig()
@@ -341,6 +342,10 @@ def add_node_options(p: argparse.ArgumentParser, server: bool) -> None:
     if server:
         g.add_argument("--port-file", metavar="FILE", help="write the bound port here (useful with port 0)")
         g.add_argument("--max-streams", type=_positive_int, default=48, help="open streams at once (default 48)")
+        g.add_argument("--idle-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+                       help="end a stream that sends nothing this long (default 30)")
+        g.add_argument("--metrics", metavar="HOST:PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (the Stats RPC is always on)")
 
 
 def _tls(args: argparse.Namespace):
@@ -359,12 +364,25 @@ def _serve_until_signal(server, node, port: int, args: argparse.Namespace, what:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    metrics = None
+    if args.metrics:
+        from miscnet.channel.stats import serve_metrics
+
+        try:
+            metrics, metrics_port = serve_metrics(args.metrics, node.counters)
+        except MiscError:
+            server.stop(grace=0).wait()
+            node.close()
+            raise
+        print(f"{what} metrics at http://{args.metrics.rsplit(':', 1)[0]}:{metrics_port}/metrics", flush=True)
     if args.port_file:
         atomic_write_bytes(args.port_file, str(port).encode())
     host = args.listen.rsplit(":", 1)[0]
     print(f"{what} listening on {host}:{port}", flush=True)
     stop.wait()
     server.stop(grace=2.0).wait()
+    if metrics is not None:
+        metrics.shutdown()
     node.close()
     print(f"{what} stopped", flush=True)
     return 0
@@ -374,7 +392,9 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     from miscnet.receiver.node import ReceiverOptions, serve_receiver
 
     options = ReceiverOptions(out_dir=Path(args.out), listen=args.listen, tls=_tls(args), token=args.token,
-                              decode_workers=args.decode_workers, max_streams=args.max_streams)
+                              decode_workers=args.decode_workers, max_streams=args.max_streams,
+                              idle_timeout_s=args.idle_timeout, stage_timeout_s=args.stage_timeout,
+                              max_render_pixels=args.max_render_pixels)
     server, node, port = serve_receiver(options, make_decoder(args))
     return _serve_until_signal(server, node, port, args, "receiver")
 
@@ -386,9 +406,24 @@ def cmd_channel(args: argparse.Namespace) -> int:
     forward_tls = TlsFiles(args.forward_tls_cert, args.forward_tls_key, args.forward_tls_ca)
     options = RelayOptions(listen=args.listen, forward=args.forward, link=link_config(args), seed=args.seed,
                            tls=_tls(args), forward_tls=forward_tls, token=args.token, max_streams=args.max_streams,
-                           forward_server_name=args.forward_server_name)
+                           forward_server_name=args.forward_server_name, idle_timeout_s=args.idle_timeout)
     server, node, port = serve_relay(options)
     return _serve_until_signal(server, node, port, args, "channel relay")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from miscnet.channel.stats import fetch_stats
+
+    reply = fetch_stats(args.target, _tls(args), token=args.token, server_name=args.server_name)
+    rows = [{"name": m.name, "labels": dict(m.labels), "value": m.value, "kind": m.kind} for m in reply.metrics]
+    if args.json:
+        print(json.dumps({"node": reply.node, "uptime_s": reply.uptime_s, "metrics": rows}))
+        return 0
+    print(f"{reply.node} at {args.target}, up {reply.uptime_s:.0f} s")
+    for row in rows:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(row["labels"].items()))
+        print(f"  {row['name']}{'{' + labels + '}' if labels else ''} {row['value']:g}")
+    return 0
 
 
 def cmd_sender(args: argparse.Namespace) -> int:
@@ -486,8 +521,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="stage images and events.jsonl go here")
     cli_models.add_decoder_options(p)
     p.add_argument("--decode-workers", type=_positive_int, default=2)
+    g = p.add_argument_group("limits on decoding")
+    g.add_argument("--stage-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
+                   help="stop decoding a stage after this long, between passes (default 120)")
+    g.add_argument("--max-render-pixels", type=_positive_int, default=MAX_RENDER_PIXELS, metavar="N",
+                   help=f"draw a stage at most this many pixels, scaled to fit (default {MAX_RENDER_PIXELS})")
     add_node_options(p, server=True)
     p.set_defaults(func=cmd_receiver)
+
+    p = sub.add_parser("stats", help="print a live node's counters (the Stats RPC)")
+    p.add_argument("target", metavar="HOST:PORT", help="receiver or relay")
+    p.add_argument("--server-name", help="TLS name expected of the node")
+    add_node_options(p, server=False)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("channel", help="run the relay: the link model on the wall clock, both directions")
     p.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")

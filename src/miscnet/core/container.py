@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from miscnet.core.errors import BitstreamError
+from miscnet.core.image_io import MAX_PIXELS
 from miscnet.v1 import bitstream_pb2 as pb
 
 MAGIC = b"MISC"
@@ -106,6 +107,8 @@ def validate_header(header: pb.Header) -> None:
         raise BitstreamError(f"unsupported format version {header.version} (this reader knows {FORMAT_VERSION})")
     if not (1 <= header.width <= MAX_SIDE and 1 <= header.height <= MAX_SIDE):
         raise BitstreamError(f"image size {header.width}x{header.height} out of range")
+    if header.width * header.height > MAX_PIXELS:  # no sender of ours takes a larger input image
+        raise BitstreamError(f"image size {header.width}x{header.height} is over the limit of {MAX_PIXELS} pixels")
     if header.layer_count > MAX_LAYERS:
         raise BitstreamError(f"{header.layer_count} layers, over the limit of {MAX_LAYERS}")
 
