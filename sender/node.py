@@ -11,11 +11,12 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 
-from miscnet.channel.grpc_util import TlsFiles, open_channel, token_metadata
+from miscnet.channel.grpc_util import TlsFiles, diagnose_connection, open_channel, token_metadata
 from miscnet.channel.packet import POLL, Packet, PacketError
 from miscnet.channel.transport import ImageSender, TransportConfig, parse_feedback
 from miscnet.core.container import EncodedImage, layers_digest
@@ -58,11 +59,12 @@ class _Stream:
             grpc.channel_ready_future(self.channel).result(timeout=options.connect_timeout_s)
         except grpc.FutureTimeoutError:
             self.channel.close()
-            raise MiscError(f"cannot reach {options.target} within {options.connect_timeout_s:g} s "
-                            f"(is the receiver or relay running, and TLS set alike on both?)") from None
+            reason = diagnose_connection(options.target, options.tls, options.server_name)
+            raise MiscError(f"cannot reach {options.target} within {options.connect_timeout_s:g} s: {reason}") from None
         self.outbox: queue.Queue = queue.Queue()
         self.inbox: queue.Queue = queue.Queue()
         self.error: grpc.RpcError | None = None
+        self.replied = False  # a reply came: the connection was accepted, not refused after the handshake
         stub = sgrpc.LinkStub(self.channel)
         self.call = stub.Exchange(self._requests(), metadata=token_metadata(options.token))
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -78,6 +80,7 @@ class _Stream:
     def _read(self) -> None:
         try:
             for message in self.call:
+                self.replied = True
                 if message.WhichOneof("body") == "packet":
                     self.inbox.put(message.packet)
         except grpc.RpcError as exc:
@@ -96,7 +99,9 @@ class _Stream:
         self.channel.close()
 
 
-def _describe(error: grpc.RpcError | None, target: str) -> str:
+def _describe(error: grpc.RpcError | None, target: str, diagnose: Callable[[], str] | None = None) -> str:
+    """diagnose() explains an UNAVAILABLE call on a stream that never got a reply: under TLS 1.3 a server
+    refuses a client certificate only after the client's handshake completed and the channel was ready."""
     if error is None:
         return f"{target} closed the stream"
     code = error.code() if hasattr(error, "code") else None
@@ -105,6 +110,8 @@ def _describe(error: grpc.RpcError | None, target: str) -> str:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return f"{target} is full ({error.details()})"
     if code == grpc.StatusCode.UNAVAILABLE:
+        if diagnose is not None:
+            return f"lost the connection to {target} (restarted or gone?): {diagnose()}"
         return f"lost the connection to {target} (restarted or gone?)"
     return f"{target}: {code.name if code else 'error'}: {error.details() if hasattr(error, 'details') else error}"
 
@@ -138,7 +145,9 @@ def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, op
             stream.send(sender.on_timer(time.monotonic()))
             continue
         if item is _END:
-            raise _Broken(_describe(stream.error, options.target))
+            diagnose = None if stream.replied else (
+                lambda: diagnose_connection(options.target, options.tls, options.server_name))
+            raise _Broken(_describe(stream.error, options.target, diagnose))
         try:
             fb_image, feedback = parse_feedback(item)
         except PacketError:

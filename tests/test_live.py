@@ -1,7 +1,5 @@
 """The live nodes over real gRPC on loopback: receiver, relay, sender."""
 
-import datetime
-import ipaddress
 import json
 import threading
 import time
@@ -140,44 +138,8 @@ def test_health_and_reflection(receiver):
         node.close()
 
 
-def _certs(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def make(name, issuer=None, issuer_key=None, ca=False):
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer or subject)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if not ca:
-            builder = builder.add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        cert = builder.sign(issuer_key or key, hashes.SHA256())
-        return key, cert
-
-    ca_key, ca_cert = make("miscnet test CA", ca=True)
-    files = {}
-    for name, (key, cert) in {"ca": (ca_key, ca_cert),
-                              "server": make("localhost", ca_cert.subject, ca_key),
-                              "client": make("sender", ca_cert.subject, ca_key),
-                              "rogue": make("rogue")}.items():
-        (tmp_path / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                                 serialization.PrivateFormat.PKCS8,
-                                                                 serialization.NoEncryption()))
-        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        files[name] = (str(tmp_path / f"{name}.pem"), str(tmp_path / f"{name}.key"))
-    return files, str(tmp_path / "ca.pem")
-
-
-def test_tls_and_mutual_tls(tmp_path, images):
-    files, ca = _certs(tmp_path)
+def test_tls_and_mutual_tls(tmp_path, images, certs):
+    files, ca = certs
     server_cert, server_key = files["server"]
     one = images[:1]
     # TLS: the client checks the server against the CA

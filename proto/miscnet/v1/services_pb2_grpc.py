@@ -168,3 +168,78 @@ class Watch:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class StatsStub:
+    """A node's counters on demand (the same values its Prometheus endpoint exposes).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Get = channel.unary_unary(
+                '/miscnet.v1.Stats/Get',
+                request_serializer=miscnet_dot_v1_dot_services__pb2.StatsRequest.SerializeToString,
+                response_deserializer=miscnet_dot_v1_dot_services__pb2.StatsResponse.FromString,
+                _registered_method=True)
+
+
+class StatsServicer:
+    """A node's counters on demand (the same values its Prometheus endpoint exposes).
+    """
+
+    def Get(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StatsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=miscnet_dot_v1_dot_services__pb2.StatsRequest.FromString,
+                    response_serializer=miscnet_dot_v1_dot_services__pb2.StatsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'miscnet.v1.Stats', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('miscnet.v1.Stats', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Stats:
+    """A node's counters on demand (the same values its Prometheus endpoint exposes).
+    """
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/miscnet.v1.Stats/Get',
+            miscnet_dot_v1_dot_services__pb2.StatsRequest.SerializeToString,
+            miscnet_dot_v1_dot_services__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
