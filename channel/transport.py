@@ -379,7 +379,7 @@ class ImageSender:
 
 # ---------------------------------------------------------------- receiver
 
-# Why a packet or a block was dropped: the keys of ReceiverStats.drops (docs/PROTOCOL.md, "Limits").
+# Why a packet or a block was dropped: the keys of ReceiverStats.drops (proto/PROTOCOL.md, "Limits").
 PACKET_DROPS = ("short", "oversize", "checksum", "version", "kind", "fields", "images", "memory", "symbol-size",
                 "duplicate")
 BLOCK_DROPS = ("units", "header-mismatch", "fec")

@@ -155,6 +155,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
         raise type(exc)(f"{args.input}: {exc}") from None
     if not stages:
         raise MiscError(f"{args.input}: no layers to decode")
+    if reference is not None and stages[-1].scaled:
+        raise MiscError(f"{args.input}: stages are drawn at {stages[-1].width}x{stages[-1].height} (over "
+                        f"{MAX_RENDER_PIXELS} pixels), so they cannot be compared with the reference")
     rows = []
     for i, (stage, image) in enumerate(zip(stages, images, strict=True)):
         row = {"stage": stage.name, "layers": list(stage.layers), "payload_bytes": stage.payload_bytes,
@@ -179,7 +182,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
         for row in rows:
             q = f"  PSNR {row['psnr']:.2f} dB  MS-SSIM {row['ms_ssim']:.4f}" if row["psnr"] is not None else ""
             print(f"{row['stage']:<10} {row['payload_bytes']:>7} B{q}")
-        print(f"wrote {args.output} ({encoded.width}x{encoded.height})")
+        last = stages[-1]
+        scaled = f", scaled from {encoded.width}x{encoded.height} to fit {MAX_RENDER_PIXELS} pixels" * last.scaled
+        print(f"wrote {args.output} ({last.width}x{last.height}{scaled})")
     return 0
 
 
