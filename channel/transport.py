@@ -42,6 +42,8 @@ FEC_ALIGN = 8  # RaptorQ symbols are multiples of 8 bytes in the raptorq package
 MIN_FEC_SYMBOL = 64
 MAX_BLOCKS = 64
 MAX_SYMBOLS = 4096
+MAX_SYMBOL_ID = 0xFFFF  # the header's 16-bit symbol field: repair ids stop here
+MAX_FEEDBACK_MISSING = 8192  # missing ids one Feedback lists at most (it stays far under a packet's size)
 MAX_BLOCK_BYTES = 4 * 1024 * 1024  # one block (k symbols) at most: bounds a block's memory and FEC work
 MAX_UNIT_BYTES = MAX_BLOCK_BYTES
 
@@ -261,7 +263,9 @@ class ImageSender:
         return Datagram(data, role, self.image_id)
 
     def _fresh_repairs(self, block: Block, count: int, role: str) -> list[Datagram]:
+        """Up to ``count`` repair symbols never sent before; fewer once the 16-bit symbol ids run out."""
         first = block.k + self._repairs_sent[block.index]
+        count = max(0, min(count, MAX_SYMBOL_ID + 1 - first))
         self._repairs_sent[block.index] += count
         return [self._data(block, s, role) for s in range(first, first + count)]
 
@@ -340,7 +344,11 @@ class ImageSender:
                 in_flight = self._repairs_sent[block.index] - sent_at_poll[block.index]
                 need = block.k - have - in_flight
                 if need > 0:
-                    out += self._fresh_repairs(block, need, "retransmit")
+                    fresh = self._fresh_repairs(block, need, "retransmit")
+                    if len(fresh) < need and st is not None:  # ids used up: the missing source symbols again
+                        fresh += [self._data(block, s, "retransmit") for s in st.missing[: need - len(fresh)]
+                                  if s < block.k]
+                    out += fresh
             else:
                 missing = sorted({m for m in st.missing if m < block.k}) if st is not None else range(block.k)
                 if st is not None and not st.missing:
@@ -381,7 +389,7 @@ class ImageSender:
 
 # Why a packet or a block was dropped: the keys of ReceiverStats.drops (proto/PROTOCOL.md, "Limits").
 PACKET_DROPS = ("short", "oversize", "checksum", "version", "kind", "fields", "images", "memory", "symbol-size",
-                "duplicate")
+                "duplicate", "redundant")
 BLOCK_DROPS = ("units", "header-mismatch", "fec")
 
 
@@ -430,12 +438,12 @@ class ReceiverStats:
 
     @property
     def packets_bad(self) -> int:
-        """Packets dropped for anything but being a duplicate."""
-        return sum(n for reason, n in self.drops.items() if reason != "duplicate")
+        """Packets dropped for anything but being a duplicate or redundant."""
+        return sum(n for reason, n in self.drops.items() if reason not in ("duplicate", "redundant"))
 
     @property
     def packets_duplicate(self) -> int:
-        return self.drops.get("duplicate", 0)
+        return self.drops.get("duplicate", 0) + self.drops.get("redundant", 0)
 
     def as_dict(self) -> dict:
         return {"packets_received": self.packets_received, "bytes_received": self.bytes_received,
@@ -482,8 +490,9 @@ class TransportReceiver:
             packet = decode_packet(data)
         except PacketError as exc:
             return self._drop(exc.reason)
-        if packet.kind == POLL:
-            return Received(packet.image_id, [], [self._feedback(packet)])
+        if packet.kind == POLL:  # counted for an image only if it has one: a POLL creates no state
+            known = packet.image_id if packet.image_id in self.images else None
+            return Received(known, [], [self._feedback(packet)])
         if packet.kind != DATA:
             return self._drop("kind")
         return self._on_data(packet)
@@ -512,7 +521,9 @@ class TransportReceiver:
             block = image.blocks[p.block] = _BlockState(p.k)
         elif block.k != p.k:
             return self._drop("fields", p.image_id)
-        if block.decoded or p.symbol in block.symbols:
+        if block.decoded:  # a repair (or a resend) that arrived after its block was rebuilt: expected
+            return self._drop("redundant", p.image_id)
+        if p.symbol in block.symbols:
             return self._drop("duplicate", p.image_id)
         if p.symbol >= p.k or block.fec_size is not None:  # a repair symbol: this is a FEC block
             if not _fec_symbol_ok(p.k, size) or block.fec_size not in (None, size):
@@ -529,11 +540,12 @@ class TransportReceiver:
         data = self._try_decode(block, p.symbol)
         if data is None:
             return Received(p.image_id, [], [])
-        block.decoded = True
         self.buffered_bytes -= block.held
         block.symbols, block.held, block.decoder = {}, 0, None  # free memory; the units live on in image.layers
-        if data is _FAILED:
+        if data is _FAILED:  # start the block afresh: feedback asks for it again, and a resend can rebuild it
+            block.fec_size = None
             return self._block_bad(p.image_id, "fec")
+        block.decoded = True
         try:
             header, layers = unpack_units(data)
         except BitstreamError:
@@ -588,10 +600,13 @@ class TransportReceiver:
         image = self.images.get(poll.image_id)
         fb = tpb.Feedback(token=poll.symbol, complete=bool(image and image.complete))
         if image is not None and not fb.complete:
+            room = MAX_FEEDBACK_MISSING
             for index, block in sorted(image.blocks.items()):
-                status = fb.blocks.add(block=index, received=len(block.symbols), decoded=block.decoded)
-                if not block.decoded:
-                    status.missing.extend(s for s in range(block.k) if s not in block.symbols)
+                missing = [] if block.decoded else [s for s in range(block.k) if s not in block.symbols]
+                if len(missing) > room:
+                    break  # the blocks left out read as "nothing received": the sender resends them whole
+                room -= len(missing)
+                fb.blocks.add(block=index, received=len(block.symbols), decoded=block.decoded, missing=missing)
         data = Packet(FEEDBACK, poll.image_id, 0, poll.symbol, 0, fb.SerializeToString()).encode()
         self.stats.feedback_sent += 1
         self.stats.feedback_bytes += len(data)

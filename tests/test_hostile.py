@@ -17,16 +17,18 @@ from PIL import Image
 
 from miscnet.channel.grpc_util import TlsFiles
 from miscnet.channel.link import DuplexConfig, LinkConfig
-from miscnet.channel.packet import DATA, POLL, Packet
+from miscnet.channel.packet import DATA, POLL, Packet, decode_packet
 from miscnet.channel.relay import RelayOptions, bounded_queues, serve_relay
 from miscnet.channel.stats import Counters, fetch_stats, serve_metrics
 from miscnet.channel.transport import (
     MAX_BLOCK_BYTES,
+    MAX_FEEDBACK_MISSING,
     MIN_FEC_SYMBOL,
     ImageSender,
     TransportConfig,
     TransportReceiver,
     make_blocks,
+    parse_feedback,
 )
 from miscnet.cli.main import main
 from miscnet.core.config import EncoderConfig
@@ -461,3 +463,59 @@ def test_complete_images_keep_their_digest(sample):
         rx.on_datagram(d.data)
     assert layers_digest(rx.images[7].layers.values()) == layers_digest(encoded.layers)
     assert MAX_BLOCK_BYTES == 4 * 1024 * 1024
+
+
+# ---------------------------------------------------------------- fields at their limits
+
+def test_feedback_stays_under_a_packet_whatever_the_peer_sent():
+    rx = TransportReceiver(max_buffered_bytes=1 << 30)
+    for block in range(64):  # 64 blocks of k = 4096, one symbol each: 262,080 missing ids
+        rx.on_datagram(Packet(DATA, 5, block, 0, 4096, bytes(8)).encode())
+    (reply,) = rx.on_datagram(Packet(POLL, 5, 0, 1, 0).encode()).feedback
+    _, feedback = parse_feedback(reply)
+    assert len(reply) <= 65535 and sum(len(b.missing) for b in feedback.blocks) <= MAX_FEEDBACK_MISSING
+    assert [b.block for b in feedback.blocks] == [0, 1]  # in order, as far as they fit
+
+
+def test_repair_ids_never_pass_the_16_bit_field():
+    # a 4096-symbol block at code rate 0.05 would need ESIs up to 81,919
+    encoded = EncodedImage(64, 64, [pb.Layer(kind=pb.LAYER_KIND_SEMANTIC, codec=pb.CODEC_TEXT_RAW,
+                                             semantic=pb.SemanticParams(objects=0), payload=bytes(4096 * 64 - 40))])
+    sender = ImageSender(1, encoded, TransportConfig("hybrid", mtu=64, strong_rate=0.05))
+    assert sender.blocks[0].k == 4096
+    symbols = [decode_packet(d.data).symbol for d in sender.start(0.0) if d.role != "poll"]
+    assert max(symbols) == 0xFFFF and len(set(symbols)) == len(symbols)
+
+
+def test_a_failed_fec_block_can_still_be_rebuilt_by_a_resend(sample):
+    import raptorq
+
+    _, _, encoded = sample
+    datagrams = ImageSender(4, encoded, TransportConfig("fec", strong_rate=0.2)).start(0.0)
+    repairs = [d for d in datagrams if d.role == "repair" and decode_packet(d.data).block == 0]
+    rx = TransportReceiver()
+    rx.on_datagram(repairs[0].data)
+    rx.images[4].blocks[0].decoder = raptorq.Decoder.with_defaults(8, 12)  # panics on its next symbol
+    failed = [rx.on_datagram(d.data).block_bad for d in repairs[1:]]
+    assert failed[0] == "fec" and rx.stats.blocks_bad == {"fec": 1}  # dropped and started afresh, then
+    assert rx.images[4].blocks[0].decoded  # rebuilt from the repair symbols that came after
+    for d in datagrams:
+        rx.on_datagram(d.data)
+    assert rx.image_complete(4)
+
+
+def test_polls_for_unknown_images_leave_no_trace(receiver):
+    polls = [spb.LinkMessage(packet=Packet(POLL, i, 0, 1, 0).encode()) for i in range(500)]
+    assert len(exchange(receiver.target, polls)) == 500  # each answered, none remembered
+    receiver.stop()
+    assert receiver.events() == []
+    receiver.stop = lambda: None
+
+
+def test_a_layer_whose_codec_is_of_another_kind_is_refused(sample):
+    _, _, encoded = sample
+    layer = pb.Layer()
+    layer.CopyFrom(encoded.layers[0])
+    layer.codec = pb.CODEC_PIXEL_WEBP
+    with pytest.raises(BitstreamError, match="is not a semantic codec"):
+        from_bytes(to_bytes(EncodedImage(encoded.width, encoded.height, [layer, *encoded.layers[1:]])))

@@ -333,10 +333,15 @@ function checkHeader(h) {
   if (h.layer_count > MAX_LAYERS) throw new WireError(`${h.layer_count} layers`);
 }
 
+const CODEC_RANGE_OF_KIND = { 1: [1, 15], 2: [16, 31], 3: [32, 63] };
+const MAX_FEEDBACK_MISSING = 8192; // 3.2: missing ids one FEEDBACK lists at most
+
 function checkLayer(layer) {
   const params = PARAMS_OF_KIND[layer.kind];
   if (params === undefined) throw new WireError(`layer kind ${layer.kind}`);
   if (!CODECS.has(layer.codec)) throw new WireError(`codec ${layer.codec}`);
+  const [low, high] = CODEC_RANGE_OF_KIND[layer.kind]; // 5.1: the codec belongs to the layer's kind
+  if (layer.codec < low || layer.codec > high) throw new WireError(`codec ${layer.codec} for kind ${layer.kind}`);
   const set = ['semantic', 'map', 'pixel'].filter((n) => layer[n] !== null);
   if (set.length !== 1 || set[0] !== params) throw new WireError(`${layerName(layer)}: wrong parameters`);
   if (layer.kind !== KIND_PIXEL && layer.level !== 0) throw new WireError(`${layerName(layer)}: level`);
@@ -460,7 +465,8 @@ class Receiver {
     } else if (block.k !== p.k) {
       return this.count(this.drops, 'fields');
     }
-    if (block.decoded || block.symbols.has(p.symbol)) return this.count(this.drops, 'duplicate');
+    if (block.decoded) return this.count(this.drops, 'redundant');
+    if (block.symbols.has(p.symbol)) return this.count(this.drops, 'duplicate');
     if (p.symbol >= p.k || block.fecSize !== null) {
       const fits = size >= MIN_FEC_SYMBOL && size % FEC_ALIGN === 0 && p.k * size <= MAX_BLOCK_BYTES;
       if (!fits || (block.fecSize !== null && block.fecSize !== size)) {
@@ -523,10 +529,13 @@ class Receiver {
     const image = this.images.get(poll.imageId);
     const fb = { token: poll.symbol, complete: this.complete(image), blocks: [], _unknown: [] };
     if (image !== undefined && !fb.complete) {
+      let room = MAX_FEEDBACK_MISSING;
       for (const index of [...image.blocks.keys()].sort((a, b) => a - b)) {
         const b = image.blocks.get(index);
         const missing = [];
         if (!b.decoded) for (let s = 0; s < b.k; s++) if (!b.symbols.has(s)) missing.push(s);
+        if (missing.length > room) break; // the rest reads as "nothing received"
+        room -= missing.length;
         fb.blocks.push({ block: index, received: b.symbols.size, decoded: b.decoded, missing, _unknown: [] });
       }
     }

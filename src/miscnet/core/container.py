@@ -40,6 +40,8 @@ CODEC_NAMES = {
     pb.CODEC_PIXEL_JPEG: "jpeg",
     pb.CODEC_PIXEL_JPEG_PROGRESSIVE: "jpeg-progressive",  # baselines only (experiments/baselines.py)
 }
+# Codec numbers by kind (bitstream.proto): 1-15 semantic, 16-31 map, 32-63 pixel.
+_CODEC_RANGE = {pb.LAYER_KIND_SEMANTIC: (1, 15), pb.LAYER_KIND_MAP: (16, 31), pb.LAYER_KIND_PIXEL: (32, 63)}
 # Stream order: what the receiver can use first goes first.
 KIND_ORDER = {pb.LAYER_KIND_SEMANTIC: 0, pb.LAYER_KIND_MAP: 1, pb.LAYER_KIND_PIXEL: 2}
 
@@ -120,6 +122,9 @@ def validate_layer(layer: pb.Layer) -> None:
     if layer.codec not in CODEC_NAMES:
         raise BitstreamError(f"{layer_name(layer)} layer: unknown codec {layer.codec}")
     expected = {pb.LAYER_KIND_SEMANTIC: "semantic", pb.LAYER_KIND_MAP: "map", pb.LAYER_KIND_PIXEL: "pixel"}
+    if not _CODEC_RANGE[layer.kind][0] <= layer.codec <= _CODEC_RANGE[layer.kind][1]:
+        raise BitstreamError(f"{layer_name(layer)} layer: codec {CODEC_NAMES[layer.codec]} is not a "
+                             f"{KIND_NAMES[layer.kind]} codec")
     if layer.WhichOneof("params") != expected[layer.kind]:
         raise BitstreamError(f"{layer_name(layer)} layer: parameters missing or of the wrong kind")
     if layer.kind != pb.LAYER_KIND_PIXEL and layer.level != 0:
