@@ -247,7 +247,8 @@ def _describe_counters(counters: Counters) -> None:
         ("streams_refused_total", "streams refused, by reason (full: max open streams)"),
         ("streams_idle_total", "streams ended for sending nothing for the idle timeout"),
         ("packets_total", "transport packets received"),
-        ("packets_dropped_total", "packets dropped, by reason: " + ", ".join(PACKET_DROPS)),
+        ("packets_dropped_total", "packets dropped, by reason: " + ", ".join(PACKET_DROPS)
+         + "; internal-error: a fault of this node while handling the packet (a bug: please report)"),
         ("blocks_dropped_total", "blocks whose packets passed but the block did not, by reason: "
          + ", ".join(BLOCK_DROPS)),
         ("labels_dropped_total", "image labels dropped (more than the images a stream may have)"),
@@ -329,7 +330,14 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
                     elif name:
                         self.counters.inc("labels_dropped_total")
                 elif which == "packet":
-                    for fb in self._on_packet(stream, message.packet):
+                    try:
+                        replies = self._on_packet(stream, message.packet)
+                    except BaseException as exc:  # noqa: BLE001 - no packet may end a stream's reader
+                        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                            raise
+                        self.counters.inc("packets_dropped_total", reason="internal-error")
+                        continue
+                    for fb in replies:
                         try:
                             stream.replies.put_nowait(fb)
                             self.counters.inc("feedback_sent_total")

@@ -308,7 +308,8 @@ def test_a_sender_that_never_reads_replies_costs_bounded_memory(tmp_path):
     rx = Receiver(tmp_path, max_replies=16)
     try:
         polls = [spb.LinkMessage(packet=Packet(POLL, i % 50, 0, i & 0xFFFF, 0).encode()) for i in range(20000)]
-        with grpc.insecure_channel(rx.target) as channel:
+        # no BDP probing: the client's flow-control window stays at 64 KiB, far under 20,000 replies
+        with grpc.insecure_channel(rx.target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
             call = sgrpc.LinkStub(channel).Exchange(iter(polls), timeout=60)  # never read until the end
             assert wait_for(lambda: total(rx.node, "packets_total") >= len(polls), timeout=60)
             assert total(rx.node, "feedback_dropped_total") > 0
