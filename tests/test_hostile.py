@@ -13,6 +13,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from live_nodes import Receiver, wait_for
 from PIL import Image
 
 from miscnet.channel.grpc_util import TlsFiles
@@ -39,7 +40,7 @@ from miscnet.core.samples import sample_image_path, sample_sidecar_path
 from miscnet.core.semantics import load_semantics
 from miscnet.experiments.simulate import Scenario, SimImage, simulate
 from miscnet.receiver.classical import ClassicalDecoder
-from miscnet.receiver.node import DecodeScheduler, EventLog, ReceiverOptions, png_preview, serve_receiver
+from miscnet.receiver.node import DecodeScheduler, EventLog, png_preview
 from miscnet.receiver.stages import StageInput, progressive_stages
 from miscnet.sender.encoder import encode_image
 from miscnet.sender.node import SenderOptions, send_images
@@ -59,33 +60,9 @@ def semantic_only(encoded: EncodedImage, width: int, height: int) -> EncodedImag
     return EncodedImage(width, height, [ly for ly in encoded.layers if ly.kind == pb.LAYER_KIND_SEMANTIC])
 
 
-def wait_for(predicate, timeout=30.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def total(node, name, **labels):
     return sum(s.value for s in node.counters.snapshot()
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
-
-
-class Receiver:
-    def __init__(self, tmp_path, decoder=None, **kw):
-        self.options = ReceiverOptions(out_dir=tmp_path / "rx", listen="127.0.0.1:0", **kw)
-        self.server, self.node, self.port = serve_receiver(self.options, decoder or ClassicalDecoder())
-        self.target = f"127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.stop(grace=1).wait()
-        self.node.close()
-
-    def events(self):
-        path = self.options.out_dir / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture

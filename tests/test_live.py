@@ -1,14 +1,13 @@
 """The live nodes over real gRPC on loopback: receiver, relay, sender."""
 
-import json
 import threading
-import time
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from live_nodes import Receiver, wait_for
 
 from miscnet.channel.grpc_util import TlsFiles
 from miscnet.channel.link import DuplexConfig, LinkConfig
@@ -39,32 +38,8 @@ def images():
     return out
 
 
-class Receiver:
-    def __init__(self, tmp_path, **kw):
-        self.options = ReceiverOptions(out_dir=tmp_path / "rx", listen="127.0.0.1:0", **kw)
-        self.server, self.node, self.port = serve_receiver(self.options, ClassicalDecoder())
-        self.target = f"127.0.0.1:{self.port}"
-
-    def stop(self, grace=1.0):
-        self.server.stop(grace=grace).wait()
-        self.node.close()
-
-    def events(self):
-        path = self.options.out_dir / "events.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def dropped_by_reason(node, name="packets_dropped_total"):
     return {s.labels["reason"]: s.value for s in node.counters.snapshot() if s.name == name and s.labels}
-
-
-def wait_for(predicate, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def complete_digests(rx):

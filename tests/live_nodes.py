@@ -1,0 +1,34 @@
+"""Helpers for tests that run live nodes on loopback: a receiver with its event log, and condition waits."""
+
+import json
+import time
+
+from miscnet.receiver.classical import ClassicalDecoder
+from miscnet.receiver.node import ReceiverOptions, serve_receiver
+
+
+class Receiver:
+    """A live receiver on 127.0.0.1 with an ephemeral port, its output in ``tmp_path / "rx"``."""
+
+    def __init__(self, tmp_path, decoder=None, **kw):
+        self.options = ReceiverOptions(out_dir=tmp_path / "rx", listen="127.0.0.1:0", **kw)
+        self.server, self.node, self.port = serve_receiver(self.options, decoder or ClassicalDecoder())
+        self.target = f"127.0.0.1:{self.port}"
+
+    def stop(self, grace=1.0):
+        self.server.stop(grace=grace).wait()
+        self.node.close()
+
+    def events(self):
+        path = self.options.out_dir / "events.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def wait_for(predicate, timeout=30.0):
+    """Poll ``predicate`` until it holds or ``timeout`` passes (a condition, never a speed assertion)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
