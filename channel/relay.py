@@ -248,7 +248,7 @@ class RelayNode(sgrpc.LinkServicer):
                 try:
                     item = downstream.get(timeout=min(0.5, idle))
                 except queue.Empty:
-                    if reverse_done.is_set():
+                    if reverse_done.is_set() or not context.is_active():  # ended, or the server is stopping
                         break
                     if time.monotonic() - last_activity[0] > idle:
                         self.counters.inc("streams_idle_total")

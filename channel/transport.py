@@ -23,6 +23,7 @@ answers POLLs with Feedback.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,10 @@ MAX_BLOCKS = 64
 MAX_SYMBOLS = 4096
 MAX_SYMBOL_ID = 0xFFFF  # the header's 16-bit symbol field: repair ids stop here
 MAX_FEEDBACK_MISSING = 8192  # missing ids one Feedback lists at most (it stays far under a packet's size)
+FINAL_TOKEN = 0xFFFF  # the POLL that ends an image: round tokens never take this value
+POLL_ASK, POLL_FINAL = 0, 1  # a POLL's k field: ask what arrived; or end the image (abandon it if incomplete)
+FINAL_TRIES = 3  # final POLLs a sender sends before it calls the outcome unconfirmed
+REMEMBERED_IMAGES = 4096  # outcomes of finished images a receiver keeps per stream (ids wrap at 65536)
 MAX_BLOCK_BYTES = 4 * 1024 * 1024  # one block (k symbols) at most: bounds a block's memory and FEC work
 MAX_UNIT_BYTES = MAX_BLOCK_BYTES
 
@@ -233,7 +238,10 @@ class ImageSender:
         self.blocks = make_blocks(image, config)
         self.payload_bytes = image.payload_bytes()
         self.stats = SenderStats()
-        self.state = "idle"  # idle -> waiting (feedback modes) -> done | failed
+        # idle -> waiting (feedback modes) -> done | failed; a sender that gives up goes through "closing":
+        # it sends the final POLL and takes the receiver's answer as the outcome, so both sides agree;
+        # "unconfirmed" when even that exchange failed (the one case where the two may differ, said so).
+        self.state = "idle"
         self.failure = ""
         self.started_at = 0.0
         self.timer_at: float | None = None
@@ -246,6 +254,7 @@ class ImageSender:
         self._rttvar = 0.0
         self._rto = config.rto_initial_s
         self._probes = 0
+        self._final_tries = 0
 
     # -- packets
     def _data(self, block: Block, symbol: int, role: str) -> Datagram:
@@ -270,15 +279,32 @@ class ImageSender:
         return [self._data(block, s, role) for s in range(first, first + count)]
 
     def _poll(self, now: float) -> Datagram:
-        self._token = (self._token + 1) & 0xFFFF
+        self._token = self._token % (FINAL_TOKEN - 1) + 1  # 1 .. 0xFFFE
         self._poll_times[self._token] = now
         self._repairs_at_poll[self._token] = list(self._repairs_sent)
-        data = Packet(POLL, self.image_id, 0, self._token, 0).encode()
+        self.timer_at = now + self._rto
+        return self._control(Packet(POLL, self.image_id, 0, self._token, POLL_ASK))
+
+    def _control(self, packet: Packet) -> Datagram:
+        data = packet.encode()
         self.stats.packets_sent += 1
         self.stats.wire_bytes += len(data)
         self.stats.control_bytes += len(data)
-        self.timer_at = now + self._rto
         return Datagram(data, "poll", self.image_id)
+
+    def _give_up(self, now: float, why: str) -> list[Datagram]:
+        """Stop sending the image: the final POLL asks the receiver to settle it (complete, or abandoned)."""
+        self.state, self.failure = "closing", why
+        return self._final_poll(now)
+
+    def _final_poll(self, now: float) -> list[Datagram]:
+        if self._final_tries >= FINAL_TRIES:  # no common outcome could be reached: say so, claim nothing
+            self.state, self.timer_at = "unconfirmed", None
+            self.failure += "; unconfirmed: the final POLL was not answered, the receiver may still complete it"
+            return []
+        self._final_tries += 1
+        self.timer_at = now + max(self._rto, self.config.rto_min_s)
+        return [self._control(Packet(POLL, self.image_id, 0, FINAL_TOKEN, POLL_FINAL))]
 
     # -- events
     def start(self, now: float) -> list[Datagram]:
@@ -291,7 +317,7 @@ class ImageSender:
             # hybrid polls before its repairs: the answer comes back while they drain, and only what
             # they cannot cover is sent again (see on_feedback), saving most of a round trip.
             self.state = "waiting"
-            self._round_first_token = (self._token + 1) & 0xFFFF
+            self._round_first_token = self._token % (FINAL_TOKEN - 1) + 1
             out.append(self._poll(now))
         else:
             self.state = "done"
@@ -303,18 +329,27 @@ class ImageSender:
 
     def on_timer(self, now: float) -> list[Datagram]:
         """The retransmission timer fired: back off and probe with a fresh POLL."""
-        if self.state != "waiting" or self.timer_at is None or now < self.timer_at:
+        if self.state not in ("waiting", "closing") or self.timer_at is None or now < self.timer_at:
             return []
-        if self._out_of_time(now):
-            return []
+        if self.state == "closing":
+            return self._final_poll(now)
+        if (late := self._out_of_time(now)) is not None:
+            return self._give_up(now, late)
         self._probes += 1
         if self._probes > 2 * self.config.max_rounds:
-            self._fail(f"no feedback after {self._probes - 1} probes")
-            return []
+            return self._give_up(now, f"no feedback after {self._probes - 1} probes")
         self._rto = min(self._rto * 2, self.config.rto_max_s)
         return [self._poll(now)]
 
     def on_feedback(self, feedback: tpb.Feedback, now: float) -> list[Datagram]:
+        if self.state == "closing":
+            if feedback.token == FINAL_TOKEN:  # the receiver's word settles it
+                self.timer_at = None
+                if feedback.complete:
+                    self.state, self.failure = "done", ""
+                else:
+                    self.state, self.failure = "failed", self.failure + "; the receiver abandoned the image"
+            return []
         if self.state != "waiting":
             return []
         sent_at = self._poll_times.get(feedback.token)
@@ -322,14 +357,14 @@ class ImageSender:
             return []  # stale: a newer round already acted on fresher news
         self._sample_rtt(now - sent_at)
         self._probes = 0
+        self._final_tries = 0
         if feedback.complete:
             self.state, self.timer_at = "done", None
             return []
-        if self._out_of_time(now):
-            return []
+        if (late := self._out_of_time(now)) is not None:
+            return self._give_up(now, late)
         if self.stats.rounds >= self.config.max_rounds:
-            self._fail(f"not complete after {self.stats.rounds} retransmission rounds")
-            return []
+            return self._give_up(now, f"not complete after {self.stats.rounds} retransmission rounds")
         self.stats.rounds += 1
         status = {b.block: b for b in feedback.blocks if b.block < len(self.blocks)}
         sent_at_poll = self._repairs_at_poll[feedback.token]
@@ -354,7 +389,7 @@ class ImageSender:
                 if st is not None and not st.missing:
                     missing = range(block.k)  # nothing named missing yet not decoded: resend all
                 out += [self._data(block, s, "retransmit") for s in missing]
-        self._round_first_token = (self._token + 1) & 0xFFFF
+        self._round_first_token = self._token % (FINAL_TOKEN - 1) + 1
         out.append(self._poll(now))
         return out
 
@@ -370,19 +405,15 @@ class ImageSender:
             self._srtt = 0.875 * self._srtt + 0.125 * rtt
         self._rto = min(max(self._srtt + 4 * self._rttvar, self.config.rto_min_s), self.config.rto_max_s)
 
-    def _out_of_time(self, now: float) -> bool:
+    def _out_of_time(self, now: float) -> str | None:
         deadline = self.config.deadline_s
         if deadline is not None and now - self.started_at >= deadline:
-            self._fail(f"deadline of {deadline:g} s passed")
-            return True
-        return False
-
-    def _fail(self, why: str) -> None:
-        self.state, self.failure, self.timer_at = "failed", why, None
+            return f"deadline of {deadline:g} s passed"
+        return None
 
     @property
     def finished(self) -> bool:
-        return self.state in ("done", "failed")
+        return self.state in ("done", "failed", "unconfirmed")
 
 
 # ---------------------------------------------------------------- receiver
@@ -425,6 +456,7 @@ class Received:
     feedback: list[bytes]
     dropped: str | None = None  # why the packet was dropped (PACKET_DROPS), if it was
     block_bad: str | None = None  # why the block it completed was dropped (BLOCK_DROPS), if it was
+    abandoned: bool = False  # a final POLL ended this (incomplete) image: its state is gone
 
 
 @dataclass
@@ -471,8 +503,14 @@ class TransportReceiver:
     """
 
     def __init__(self, max_images: int = 256, max_symbol_bytes: int = 65000,
-                 max_buffered_bytes: int = 64 * 1024 * 1024):
-        self.images: dict[int, _ImageState] = {}
+                 max_buffered_bytes: int = 64 * 1024 * 1024, require_ack: bool = False):
+        self.images: dict[int, _ImageState] = {}  # images in flight; finished ones are released
+        # outcome of the most recent finished images ("complete" / "abandoned"): late packets are redundant
+        # and POLLs are answered from it, with no state kept
+        self.finished: OrderedDict[int, str] = OrderedDict()
+        # require_ack: "complete" is reported only after acknowledge(image_id), i.e. once the node has
+        # stored the image; until then the image is held as it is
+        self.require_ack = require_ack
         self.stats = ReceiverStats()
         self.max_images = max_images
         self.max_symbol_bytes = max_symbol_bytes
@@ -491,26 +529,50 @@ class TransportReceiver:
         except PacketError as exc:
             return self._drop(exc.reason)
         if packet.kind == POLL:  # counted for an image only if it has one: a POLL creates no state
-            known = packet.image_id if packet.image_id in self.images else None
-            return Received(known, [], [self._feedback(packet)])
+            return self._on_poll(packet)
         if packet.kind != DATA:
             return self._drop("kind")
         return self._on_data(packet)
 
     def image_complete(self, image_id: int) -> bool:
-        state = self.images.get(image_id)
-        return state is not None and state.complete
+        """Complete, and acknowledged where that is required."""
+        return self.finished.get(image_id) == "complete"
 
     def forget(self, image_id: int) -> None:
         state = self.images.pop(image_id, None)
         if state is not None:
             self.buffered_bytes -= sum(b.held for b in state.blocks.values())
 
+    def acknowledge(self, image_id: int) -> None:
+        """The node has stored the complete image: report it complete from now on, and release its state."""
+        state = self.images.get(image_id)
+        if state is not None and state.complete:
+            self._finish(image_id, "complete")
+
+    def _finish(self, image_id: int, outcome: str) -> None:
+        self.forget(image_id)
+        self.finished[image_id] = outcome
+        self.finished.move_to_end(image_id)
+        while len(self.finished) > REMEMBERED_IMAGES:
+            self.finished.popitem(last=False)
+
+    def _on_poll(self, poll: Packet) -> Received:
+        image_id, abandoned = poll.image_id, False
+        state = self.images.get(image_id)
+        if poll.k == POLL_FINAL and state is not None and not (state.complete and self.require_ack):
+            # the sender has given up: settle the image now, so both sides report the same outcome
+            # (a complete image still awaiting its acknowledgement is the node's to settle)
+            self._finish(image_id, "complete" if state.complete else "abandoned")
+            abandoned = image_id not in self.images and self.finished[image_id] == "abandoned"
+        known = image_id if image_id in self.images or image_id in self.finished else None
+        return Received(known, [], [self._feedback(poll)], abandoned=abandoned)
     def _on_data(self, p: Packet) -> Received:
         size = len(p.payload)
         if (p.block >= MAX_BLOCKS or not 1 <= p.k <= MAX_SYMBOLS or size == 0
                 or size > self.max_symbol_bytes):
             return self._drop("fields")
+        if p.image_id in self.finished:  # a late or extra symbol of an image already settled
+            return self._drop("redundant", p.image_id)
         image = self.images.get(p.image_id)
         if image is None:
             if len(self.images) >= self.max_images:
@@ -560,6 +622,8 @@ class TransportReceiver:
             if name not in image.layers:
                 image.layers[name] = layer
                 arrivals.append(LayerArrival(p.image_id, header, layer))
+        if image.complete and not self.require_ack:
+            self._finish(p.image_id, "complete")
         return Received(p.image_id, arrivals, [])
 
     def _block_bad(self, image_id: int, reason: str) -> Received:
@@ -598,7 +662,7 @@ class TransportReceiver:
 
     def _feedback(self, poll: Packet) -> bytes:
         image = self.images.get(poll.image_id)
-        fb = tpb.Feedback(token=poll.symbol, complete=bool(image and image.complete))
+        fb = tpb.Feedback(token=poll.symbol, complete=self.finished.get(poll.image_id) == "complete")
         if image is not None and not fb.complete:
             room = MAX_FEEDBACK_MISSING
             for index, block in sorted(image.blocks.items()):

@@ -294,7 +294,9 @@ class DiffusionDecoder:
         self.mode = mode
         self._pipes: _Pipelines | None = None
         self._t2i_cache: tuple[tuple, np.ndarray] | None = None
-        self.last_timing: StageTiming | None = None
+        # one stage at a time per decoder: the pipelines and their scheduler hold state between steps, so
+        # the receiver's decode workers take turns on them (more GPUs: more decoders)
+        self._lock = threading.Lock()
         self._local = threading.local()
         self.warnings: list[str] = []  # notes for the user (e.g. prompts longer than the text encoder reads)
 
@@ -349,8 +351,9 @@ class DiffusionDecoder:
                 raise MiscError(f"out of GPU memory in the diffusion decoder ({name}); lower --diffusion-size "
                                 "or use --cpu-offload") from None
             raise
-        if self.last_timing is not None:
-            self.last_timing.passes.append(PassTiming(name, time.perf_counter() - t0))
+        timing = getattr(self._local, "timing", None)
+        if timing is not None:
+            timing.passes.append(PassTiming(name, time.perf_counter() - t0))
         return out
 
     def text_to_image(self, caption: str, width: int, height: int) -> np.ndarray:
@@ -400,9 +403,20 @@ class DiffusionDecoder:
 
     def render(self, stage: StageInput) -> np.ndarray:
         """Reconstruction of one stage as uint8 (height, width, 3)."""
+        return self.render_timed(stage)[0]
+
+    def render_timed(self, stage: StageInput) -> tuple[np.ndarray, StageTiming]:
+        """The reconstruction and the time each of its passes took (returned: decoders are shared)."""
+        with self._lock:
+            timing = StageTiming(stage.name)
+            self._local.stage, self._local.timing = stage, timing
+            try:
+                return self._render(stage, timing), timing
+            finally:
+                self._local.stage = self._local.timing = None
+
+    def _render(self, stage: StageInput, timing: StageTiming) -> np.ndarray:
         c = self.config
-        self._local.stage = stage  # per thread: the receiver's decode workers share this decoder
-        timing = self.last_timing = StageTiming(stage.name)
         t0 = time.perf_counter()
         sem = stage.semantics
         if not stage.has_pixels and sem is None:  # nothing known yet: a neutral canvas

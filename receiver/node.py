@@ -15,6 +15,7 @@ the Prometheus endpoint.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import threading
@@ -31,10 +32,12 @@ from PIL import Image
 from miscnet.channel.grpc_util import MAX_MESSAGE_BYTES, TlsFiles, check_token, start_server
 from miscnet.channel.stats import Counters, add_stats_service
 from miscnet.channel.transport import BLOCK_DROPS, PACKET_DROPS, TransportReceiver
-from miscnet.core.container import layers_digest
+from miscnet.core.container import EncodedImage, layers_digest
+from miscnet.core.errors import MiscError
 from miscnet.core.image_io import png_bytes, save_png
 from miscnet.receiver.assembly import ImageAssembly
-from miscnet.receiver.stages import MAX_RENDER_PIXELS, StageInput, StageTimeout
+from miscnet.receiver.stages import MAX_RENDER_PIXELS, StageInput, StageTimeout, stage_input
+from miscnet.receiver.store import ImageStore
 from miscnet.v1 import services_pb2 as spb
 from miscnet.v1 import services_pb2_grpc as sgrpc
 
@@ -64,14 +67,16 @@ class DecodeScheduler:
     """Worker threads decoding the newest pending stage of each image; older pending stages are dropped.
 
     Keys are ``stream/image``; streams take turns (round robin), so a stream with many images waits for
-    its own, not others'.
+    its own, not others'. One image is decoded by one worker at a time, and the stages a newer one
+    replaced are reported by that worker just before it decodes the newer one: an image's events come out
+    in the order its stages were made.
     """
 
     def __init__(self, handle: Callable[[str, StageInput, dict], None], workers: int,
                  superseded: Callable[[StageInput, dict], None] | None = None):
         self._handle = handle
         self._on_superseded = superseded
-        self._pending: dict[str, tuple[StageInput, dict]] = {}
+        self._pending: dict[str, tuple[StageInput, dict, list]] = {}  # key -> stage, meta, superseded
         self._ready: dict[str, deque[str]] = {}  # stream -> its ready keys; dict order is the turn order
         self._running: set[str] = set()
         self._cond = threading.Condition()
@@ -93,12 +98,11 @@ class DecodeScheduler:
         """Queue a stage; returns False if it replaced a pending one (which is then never decoded)."""
         with self._cond:
             old = self._pending.get(key)
+            replaced = []
             if old is not None:
                 self.superseded += 1
-                # reported under the lock, so a superseded event is logged before its successor's
-                if self._on_superseded:
-                    self._on_superseded(*old)
-            self._pending[key] = (stage, meta)
+                replaced = [*old[2], (old[0], old[1])]
+            self._pending[key] = (stage, meta, replaced)
             if old is None and key not in self._running:
                 self._make_ready(key)
             self._cond.notify()
@@ -120,9 +124,12 @@ class DecodeScheduler:
                 if not self._ready:
                     return
                 key = self._next()
-                stage, meta = self._pending.pop(key)
+                stage, meta, replaced = self._pending.pop(key)
                 self._running.add(key)
             try:
+                if self._on_superseded:
+                    for old_stage, old_meta in replaced:
+                        self._on_superseded(old_stage, old_meta)
                 self._handle(key, stage, meta)
             finally:
                 with self._cond:
@@ -164,13 +171,16 @@ class EventLog:
         self._counters = counters
         self._preview_bytes = preview_bytes
 
-    def emit(self, event: dict, image: np.ndarray | None = None) -> None:
+    def emit(self, event: dict, image: np.ndarray | None = None, durable: bool = False) -> None:
+        """Log ``event`` (fsync'd when ``durable``) and hand it to the watchers."""
         with self._lock:
             if self._file.closed:  # a stream torn down after shutdown: nothing left to write to
                 self._counters.inc("events_dropped_total", reason="closed")
                 return
             self._file.write(json.dumps(event) + "\n")
             self._file.flush()
+            if durable:
+                os.fsync(self._file.fileno())
             watchers = list(self._watchers)
         if not watchers:
             return
@@ -221,24 +231,37 @@ class EventLog:
 _EVENT_FIELDS = {f.name for f in spb.StageEvent.DESCRIPTOR.fields}
 
 
+@dataclass
+class _Image:
+    """One image in flight on a stream (released once it is settled)."""
+
+    order: int  # its place among the stream's images: unique within the stream, unlike wrapping ids
+    label: str
+    folder: Path
+    first_seen: float
+    wire_bytes: int = 0
+    stages: int = 0
+    assembly: ImageAssembly | None = None
+
+
 class _Stream:
     """One sender stream's state on the receiver."""
 
     def __init__(self, name: str, options: ReceiverOptions):
         self.name = name
+        # require_ack: the transport says "complete" only after the node has stored the image
         self.transport = TransportReceiver(max_images=options.max_images_per_stream,
-                                           max_buffered_bytes=options.max_buffered_bytes)
-        self.labels: dict[int, str] = {}
-        self.assemblies: dict[int, ImageAssembly] = {}
-        self.first_seen: dict[int, float] = {}
-        self.wire_bytes: dict[int, int] = {}
-        self.stage_index: dict[int, int] = {}
+                                           max_buffered_bytes=options.max_buffered_bytes, require_ack=True)
+        self.labels: dict[int, str] = {}  # labels of images whose first packet has not come yet
+        self.images: dict[int, _Image] = {}
+        self.count = 0
         self.replies: queue.Queue = queue.Queue(options.max_replies)
         self.last_activity = time.monotonic()
         self.done = threading.Event()  # the sender's half of the call has ended
 
-    def label(self, image_id: int) -> str:
-        return self.labels.get(image_id) or f"image{image_id}"
+    def key(self, image: _Image, what: str | int) -> str:
+        """An event key that never repeats: stream names are unique across restarts, orders within one."""
+        return f"{self.name}/{image.order}/{what}"
 
 
 def _describe_counters(counters: Counters) -> None:
@@ -254,7 +277,10 @@ def _describe_counters(counters: Counters) -> None:
         ("labels_dropped_total", "image labels dropped (more than the images a stream may have)"),
         ("feedback_sent_total", "feedback packets queued for senders"),
         ("feedback_dropped_total", "feedback packets dropped: the sender did not read its replies"),
-        ("images_complete_total", "images whose every layer arrived"),
+        ("images_complete_total", "images whose every layer arrived, stored before they were acknowledged"),
+        ("images_abandoned_total", "images their sender gave up on before they completed"),
+        ("images_recovered_total", "stored images a restarted receiver decoded"),
+        ("store_errors_total", "complete images that could not be stored (not acknowledged)"),
         ("images_incomplete_total", "images left incomplete when their stream ended"),
         ("stages_decoded_total", "stages decoded and written"),
         ("stages_superseded_total", "stages replaced by a newer stage of the image before decoding"),
@@ -273,17 +299,18 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         self.out_dir = Path(options.out_dir)
         self.counters = Counters("receiver")
         _describe_counters(self.counters)
+        self.store = ImageStore(self.out_dir)
         self.events = EventLog(self.out_dir / "events.jsonl", options.watcher_queue, self.counters,
                                options.preview_bytes)
         self.scheduler = DecodeScheduler(self._decode, options.decode_workers, self._superseded)
         self._streams = threading.BoundedSemaphore(options.max_streams)
         self._open = 0
-        self._seq = 0
         self._lock = threading.Lock()
         self._readers: list[threading.Thread] = []
         self.counters.gauge_fn("streams_open", lambda: self._open, "sender streams open now")
         self.counters.gauge_fn("decode_queue", lambda: self.scheduler.pending, "stages waiting for a decoder")
         self.counters.gauge_fn("watchers", lambda: self.events.watchers, "Watch calls open now")
+        self._recover()
 
     # ---------------------------------------------------------------- Link
     def Exchange(self, request_iterator, context):  # noqa: N802 (gRPC method name)
@@ -293,9 +320,8 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open streams")
         try:
             with self._lock:
-                self._seq += 1
                 self._open += 1
-                stream = _Stream(f"s{self._seq:04d}", self.options)
+                stream = _Stream(self.store.new_stream(), self.options)
             self.counters.inc("streams_total")
             reader = threading.Thread(target=self._read, args=(stream, request_iterator), daemon=True)
             with self._lock:
@@ -306,7 +332,7 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
                 try:
                     item = stream.replies.get(timeout=min(0.5, idle))
                 except queue.Empty:
-                    if stream.done.is_set():
+                    if stream.done.is_set() or not context.is_active():  # ended, or the server is stopping
                         return
                     if time.monotonic() - stream.last_activity > idle:
                         self.counters.inc("streams_idle_total")
@@ -325,7 +351,10 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
                 which = message.WhichOneof("body")
                 if which == "label":
                     name = _SAFE.sub("_", message.label.name)[:80].strip("._") or None
-                    if name and len(stream.labels) < self.options.max_images_per_stream:
+                    image = stream.images.get(message.label.image_id)
+                    if name and image is not None and image.stages == 0:
+                        image.label, image.folder = name, self.store.folder(stream.name, image.order, name)
+                    elif name and len(stream.labels) < self.options.max_images_per_stream:
                         stream.labels[message.label.image_id] = name
                     elif name:
                         self.counters.inc("labels_dropped_total")
@@ -358,41 +387,80 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         if received.block_bad:
             self.counters.inc("blocks_dropped_total", reason=received.block_bad)
         image_id = received.image_id  # verified: a packet that fails its checks creates no state
-        if image_id is not None:
-            stream.first_seen.setdefault(image_id, now)
-            stream.wire_bytes[image_id] = stream.wire_bytes.get(image_id, 0) + len(data)
-        groups: dict[int, list] = {}
-        for arrival in received.arrivals:
-            groups.setdefault(arrival.image_id, []).append(arrival)
-        for image_id, group in groups.items():
-            header = group[0].header
-            assembly = stream.assemblies.get(image_id)
-            if assembly is None:
-                assembly = stream.assemblies[image_id] = ImageAssembly(header, self.options.max_render_pixels)
-            stage = assembly.add(*(a.layer for a in group))
+        image = None
+        if image_id is not None and image_id in stream.transport.images:  # in flight
+            image = stream.images.get(image_id) or self._new_image(stream, image_id, now)
+            image.wire_bytes += len(data)
+        if received.abandoned and image_id in stream.images:
+            self._end_image(stream, stream.images.pop(image_id), "abandoned")
+        if received.arrivals and image is not None:
+            header = received.arrivals[0].header  # one packet completes at most one block of one image
+            if image.assembly is None:
+                image.assembly = ImageAssembly(header, self.options.max_render_pixels)
+            stage = image.assembly.add(*(a.layer for a in received.arrivals))
             if stage is not None:
-                self._on_stage(stream, image_id, assembly, stage, now)
+                self._on_stage(stream, image_id, image, stage, now)
         return received.feedback
 
-    def _on_stage(self, stream: _Stream, image_id: int, assembly: ImageAssembly, stage: StageInput,
-                  now: float) -> None:
-        index = stream.stage_index.get(image_id, 0)
-        stream.stage_index[image_id] = index + 1
-        label = stream.label(image_id)
-        folder = self.out_dir / stream.name / label
-        event = {"stream": stream.name, "image_id": image_id, "image": label, "stage": stage.name,
-                 "time_s": now - stream.first_seen.get(image_id, now), "payload_bytes": stage.payload_bytes,
-                 "wire_bytes": stream.wire_bytes.get(image_id, 0), "width": stage.width,
+    def _new_image(self, stream: _Stream, image_id: int, now: float) -> _Image:
+        stream.count += 1
+        label = stream.labels.pop(image_id, None) or f"image{image_id}"
+        folder = self.store.folder(stream.name, stream.count, label)
+        image = stream.images[image_id] = _Image(stream.count, label, folder, now)
+        return image
+
+    def _on_stage(self, stream: _Stream, image_id: int, image: _Image, stage: StageInput, now: float) -> None:
+        index, assembly = image.stages, image.assembly
+        image.stages += 1
+        event = {"key": stream.key(image, index), "stream": stream.name, "image_id": image_id,
+                 "image": image.label, "stage": stage.name, "time_s": now - image.first_seen,
+                 "payload_bytes": stage.payload_bytes, "wire_bytes": image.wire_bytes, "width": stage.width,
                  "height": stage.height, "complete": assembly.complete, "status": "stage",
-                 "path": str(folder / f"{index:02d}-{stage.name}.png")}
+                 "path": str(image.folder / f"{index:02d}-{stage.name}.png")}
         if stage.scaled:
             event.update(declared_width=assembly.width, declared_height=assembly.height)
             self.counters.inc("stages_scaled_total")
         if assembly.complete:
             event["digest"] = layers_digest(assembly.layers.values())
-            self.counters.inc("images_complete_total")
+            if not self._store(stream, image_id, image, event["digest"]):
+                return
         event["_arrived"] = now
-        self.scheduler.submit(f"{stream.name}/{image_id}", stage, event)
+        self.scheduler.submit(f"{stream.name}/{image.order}", stage, event)
+
+    def _store(self, stream: _Stream, image_id: int, image: _Image, digest: str) -> bool:
+        """Store the complete image durably, then acknowledge it: receipt means stored."""
+        assembly = image.assembly
+        encoded = EncodedImage(assembly.width, assembly.height, list(assembly.layers.values()))
+        base = {"key": stream.key(image, "stored"), "stream": stream.name, "image_id": image_id,
+                "image": image.label, "stage": "", "complete": True, "digest": digest}
+        try:
+            path = self.store.store(image.folder, encoded)
+        except MiscError as exc:
+            self.counters.inc("store_errors_total")
+            self.events.emit({**base, "status": "store-error", "error": str(exc)[:200]})
+            return False
+        self.events.emit({**base, "status": "stored", "path": str(path)}, durable=True)
+        stream.transport.acknowledge(image_id)  # only now may a FEEDBACK say complete
+        self.counters.inc("images_complete_total")
+        del stream.images[image_id]  # settled: the decode job holds what it needs
+        return True
+
+    def _recover(self) -> None:
+        """Decode the complete stage of every image stored but not decoded before a crash or a kill."""
+        for stream, folder, encoded in self.store.pending():
+            order, _, label = folder.name.partition("-")
+            event = {"key": f"{stream}/{int(order)}/recovered", "stream": stream, "image": label, "stage": "",
+                     "complete": True, "status": "recovered"}
+            if encoded is None:
+                self.events.emit({**event, "status": "recover-error", "error": f"{folder} does not read"})
+                continue
+            stage = stage_input(encoded.width, encoded.height, encoded.layers,
+                                max_pixels=self.options.max_render_pixels)
+            event.update(stage=stage.name, digest=layers_digest(encoded.layers), width=stage.width,
+                         height=stage.height, payload_bytes=stage.payload_bytes,
+                         path=str(folder / f"recovered-{stage.name}.png"), _arrived=time.monotonic())
+            self.counters.inc("images_recovered_total")
+            self.scheduler.submit(f"{stream}/{int(order)}", stage, event)
 
     def _decode(self, key: str, stage: StageInput, event: dict) -> None:
         event = dict(event)
@@ -402,6 +470,8 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         try:
             image = self.decoder.render(stage)
             save_png(event["path"], image)
+            if event.get("complete"):
+                self.store.mark_decoded(Path(event["path"]).parent)
             self.counters.inc("stages_decoded_total")
         except StageTimeout as exc:
             event.update(status="decode-timeout", path="", error=str(exc)[:200])
@@ -420,19 +490,19 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         self.counters.inc("stages_superseded_total")
         self.events.emit(event)
 
+    def _end_image(self, stream: _Stream, image: _Image, status: str) -> None:
+        assembly = image.assembly
+        self.counters.inc("images_abandoned_total" if status == "abandoned" else "images_incomplete_total")
+        event = {"key": stream.key(image, "end"), "stream": stream.name, "image": image.label, "stage": "",
+                 "status": status, "complete": False, "layers": sorted(assembly.layers) if assembly else []}
+        if assembly is not None:
+            event.update(width=assembly.width, height=assembly.height)
+        self.events.emit(event)
+
     def _close_stream(self, stream: _Stream) -> None:
-        for image_id, assembly in stream.assemblies.items():
-            if not assembly.complete:
-                self.counters.inc("images_incomplete_total")
-                self.events.emit({"stream": stream.name, "image_id": image_id, "image": stream.label(image_id),
-                                  "stage": "", "status": "incomplete", "complete": False,
-                                  "layers": sorted(assembly.layers), "width": assembly.width,
-                                  "height": assembly.height})
-        for image_id in stream.first_seen:
-            if image_id not in stream.assemblies:
-                self.counters.inc("images_incomplete_total")
-                self.events.emit({"stream": stream.name, "image_id": image_id, "image": stream.label(image_id),
-                                  "stage": "", "status": "incomplete", "complete": False, "layers": []})
+        for image_id, image in sorted(stream.images.items(), key=lambda item: item[1].order):
+            self._end_image(stream, image, "incomplete")
+            del stream.images[image_id]
 
     # ---------------------------------------------------------------- Watch
     def Events(self, request, context):  # noqa: N802

@@ -18,14 +18,13 @@ import grpc
 
 from miscnet.channel.grpc_util import TlsFiles, diagnose_connection, open_channel, token_metadata
 from miscnet.channel.packet import POLL, Packet, PacketError
-from miscnet.channel.transport import ImageSender, TransportConfig, parse_feedback
+from miscnet.channel.transport import FINAL_TOKEN, POLL_ASK, ImageSender, TransportConfig, parse_feedback
 from miscnet.core.container import EncodedImage, layers_digest
 from miscnet.core.errors import MiscError
 from miscnet.v1 import services_pb2 as spb
 from miscnet.v1 import services_pb2_grpc as sgrpc
 
 _END = object()
-FINAL_POLL_TOKEN = 0xFFFF  # none / fec: the one POLL after an image, asking what the receiver got
 
 
 @dataclass
@@ -131,7 +130,7 @@ def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, op
     final_poll_at = None
     if not options.transport.uses_feedback:
         # nothing was promised, but ask the receiver what it got, for the report
-        stream.outbox.put(spb.LinkMessage(packet=Packet(POLL, image_id, 0, FINAL_POLL_TOKEN, 0).encode()))
+        stream.outbox.put(spb.LinkMessage(packet=Packet(POLL, image_id, 0, FINAL_TOKEN, POLL_ASK).encode()))
         final_poll_at = time.monotonic() + options.linger_s
     while True:
         if sender.finished and final_poll_at is None:
@@ -156,7 +155,7 @@ def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, op
         if fb_image != image_id:
             continue
         if final_poll_at is not None:
-            if feedback.token != FINAL_POLL_TOKEN:
+            if feedback.token != FINAL_TOKEN:
                 continue  # not the answer to the final report request
             complete = feedback.complete
             break

@@ -436,10 +436,11 @@ def test_stats_cli_prints_a_live_nodes_counters(receiver, capsys):
 def test_complete_images_keep_their_digest(sample):
     # the digest the receiver logs is the sender's: a regression guard for the checks added above
     _, _, encoded = sample
-    rx = TransportReceiver()
+    rx, got = TransportReceiver(), []
     for d in ImageSender(7, encoded, TransportConfig("fec", mtu=100)).start(0.0):
-        rx.on_datagram(d.data)
-    assert layers_digest(rx.images[7].layers.values()) == layers_digest(encoded.layers)
+        got += [a.layer for a in rx.on_datagram(d.data).arrivals]
+    assert layers_digest(got) == layers_digest(encoded.layers) and rx.image_complete(7)
+    assert rx.images == {}  # a finished image keeps no state
     assert MAX_BLOCK_BYTES == 4 * 1024 * 1024
 
 

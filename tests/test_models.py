@@ -328,6 +328,27 @@ def encoded(tiny):
     return result.encoded
 
 
+def test_diffusion_decoder_shared_by_two_workers_gives_the_sequential_pixels(tiny, encoded, clean_env):
+    # the live receiver's decode workers share one decoder: its pipelines must not interleave
+    import threading
+
+    from miscnet.receiver.decoders import make_decoder
+    from miscnet.receiver.stages import progressive_stages
+
+    stages = progressive_stages(encoded)[1:3]
+    decoder = make_decoder(decoder_args(tiny, *STEPS, "--restore", "img2img"))
+    sequential = [decoder.render(stage) for stage in stages]
+    for _ in range(2):
+        out = [None, None]
+        workers = [threading.Thread(target=lambda i=i: out.__setitem__(i, decoder.render(stages[i])))
+                   for i in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert all(np.array_equal(a, b) for a, b in zip(out, sequential, strict=True))
+
+
 def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
     from miscnet.receiver.decoders import make_decoder
     from miscnet.receiver.stages import progressive_stages
@@ -339,9 +360,9 @@ def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
     passes = {}
     images = []
     for stage in stages:
-        img = decoder.render(stage)
+        img, timing = decoder.render_timed(stage)
         assert img.shape == (217, 333, 3) and img.dtype == np.uint8
-        passes[stage.name] = [p.name for p in decoder.last_timing.passes]
+        passes[stage.name] = [p.name for p in timing.passes]
         images.append(img)
     objects = [f"object {k + 1}" for k, m in enumerate(stages[1].masks) if m.any()]
     assert passes["semantic"] == ["text-to-image"]

@@ -236,11 +236,10 @@ def test_openai_client_errors_are_not_retried():
 
 
 def test_openai_timeout():
-    with FakeAPI([(200, completion(ANSWERS["json"]), None, 1.0)]) as api:
-        t0 = time.monotonic()
+    # the server answers after 5 s, well after the 0.2 s timeout: only the timeout path gives this error
+    with FakeAPI([(200, completion(ANSWERS["json"]), None, 5.0)]) as api:
         with pytest.raises(MiscError, match=r"no answer within 0.2 s \(after 2 attempts"):
             backend(api.url, timeout=0.2, retries=1).describe(IMAGE)
-        assert time.monotonic() - t0 < 1.5
 
 
 def test_openai_bad_answers():

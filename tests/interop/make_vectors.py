@@ -204,9 +204,9 @@ def _image_vectors(image) -> list[Vector]:
 
     out = []
     sender, packets, final = _image_packets(image, "none", NONE_MTU)
-    rx = TransportReceiver()
+    rx, arrived = TransportReceiver(), []
     for p in packets:
-        rx.on_datagram(p)
+        arrived += [a.layer for a in rx.on_datagram(p).arrivals]
     reply = rx.on_datagram(final).feedback[0]
     items = []
     for data in packets:
@@ -224,7 +224,7 @@ def _image_vectors(image) -> list[Vector]:
         items,
         {"mode": "none", "mtu": NONE_MTU, "image_id": IMAGE_ID, "header": _header_fields(image.header()),
          "packets": [_packet_fields(d) for d in [*packets, final]], "blocks": blocks,
-         "layers": [_layer_fields(ly) for ly in rx.images[IMAGE_ID].layers.values()],
+         "layers": [_layer_fields(ly) for ly in arrived],
          "digest": layers_digest(image.layers), "final_feedback": reply.hex(),
          "final_feedback_decoded": _feedback_fields(fb)}))
 

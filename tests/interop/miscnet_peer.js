@@ -335,6 +335,7 @@ function checkHeader(h) {
 
 const CODEC_RANGE_OF_KIND = { 1: [1, 15], 2: [16, 31], 3: [32, 63] };
 const MAX_FEEDBACK_MISSING = 8192; // 3.2: missing ids one FEEDBACK lists at most
+const POLL_FINAL = 1; // 3.2: a POLL whose k is 1 ends its image
 
 function checkLayer(layer) {
   const params = PARAMS_OF_KIND[layer.kind];
@@ -439,6 +440,9 @@ class Receiver {
     const { packet, reason } = decodePacket(buf);
     if (reason) return this.count(this.drops, reason);
     if (packet.kind === POLL) {
+      const image = this.images.get(packet.imageId);
+      // 7.4: a final POLL (k = 1) settles an image still in flight: abandoned unless complete
+      if (packet.k === POLL_FINAL && image !== undefined && !image.finished) this.finish(image);
       const reply = this.report(packet);
       this.feedback.push(reply);
       return reply;
@@ -453,9 +457,10 @@ class Receiver {
       return this.count(this.drops, 'fields');
     }
     let image = this.images.get(p.imageId);
+    if (image !== undefined && image.finished) return this.count(this.drops, 'redundant');
     if (image === undefined) {
-      if (this.images.size >= MAX_IMAGES) return this.count(this.drops, 'images');
-      image = { blocks: new Map(), header: null, headerBytes: null, layers: new Map() };
+      if (this.inFlight() >= MAX_IMAGES) return this.count(this.drops, 'images');
+      image = { blocks: new Map(), header: null, headerBytes: null, layers: new Map(), finished: null };
       this.images.set(p.imageId, image);
     }
     let block = image.blocks.get(p.block);
@@ -497,6 +502,7 @@ class Receiver {
     block.symbols = new Map();
     block.held = 0;
     this.accept(image, bytes);
+    if (this.complete(image)) this.finish(image);
     return undefined;
   }
 
@@ -525,10 +531,28 @@ class Receiver {
     return image !== undefined && image.header !== null && image.layers.size >= image.header.layer_count;
   }
 
+  // 7.4: a settled image keeps its outcome and layers (for the summary) but no symbols, and stops
+  // counting against the images in flight.
+  finish(image) {
+    image.finished = this.complete(image) ? 'complete' : 'abandoned';
+    for (const b of image.blocks.values()) {
+      this.buffered -= b.held;
+      b.symbols = new Map();
+      b.held = 0;
+    }
+  }
+
+  inFlight() {
+    let n = 0;
+    for (const image of this.images.values()) if (!image.finished) n++;
+    return n;
+  }
+
   report(poll) {
     const image = this.images.get(poll.imageId);
-    const fb = { token: poll.symbol, complete: this.complete(image), blocks: [], _unknown: [] };
-    if (image !== undefined && !fb.complete) {
+    const fb = { token: poll.symbol, complete: image !== undefined && image.finished === 'complete',
+      blocks: [], _unknown: [] };
+    if (image !== undefined && !fb.complete && !image.finished) {
       let room = MAX_FEEDBACK_MISSING;
       for (const index of [...image.blocks.keys()].sort((a, b) => a - b)) {
         const b = image.blocks.get(index);
