@@ -340,7 +340,7 @@ def test_diffusion_decoder_shared_by_two_workers_gives_the_sequential_pixels(tin
     sequential = [decoder.render(stage) for stage in stages]
     for _ in range(2):
         out = [None, None]
-        workers = [threading.Thread(target=lambda i=i: out.__setitem__(i, decoder.render(stages[i])))
+        workers = [threading.Thread(target=lambda i=i, o=out: o.__setitem__(i, decoder.render(stages[i])))
                    for i in range(2)]
         for w in workers:
             w.start()
