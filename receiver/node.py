@@ -61,6 +61,7 @@ class ReceiverOptions:
     max_render_pixels: int = MAX_RENDER_PIXELS  # a stage is drawn at most this large
     stage_timeout_s: float = 120.0  # decoding one stage stops (between passes) after this long
     preview_bytes: int = MAX_MESSAGE_BYTES - 64 * 1024  # a watcher's PNG preview fits one message
+    shutdown_decode_s: float | None = None  # at close, decode pending stages this long (None: all of them)
 
 
 class DecodeScheduler:
@@ -81,6 +82,7 @@ class DecodeScheduler:
         self._running: set[str] = set()
         self._cond = threading.Condition()
         self._closing = False
+        self._close_by: float | None = None
         self.superseded = 0
         self._threads = [threading.Thread(target=self._work, daemon=True, name=f"decode-{i}") for i in range(workers)]
         for t in self._threads:
@@ -121,7 +123,8 @@ class DecodeScheduler:
             with self._cond:
                 while not self._ready and not self._closing:
                     self._cond.wait()
-                if not self._ready:
+                past = self._closing and self._close_by is not None and time.monotonic() > self._close_by
+                if not self._ready or past:
                     return
                 key = self._next()
                 stage, meta, replaced = self._pending.pop(key)
@@ -138,13 +141,23 @@ class DecodeScheduler:
                         self._make_ready(key)
                         self._cond.notify()
 
-    def close(self) -> None:
-        """Decode everything still pending, then stop the workers."""
+    def close(self, wait_s: float | None = None) -> int:
+        """Decode what is pending, for at most ``wait_s`` (None: all of it), then stop the workers.
+
+        Returns the number of stages left undecoded. A stage running when time is up is not waited for
+        (the threads are daemons): the complete images are stored, and a restart decodes them.
+        """
         with self._cond:
             self._closing = True
+            self._close_by = None if wait_s is None else time.monotonic() + wait_s
             self._cond.notify_all()
         for t in self._threads:
-            t.join()
+            t.join(None if wait_s is None else max(0.0, self._close_by - time.monotonic()) + 0.5)
+        with self._cond:
+            left = len(self._pending) + len(self._running)
+            self._pending.clear()
+            self._ready.clear()
+        return left
 
 
 def png_preview(image: np.ndarray, limit: int) -> tuple[bytes, int, int]:
@@ -520,14 +533,21 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
                 return
             yield item
 
-    def close(self, wait_s: float = 5.0) -> None:
-        """Flush everything: let closing streams log what they leave incomplete, decode what is pending."""
+    def close(self, wait_s: float = 5.0, decode_s: float | None = None) -> None:
+        """Flush: let closing streams log what they leave incomplete, decode what is pending.
+
+        ``decode_s`` bounds the decoding (None: all of it); what is left is logged, and the complete images
+        among it are decoded by the next start (they are stored).
+        """
         end = time.monotonic() + wait_s
         with self._lock:
             readers = list(self._readers)
         for reader in readers:
             reader.join(timeout=max(0.0, end - time.monotonic()))
-        self.scheduler.close()
+        left = self.scheduler.close(self.options.shutdown_decode_s if decode_s is None else decode_s)
+        if left:
+            self.events.emit({"key": f"shutdown/{time.time():.6f}", "stream": "", "stage": "", "status": "shutdown",
+                              "undecoded_stages": left})
         self.events.close()
 
 

@@ -326,3 +326,26 @@ def test_receiver_memory_stays_bounded_over_many_images(tmp_path):
     rss_kb = int(next(line.split()[1] for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines()
                       if line.startswith("VmRSS")))
     assert rss_kb < 3 * 1024 * 1024  # the whole test process, receiver included: far from growing per image
+
+
+def test_receiver_stops_on_sigterm_mid_transfer(tmp_path, images):
+    port_file, out = tmp_path / "port", tmp_path / "rx"
+    proc = subprocess.Popen([sys.executable, "-m", "miscnet", "receiver", "--listen", "127.0.0.1:0", "--port-file",
+                             str(port_file), "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(port_file.exists, timeout=60)
+        options = SenderOptions(f"127.0.0.1:{port_file.read_text()}", transport=TransportConfig("arq"))
+        items = [(f"{name}-{k}", encoded) for k in range(10) for name, encoded in images]
+        senders = [threading.Thread(target=_quietly, args=(send_images, items, options), daemon=True)
+                   for _ in range(4)]
+        for t in senders:
+            t.start()
+        assert wait_for(lambda: len([e for e in events(out) if e["status"] == "stored"]) >= 4, timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        stdout, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "receiver stopped" in stdout and "Traceback" not in err
+    assert all((folder / IMAGE_FILE).exists() for folder in stored(out).values())

@@ -399,7 +399,8 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     options = ReceiverOptions(out_dir=Path(args.out), listen=args.listen, tls=_tls(args), token=args.token,
                               decode_workers=args.decode_workers, max_streams=args.max_streams,
                               idle_timeout_s=args.idle_timeout, stage_timeout_s=args.stage_timeout,
-                              max_render_pixels=args.max_render_pixels)
+                              max_render_pixels=args.max_render_pixels,
+                              shutdown_decode_s=10.0)  # SIGTERM: stop soon; stored images decode at restart
     server, node, port = serve_receiver(options, make_decoder(args))
     return _serve_until_signal(server, node, port, args, "receiver")
 
