@@ -19,8 +19,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from miscnet.core.errors import MiscError
 
 MAX_PIXELS = 64 * 1024 * 1024  # refuse anything larger: an edge node has no business with it
-MAX_SIDE = 16384
+MAX_SIDE = 16384  # the .misc header's limit too (container.MAX_SIDE): what we read, we can encode
 MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+def check_image_size(width: int, height: int, source: str, max_pixels: int = MAX_PIXELS) -> None:
+    """MiscError unless width x height is a size a .misc file holds (container.validate_header agrees)."""
+    if width < 1 or height < 1:
+        raise MiscError(f"image {source} is empty ({width}x{height})")
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise MiscError(f"image {source} is {width}x{height}, over the limit of {MAX_SIDE} pixels a side")
+    if width * height > max_pixels:
+        raise MiscError(f"image {source} is {width}x{height}, over the limit of {max_pixels} pixels")
 
 
 def load_image(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -46,12 +56,7 @@ def decode_image_bytes(data: bytes, source: str, max_pixels: int = MAX_PIXELS) -
             # Pillow warns between MAX_IMAGE_PIXELS and twice that; we refuse instead.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > max_pixels or w > MAX_SIDE or h > MAX_SIDE:
-                    raise MiscError(
-                        f"image {source} is {w}x{h}, over the limit of {max_pixels} pixels "
-                        f"or {MAX_SIDE} per side"
-                    )
+                check_image_size(*img.size, source, max_pixels)
                 img = ImageOps.exif_transpose(img)
                 img.load()
                 if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
