@@ -3,6 +3,8 @@ becomes the RGB picture it shows, and the command line's small contracts (output
 pipe, HOST:PORT options, a subcommand's own usage, each warning once, MISC's CSV with the default map)."""
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,25 @@ def picture(h: int = 48, w: int = 64) -> np.ndarray:
     yy, xx = np.mgrid[0:h, 0:w]
     return np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), (xx * 2 + yy) * 255 // (2 * w + h - 3)],
                     axis=-1).astype(np.uint8)
+
+
+def gray16(h: int = 48, w: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[0:h, 0:w]
+    return ((xx * 40000 // (w - 1)) + (yy * 25535 // (h - 1))).astype(np.uint16)
+
+
+def to8(v: np.ndarray) -> np.ndarray:
+    """The intended 8-bit value of 16-bit samples."""
+    return np.rint(v.astype(np.float64) * 255 / 65535).astype(np.uint8)
+
+
+def rgb_of(gray: np.ndarray) -> np.ndarray:
+    return np.repeat(gray[:, :, None], 3, axis=2)
+
+
+def over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha.astype(np.float64)[..., None] / 255
+    return np.rint(rgb * a + 255 * (1 - a)).astype(np.uint8)
 
 
 # ============================================================================ 1. limits, both sides
@@ -131,3 +152,169 @@ def test_wide_images_at_and_over_the_side_limit(capsys, tmp_path):
     code, _, err = run(capsys, "decode", tmp_path / "edge.misc", "-o", tmp_path / "edge-out.png")
     assert code == 0, err
     assert Image.open(tmp_path / "edge-out.png").size == (16384, 1)
+
+
+# ============================================================================ 2. image modes
+
+
+def _png16(path: Path, samples: np.ndarray) -> None:
+    """A 16-bit PNG (gray, gray+alpha, RGB or RGBA by the last axis), written by hand: Pillow writes 16-bit
+    gray PNGs only."""
+    h, w, c = samples.shape
+    raw = b"".join(b"\0" + samples[y].astype(">u2").tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, {1: 0, 2: 4, 3: 2, 4: 6}[c], 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def test_16_bit_gray_png_is_scaled_not_clipped(tmp_path):
+    """It encoded as nearly white (PSNR 4.85 dB): Pillow's conversion clips 16-bit samples at 255."""
+    v = gray16()
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    assert psnr(load_image(tmp_path / "g16.png"), rgb_of(to8(v))) > 50
+
+
+def test_16_bit_big_endian_and_32_bit_integer_tiffs(tmp_path):
+    v = gray16()
+    Image.frombytes("I;16B", (v.shape[1], v.shape[0]), v.astype(">u2").tobytes()).save(tmp_path / "b.tif")
+    Image.fromarray(v.astype(np.int32)).save(tmp_path / "i.tif")
+    assert Image.open(tmp_path / "b.tif").mode == "I;16B" and Image.open(tmp_path / "i.tif").mode == "I"
+    for name in ("b.tif", "i.tif"):
+        assert psnr(load_image(tmp_path / name), rgb_of(to8(v))) > 50, name
+
+
+def test_integer_image_outside_16_bits_is_refused_by_mode(tmp_path):
+    Image.fromarray(np.full((4, 4), 70000, np.int32)).save(tmp_path / "big.tif")
+    with pytest.raises(MiscError, match=r"mode I\).*0\.\.65535") as exc:
+        load_image(tmp_path / "big.tif")
+    assert "\n" not in str(exc.value)
+
+
+def test_16_bit_rgb_and_rgba_pngs(tmp_path):
+    rgb16 = picture().astype(np.uint16) * 257 + 100  # not a multiple of 257: the low byte matters a little
+    _png16(tmp_path / "rgb16.png", rgb16)
+    assert psnr(load_image(tmp_path / "rgb16.png"), to8(rgb16)) > 45
+    alpha = np.linspace(0, 65535, rgb16.shape[0] * rgb16.shape[1]).reshape(rgb16.shape[:2]).astype(np.uint16)
+    _png16(tmp_path / "rgba16.png", np.dstack([rgb16, alpha]))
+    assert psnr(load_image(tmp_path / "rgba16.png"), over_white(to8(rgb16), to8(alpha))) > 40
+
+
+def test_float_tiff_in_0_1_and_in_any_other_range(tmp_path):
+    """A mode F TIFF encoded as black: Pillow's conversion clips floats at 0..255."""
+    unit = (gray16().astype(np.float32) / 65535).astype(np.float32)
+    Image.fromarray(unit).save(tmp_path / "unit.tif")
+    assert Image.open(tmp_path / "unit.tif").mode == "F"
+    want = rgb_of(np.rint(unit.astype(np.float64) * 255).astype(np.uint8))
+    assert psnr(load_image(tmp_path / "unit.tif"), want) > 50
+    wide = unit * 8 - 3  # [-3, 5]: stretched from its own range
+    Image.fromarray(wide).save(tmp_path / "wide.tif")
+    assert psnr(load_image(tmp_path / "wide.tif"), want) > 45
+    Image.fromarray(np.full((4, 4), 128.0, np.float32)).save(tmp_path / "flat.tif")
+    assert (load_image(tmp_path / "flat.tif") == 128).all()
+
+
+def test_float_tiff_with_nan_is_refused_by_mode(tmp_path):
+    f = np.zeros((4, 4), np.float32)
+    f[1, 1] = np.nan
+    Image.fromarray(f).save(tmp_path / "nan.tif")
+    with pytest.raises(MiscError, match="mode F.*NaN"):
+        load_image(tmp_path / "nan.tif")
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    pal = Image.fromarray(picture()).quantize(32)
+    pal.save(tmp_path / "p.png")
+    want = np.asarray(pal.convert("RGB"))
+    assert psnr(load_image(tmp_path / "p.png"), want) == float("inf")
+    index = np.asarray(pal)
+    pal.save(tmp_path / "pt.png", transparency=int(index[0, 0]))
+    assert Image.open(tmp_path / "pt.png").mode == "P"
+    holes = want.copy()
+    holes[index == index[0, 0]] = 255  # the transparent index shows the white it is composited over
+    assert psnr(load_image(tmp_path / "pt.png"), holes) == float("inf")
+
+
+def test_a_transparency_key_on_gray_or_rgb_is_composited_too(tmp_path):
+    rgb = picture()
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    key = tuple(int(c) for c in rgb[5, 7])
+    Image.fromarray(gray).save(tmp_path / "lt.png", transparency=int(gray[5, 7]))
+    Image.fromarray(rgb).save(tmp_path / "rgbt.png", transparency=key)
+    want_gray = rgb_of(np.where(gray == gray[5, 7], 255, gray).astype(np.uint8))
+    want_rgb = np.where((rgb == key).all(axis=2)[..., None], 255, rgb).astype(np.uint8)
+    assert psnr(load_image(tmp_path / "lt.png"), want_gray) == float("inf")
+    assert psnr(load_image(tmp_path / "rgbt.png"), want_rgb) == float("inf")
+
+
+def test_alpha_modes_are_composited_over_white(tmp_path):
+    rgb = picture()
+    alpha = np.linspace(0, 255, rgb.shape[0] * rgb.shape[1]).reshape(rgb.shape[:2]).astype(np.uint8)
+    gray = np.asarray(Image.fromarray(rgb).convert("L"))
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(np.dstack([gray, alpha]), "LA").save(tmp_path / "la.png")
+    pal = Image.fromarray(rgb).quantize(32)
+    pa = pal.convert("PA")
+    pa.putalpha(Image.fromarray(alpha))
+    pa.save(tmp_path / "pa.tif")
+    assert Image.open(tmp_path / "pa.tif").mode == "PA"
+    cases = {"rgba.png": over_white(rgb, alpha), "la.png": over_white(rgb_of(gray), alpha),
+             "pa.tif": over_white(np.asarray(pal.convert("RGB")), alpha)}
+    for name, want in cases.items():
+        assert psnr(load_image(tmp_path / name), want) > 45, name
+
+
+def test_cmyk_jpeg_and_1_bit(tmp_path):
+    rgb = picture()
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    assert psnr(load_image(tmp_path / "cmyk.jpg"), rgb) > 40
+    bits = (np.asarray(Image.fromarray(rgb).convert("L")) > 128)
+    Image.fromarray(bits).save(tmp_path / "bits.png")
+    assert Image.open(tmp_path / "bits.png").mode == "1"
+    assert psnr(load_image(tmp_path / "bits.png"), rgb_of(bits.astype(np.uint8) * 255)) == float("inf")
+
+
+@pytest.mark.parametrize("orientation,turns", [(6, -1), (8, 1), (3, 2)])
+def test_exif_orientation_is_honoured(tmp_path, orientation, turns):
+    """6: the viewer turns the stored picture 90 degrees clockwise; 8: counter-clockwise; 3: half a turn."""
+    shown = picture(40, 64)
+    stored = Image.fromarray(np.rot90(shown, -turns).copy())  # what a camera held that way writes
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(tmp_path / "turned.jpg", quality=95, exif=exif)
+    stored.save(tmp_path / "plain.jpg", quality=95)
+    got = load_image(tmp_path / "turned.jpg")
+    assert got.shape == shown.shape
+    assert (got == np.rot90(load_image(tmp_path / "plain.jpg"), turns)).all()  # the same pixels, turned
+    assert psnr(got, shown) > 35
+
+
+def test_a_mode_miscnet_cannot_convert_is_refused_by_name(tmp_path):
+    Image.new("LAB", (4, 4)).save(tmp_path / "lab.tif")
+    with pytest.raises(MiscError, match="has mode LAB") as exc:
+        load_image(tmp_path / "lab.tif")
+    assert "\n" not in str(exc.value)
+
+
+def test_16_bit_png_encodes_as_its_picture(capsys, tmp_path):
+    """End to end: the reconstruction of a 16-bit PNG is compared with its 8-bit picture."""
+    v = gray16(96, 128)
+    Image.fromarray(v).save(tmp_path / "g16.png")
+    Image.fromarray(rgb_of(to8(v))).save(tmp_path / "g8.png")
+    (tmp_path / "g16.json").write_text(json.dumps({"objects": [], "caption": "a gray ramp"}))
+    assert run(capsys, "encode", tmp_path / "g16.png", "-o", tmp_path / "g.misc", "--bpp", "2")[0] == 0
+    code, out, err = run(capsys, "decode", tmp_path / "g.misc", "-o", tmp_path / "g.png",
+                         "--reference", tmp_path / "g8.png", "--json")
+    assert code == 0, err
+    assert json.loads(out)["stages"][-1]["psnr"] > 30
+
+
+def test_ordinary_rgb_is_untouched(tmp_path):
+    rgb = np.random.default_rng(3).integers(0, 256, (33, 47, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "rgb.png")
+    assert (load_image(tmp_path / "rgb.png") == rgb).all()
