@@ -3,6 +3,7 @@ becomes the RGB picture it shows, and the command line's small contracts (output
 pipe, HOST:PORT options, a subcommand's own usage, each warning once, MISC's CSV with the default map)."""
 
 import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from miscnet.cli.main import main
 from miscnet.core import container, image_io
 from miscnet.core.errors import MiscError
-from miscnet.core.image_io import check_image_size, load_image
+from miscnet.core.image_io import atomic_write_bytes, check_image_size, load_image
 from miscnet.v1 import bitstream_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -318,3 +319,31 @@ def test_ordinary_rgb_is_untouched(tmp_path):
     rgb = np.random.default_rng(3).integers(0, 256, (33, 47, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "rgb.png")
     assert (load_image(tmp_path / "rgb.png") == rgb).all()
+
+
+# ============================================================================ 3. small things
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """mkstemp made every output 0600 whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(umask)
+            target = tmp_path / f"out-{umask:o}.bin"
+            atomic_write_bytes(target, b"x")
+            atomic_write_bytes(target, b"y")  # replacing a file too
+            assert target.stat().st_mode & 0o777 == mode, oct(umask)
+            assert target.read_bytes() == b"y"
+        assert not list(tmp_path.glob(".*")), "temporary files left behind"
+    finally:
+        os.umask(old)
+
+
+def test_encode_output_follows_the_umask(capsys, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run(capsys, "encode", "sample:coffee", "-o", tmp_path / "c.misc", "--pixel", "none")[0] == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.misc").stat().st_mode & 0o777 == 0o644

@@ -2,7 +2,8 @@
 
 Input images are untrusted: Pillow's decompression-bomb guard is turned into a hard limit, and every
 failure becomes a one-line MiscError. Outputs are written to a temporary file and renamed, so a failed
-run never leaves a partial file behind (and never clobbers a good one).
+run never leaves a partial file behind (and never clobbers a good one); they get the umask's permissions,
+as any file the user creates.
 
 MISC works on 8-bit RGB. Every input is turned into it by one rule per kind of file:
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+        fd, tmp = _create_temp(parent, path.name)
     except OSError as exc:
         raise MiscError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
@@ -139,6 +140,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         raise MiscError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _create_temp(parent: Path, name: str) -> tuple[int, Path]:
+    """A new file beside the target, as mkstemp makes one but with mode 0666 less the umask: mkstemp's
+    0600 would make every output private whatever the user's umask says (and os.umask cannot be read
+    without setting it, which races with other threads)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = parent / f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name for {name} in {parent}")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
