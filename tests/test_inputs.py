@@ -5,6 +5,8 @@ pipe, HOST:PORT options, a subcommand's own usage, each warning once, MISC's CSV
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -347,3 +349,24 @@ def test_encode_output_follows_the_umask(capsys, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "c.misc").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.fixture(scope="module")
+def misc_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pipe") / "c.misc"
+    assert main(["encode", "sample:coffee", "-o", str(path)]) == 0
+    return path
+
+
+@pytest.mark.parametrize("argv", [["info", "--json", "{f}"], ["info", "{f}"], ["--help"], ["encode", "--help"],
+                                  ["samples", "{d}"], ["encode", "sample:coffee", "-o", "{d}/c.misc", "--json"]])
+def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(misc_file, tmp_path, argv):
+    """`miscnet info --json f.misc | head -c 1` ended in "Exception ignored ... BrokenPipeError" on stderr
+    (exit status 120): the output sat in stdout's buffer until Python flushed it on the way out."""
+    argv = [a.format(f=misc_file, d=tmp_path) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # a block-buffered stdout, as usual
+    proc = subprocess.Popen([sys.executable, "-m", "miscnet", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before miscnet has started: its output finds the reader gone
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141 and err == b"", err

@@ -586,9 +586,14 @@ def main(argv: list[str] | None = None) -> int:
     # gRPC's C core logs its own copy of errors we already report in one line; GRPC_VERBOSITY=ERROR or
     # DEBUG in the environment brings its logs back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        finally:
+            # Flush here, not at exit: a reader that closed the pipe (| head) is then caught below, instead
+            # of Python printing "Exception ignored ... BrokenPipeError" as it shuts down.
+            sys.stdout.flush()
     except MiscError as exc:
         print(f"miscnet: {exc}", file=sys.stderr)
         return 2
