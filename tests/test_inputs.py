@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miscnet.cli.main import main
+from miscnet.cli.main import build_parser, main
 from miscnet.core import container, image_io
 from miscnet.core.errors import MiscError
 from miscnet.core.image_io import atomic_write_bytes, check_image_size, load_image
@@ -370,3 +370,33 @@ def test_a_reader_that_closes_the_pipe_early_ends_it_quietly(misc_file, tmp_path
     proc.stdout.close()  # before miscnet has started: its output finds the reader gone
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 141 and err == b"", err
+
+
+HOST_PORT_OPTIONS = [
+    ["sender", "x.png", "--to", "{}"],
+    ["receiver", "--out", "d", "--listen", "{}"],
+    ["receiver", "--out", "d", "--metrics", "{}"],
+    ["channel", "--forward", "127.0.0.1:1", "--listen", "{}"],
+    ["channel", "--forward", "{}"],
+    ["channel", "--forward", "127.0.0.1:1", "--metrics", "{}"],
+    ["stats", "{}"],
+]
+
+
+@pytest.mark.parametrize("argv", HOST_PORT_OPTIONS)
+@pytest.mark.parametrize("bad", ["50059", ":50059", "localhost", "host:", "host:port", "host:65536"])
+def test_every_host_port_option_wants_host_and_port(capsys, argv, bad):
+    """`sender --to 50059` was taken as a host name and waited out the 10 s connect timeout."""
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([a.format(bad) for a in argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: miscnet {argv[0]} ")
+    assert f"needs HOST:PORT, e.g. 127.0.0.1:50059, not {bad!r}" in err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", HOST_PORT_OPTIONS)
+@pytest.mark.parametrize("good", ["127.0.0.1:50059", "localhost:0", "[::1]:65535", "edge-node.example:1"])
+def test_host_port_options_take_host_and_port(argv, good):
+    args = build_parser().parse_args([a.format(good) for a in argv])
+    assert good in vars(args).values()

@@ -16,6 +16,7 @@ from miscnet.channel.transport import MODES as PROTECTION_MODES
 from miscnet.channel.transport import TransportConfig
 from miscnet.cli import models as cli_models
 from miscnet.cli import sweep as cli_sweep
+from miscnet.cli.argtypes import host_port as _host_port
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
 from miscnet.core.config import MAP_BACKENDS, EncoderConfig, SemanticsConfig, pixel_codec_choices
@@ -349,7 +350,7 @@ def add_node_options(p: argparse.ArgumentParser, server: bool) -> None:
         g.add_argument("--max-streams", type=_positive_int, default=48, help="open streams at once (default 48)")
         g.add_argument("--idle-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                        help="end a stream that sends nothing this long (default 30)")
-        g.add_argument("--metrics", metavar="HOST:PORT",
+        g.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (the Stats RPC is always on)")
 
 
@@ -522,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_link)
 
     p = sub.add_parser("receiver", help="run the cloud node: reassemble, decode each stage, serve watchers")
-    p.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--listen", type=_host_port, default="127.0.0.1:50051", metavar="HOST:PORT")
     p.add_argument("--out", required=True, metavar="DIR", help="stage images and events.jsonl go here")
     cli_models.add_decoder_options(p)
     p.add_argument("--decode-workers", type=_positive_int, default=2)
@@ -535,15 +536,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_receiver)
 
     p = sub.add_parser("stats", help="print a live node's counters (the Stats RPC)")
-    p.add_argument("target", metavar="HOST:PORT", help="receiver or relay")
+    p.add_argument("target", type=_host_port, metavar="HOST:PORT", help="receiver or relay")
     p.add_argument("--server-name", help="TLS name expected of the node")
     add_node_options(p, server=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("channel", help="run the relay: the link model on the wall clock, both directions")
-    p.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")
-    p.add_argument("--forward", required=True, metavar="HOST:PORT", help="the receiver")
+    p.add_argument("--listen", type=_host_port, default="127.0.0.1:50052", metavar="HOST:PORT")
+    p.add_argument("--forward", type=_host_port, required=True, metavar="HOST:PORT", help="the receiver")
     p.add_argument("--seed", type=int, default=0)
     add_link_options(p)
     add_node_options(p, server=True)
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sender", help="run the edge node: encode and stream images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--to", required=True, metavar="HOST:PORT", help="relay or receiver")
+    p.add_argument("--to", type=_host_port, required=True, metavar="HOST:PORT", help="relay or receiver")
     add_encoder_options(p)
     add_protection_options(p)
     p.add_argument("--mtu", type=_positive_int, default=_TRANSPORT.mtu,
