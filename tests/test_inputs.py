@@ -400,3 +400,17 @@ def test_every_host_port_option_wants_host_and_port(capsys, argv, bad):
 def test_host_port_options_take_host_and_port(argv, good):
     args = build_parser().parse_args([a.format(good) for a in argv])
     assert good in vars(args).values()
+
+
+def test_a_mistyped_option_shows_the_subcommands_usage(capsys, tmp_path):
+    """`miscnet encode --budgt 10 x -o y` showed `usage: miscnet [-h] [--version] COMMAND ...`."""
+    with pytest.raises(SystemExit) as exc:
+        main(["encode", "--budgt", "10", "x.png", "-o", str(tmp_path / "y.misc")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("usage: miscnet encode ")
+    assert err.splitlines()[-1] == "miscnet encode: error: unrecognized arguments: --budgt x.png"
+    with pytest.raises(SystemExit):
+        main(["models", "tiny", "d", "--bogus"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: miscnet models tiny ") and err.splitlines()[-1].endswith("--bogus")

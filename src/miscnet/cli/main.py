@@ -476,12 +476,24 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Command(argparse.ArgumentParser):
+    """A subcommand's parser. argparse hands a subcommand's unknown options up to the top level, which
+    reports them under its own usage (``miscnet [-h] [--version] COMMAND ...``); this reports them here,
+    under the subcommand's usage, as for any other mistake in its options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     from miscnet import __version__
 
     parser = argparse.ArgumentParser(prog="miscnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"miscnet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Command)
 
     p = sub.add_parser("encode", help="encode an image into a .misc file")
     p.add_argument("image", metavar="IMAGE", help="image file, or sample:NAME for a bundled sample")
