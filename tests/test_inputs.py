@@ -414,3 +414,18 @@ def test_a_mistyped_option_shows_the_subcommands_usage(capsys, tmp_path):
         main(["models", "tiny", "d", "--bogus"])
     err = capsys.readouterr().err
     assert err.startswith("usage: miscnet models tiny ") and err.splitlines()[-1].endswith("--bogus")
+
+
+def test_a_soft_limit_warning_prints_once(capsys, tmp_path):
+    """The loader's warning (naming the sidecar) and the encoder's (not naming it) both printed."""
+    Image.fromarray(picture()).save(tmp_path / "img.png")
+    _objects_sidecar(tmp_path / "img.json", 5)
+    code, out, err = run(capsys, "encode", tmp_path / "img.png", "-o", tmp_path / "img.misc")
+    assert code == 0
+    assert err.count("5 objects, MISC uses at most 3") == 1, err
+    assert err.splitlines() == [f"warning: {tmp_path / 'img.json'}: 5 objects, MISC uses at most 3"]
+    code, out, err = run(capsys, "encode", tmp_path / "img.png", "-o", tmp_path / "img.misc", "--json")
+    assert code == 0 and err == ""
+    assert json.loads(out)["warnings"] == [f"{tmp_path / 'img.json'}: 5 objects, MISC uses at most 3"]
+    code, out, err = run(capsys, "encode", tmp_path / "img.png", "-o", tmp_path / "img.misc", "--strict")
+    assert code == 2 and err.count("\n") == 1 and "img.json: 5 objects" in err, err  # strict names the file too

@@ -109,7 +109,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     image, semantics, warnings, _ = load_input(args.image, config.semantics)
     result = encode_image(image, semantics, config)
-    result.warnings[:0] = warnings
+    # The source checked the same limits (semantics_for passes config.limits) and named the file; the
+    # encoder's own check repeats them unnamed, so print the source's alone: each warning once.
+    result.warnings = warnings
     atomic_write_bytes(args.output, result.data)
     report = encode_report(result)
     if args.json:
