@@ -429,3 +429,23 @@ def test_a_soft_limit_warning_prints_once(capsys, tmp_path):
     assert json.loads(out)["warnings"] == [f"{tmp_path / 'img.json'}: 5 objects, MISC uses at most 3"]
     code, out, err = run(capsys, "encode", tmp_path / "img.png", "-o", tmp_path / "img.misc", "--strict")
     assert code == 2 and err.count("\n") == 1 and "img.json: 5 objects" in err, err  # strict names the file too
+
+
+@pytest.mark.skipif(not MISC_CSV.is_file(), reason="MISC's example CSV is not in /work/shared")
+def test_misc_csv_with_the_default_map_means_no_map_layer(capsys, tmp_path):
+    """MISC's CSV has no boxes: with the default map, encode failed and asked for --map none."""
+    Image.fromarray(picture()).save(tmp_path / "example.png")  # the CSV's row is for example.png
+    out = tmp_path / "example.misc"
+    code, _, err = run(capsys, "encode", tmp_path / "example.png", "--semantics", MISC_CSV, "-o", out)
+    assert code == 0, err
+    assert err.count("\n") == 1 and err.startswith("note: ") and "no map layer" in err, err
+    code, text, _ = run(capsys, "info", out, "--json")
+    info = json.loads(text)
+    assert [ly["kind"] for ly in info["layers"]][:2] == ["semantic", "pixel"]
+    assert [o["name"] for o in info["semantics"]["objects"]] == ["Astronaut Helmet", "Blue Hair",
+                                                                 "Orange Paint Splatter"]
+    assert run(capsys, "decode", out, "-o", tmp_path / "example-out.png")[0] == 0
+    # asked for by name, boxes are still required
+    code, _, err = run(capsys, "encode", tmp_path / "example.png", "--semantics", MISC_CSV, "-o",
+                       tmp_path / "again.misc", "--map", "boxes")
+    assert code == 2 and err.count("\n") == 1 and "needs a box" in err

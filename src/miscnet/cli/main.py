@@ -7,6 +7,7 @@ written only after everything they depend on succeeded, and atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -31,9 +32,10 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that encodes (encode, simulate, sender, sweep)."""
     g = p.add_argument_group("encoder")
     g.add_argument("--semantics", metavar="FILE", help="JSON sidecar or MISC CSV (default: IMAGE.json beside it)")
-    g.add_argument("--map", dest="map_backend", default=_ENC.map.backend, choices=list(MAP_BACKENDS),
-                   help=f"map layer backend (default: {_ENC.map.backend}, from the sidecar's boxes; clip: a CLIP "
-                   "model)")
+    # default None, not boxes: with_map_for tells the default from an explicit --map boxes
+    g.add_argument("--map", dest="map_backend", default=None, choices=list(MAP_BACKENDS),
+                   help=f"map layer backend (default: {_ENC.map.backend}, from the sidecar's boxes, or none when "
+                   "it has no box at all, as MISC's CSV; clip: a CLIP model)")
     g.add_argument("--grid", type=_positive_int, default=_ENC.map.grid,
                    help=f"map grid N (N x N cells, default {_ENC.map.grid})")
     g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(pixel_codec_choices()),
@@ -53,6 +55,17 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The EncoderConfig the encoder options ask for (with its SemanticsConfig and MapConfig)."""
     return EncoderConfig(pixel_codec=args.pixel_codec, levels=args.levels, budget_bytes=args.budget, bpp=args.bpp,
                          map=cli_models.map_config(args), semantics=cli_models.semantics_config(args))
+
+
+def with_map_for(config: EncoderConfig, semantics, args: argparse.Namespace, image_arg: str) -> EncoderConfig:
+    """config, or config without a map layer when the default map (boxes) meets semantics with no box at all
+    (MISC's CSV has none): a note says so once, where an error would ask for --map none. An explicit
+    --map boxes still wants a box for every object."""
+    if (args.map_backend is not None or config.map.backend != "boxes" or not semantics.objects
+            or any(o.box is not None for o in semantics.objects)):
+        return config
+    print(f"note: {image_arg}: the semantics give no boxes, so no map layer (--map none)", file=sys.stderr)
+    return dataclasses.replace(config, map=dataclasses.replace(config.map, backend="none"))
 
 
 def make_decoder(args: argparse.Namespace):
@@ -108,7 +121,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     config = encoder_config(args)
     image, semantics, warnings, _ = load_input(args.image, config.semantics)
-    result = encode_image(image, semantics, config)
+    result = encode_image(image, semantics, with_map_for(config, semantics, args, args.image))
     # The source checked the same limits (semantics_for passes config.limits) and named the file; the
     # encoder's own check repeats them unnamed, so print the source's alone: each warning once.
     result.warnings = warnings
@@ -298,7 +311,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     items = []
     for arg in args.images:
         image, semantics, _, path = load_input(arg, config.semantics)
-        result = encode_image(image, semantics, config)
+        result = encode_image(image, semantics, with_map_for(config, semantics, args, arg))
         items.append(SimImage(path.stem, result.encoded, image))
     results = simulate(items, scenario, keep_images=bool(args.output), decoder=make_decoder(args))
     totals = {key: sum(r["totals"][key] for r in results)
@@ -441,8 +454,8 @@ def cmd_sender(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     items = []
     for arg in args.images:
-        image, semantics, warnings, path = load_input(arg, config.semantics)
-        items.append((path.stem, encode_image(image, semantics, config).encoded))
+        image, semantics, _, path = load_input(arg, config.semantics)
+        items.append((path.stem, encode_image(image, semantics, with_map_for(config, semantics, args, arg)).encoded))
     options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
                             server_name=args.server_name, token=args.token, retries=args.retry,
                             connect_timeout_s=args.connect_timeout)
