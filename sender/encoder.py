@@ -15,6 +15,7 @@ import numpy as np
 from miscnet.core.config import EncoderConfig
 from miscnet.core.container import EncodedImage, to_bytes
 from miscnet.core.errors import BudgetError
+from miscnet.core.image_io import check_image_size
 from miscnet.core.map_codec import encode_map_layer
 from miscnet.core.pixel import PixelSettings
 from miscnet.core.semantic_codec import encode_semantic_layer
@@ -42,6 +43,7 @@ class EncodeResult:
 def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig) -> EncodeResult:
     config.check()
     height, width = image.shape[:2]
+    check_image_size(width, height, "to encode")  # the size a .misc header holds: never write what no one reads
     warnings = check_limits(semantics, config.limits)
     codec, params, payload = encode_semantic_layer(semantics)
     layers = [pb.Layer(kind=pb.LAYER_KIND_SEMANTIC, level=0, codec=codec, semantic=params, payload=payload)]

@@ -47,7 +47,8 @@ def semantics_for(config: SemanticsConfig, image_array, image_path) -> tuple:
 
     ``image_path`` is the IMAGE argument (a path or sample:NAME) or the resolved path. The sidecar backend
     reads ``config.sidecar`` or the sidecar beside the image; openai and hf ask their model about
-    ``image_array`` (and write the answer to ``config.save`` when set).
+    ``image_array`` (and write the answer to ``config.save`` when set). Either checks MISC's limits as
+    ``config.limits`` says (``--strict``: an error), and its warnings name the source.
     """
     from miscnet.core.semantics import load_semantics
 
@@ -59,10 +60,10 @@ def semantics_for(config: SemanticsConfig, image_array, image_path) -> tuple:
                 f"no semantics for {image_path}: give --semantics FILE (JSON sidecar or MISC CSV) "
                 f"or put {Path(path).with_suffix('.json').name} beside the image"
                 f", or use --semantics-backend openai|hf")
-        return load_semantics(source, image_name=Path(path).name)
+        return load_semantics(source, image_name=Path(path).name, limits=config.limits)
     from miscnet.sender.semantic_backends import describe_image
 
-    semantics, warnings = describe_image(semantics_backend_for(config), image_array)
+    semantics, warnings = describe_image(semantics_backend_for(config), image_array, config.limits)
     if config.save:
         from miscnet.core.image_io import atomic_write_bytes
         from miscnet.core.semantics import semantics_to_json

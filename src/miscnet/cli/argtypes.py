@@ -43,3 +43,12 @@ def float_in(lo: float, hi: float, lo_open: bool = False):
         return value
 
     return parse
+
+
+def host_port(text: str) -> str:
+    """HOST:PORT (port 0..65535; [::1]:PORT for IPv6), kept as text. A bare port is refused here: taken as a
+    gRPC target it is a host name, and the sender would wait out its connect timeout before failing."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"needs HOST:PORT, e.g. 127.0.0.1:50059, not {text!r}")
+    return text

@@ -7,6 +7,7 @@ written only after everything they depend on succeeded, and atomically.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from miscnet.channel.transport import MODES as PROTECTION_MODES
 from miscnet.channel.transport import TransportConfig
 from miscnet.cli import models as cli_models
 from miscnet.cli import sweep as cli_sweep
+from miscnet.cli.argtypes import host_port as _host_port
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
 from miscnet.core.config import MAP_BACKENDS, EncoderConfig, SemanticsConfig, pixel_codec_choices
@@ -30,9 +32,10 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that encodes (encode, simulate, sender, sweep)."""
     g = p.add_argument_group("encoder")
     g.add_argument("--semantics", metavar="FILE", help="JSON sidecar or MISC CSV (default: IMAGE.json beside it)")
-    g.add_argument("--map", dest="map_backend", default=_ENC.map.backend, choices=list(MAP_BACKENDS),
-                   help=f"map layer backend (default: {_ENC.map.backend}, from the sidecar's boxes; clip: a CLIP "
-                   "model)")
+    # default None, not boxes: with_map_for tells the default from an explicit --map boxes
+    g.add_argument("--map", dest="map_backend", default=None, choices=list(MAP_BACKENDS),
+                   help=f"map layer backend (default: {_ENC.map.backend}, from the sidecar's boxes, or none when "
+                   "it has no box at all, as MISC's CSV; clip: a CLIP model)")
     g.add_argument("--grid", type=_positive_int, default=_ENC.map.grid,
                    help=f"map grid N (N x N cells, default {_ENC.map.grid})")
     g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(pixel_codec_choices()),
@@ -52,6 +55,17 @@ def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The EncoderConfig the encoder options ask for (with its SemanticsConfig and MapConfig)."""
     return EncoderConfig(pixel_codec=args.pixel_codec, levels=args.levels, budget_bytes=args.budget, bpp=args.bpp,
                          map=cli_models.map_config(args), semantics=cli_models.semantics_config(args))
+
+
+def with_map_for(config: EncoderConfig, semantics, args: argparse.Namespace, image_arg: str) -> EncoderConfig:
+    """config, or config without a map layer when the default map (boxes) meets semantics with no box at all
+    (MISC's CSV has none): a note says so once, where an error would ask for --map none. An explicit
+    --map boxes still wants a box for every object."""
+    if (args.map_backend is not None or config.map.backend != "boxes" or not semantics.objects
+            or any(o.box is not None for o in semantics.objects)):
+        return config
+    print(f"note: {image_arg}: the semantics give no boxes, so no map layer (--map none)", file=sys.stderr)
+    return dataclasses.replace(config, map=dataclasses.replace(config.map, backend="none"))
 
 
 def make_decoder(args: argparse.Namespace):
@@ -107,8 +121,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     config = encoder_config(args)
     image, semantics, warnings, _ = load_input(args.image, config.semantics)
-    result = encode_image(image, semantics, config)
-    result.warnings[:0] = warnings
+    result = encode_image(image, semantics, with_map_for(config, semantics, args, args.image))
+    # The source checked the same limits (semantics_for passes config.limits) and named the file; the
+    # encoder's own check repeats them unnamed, so print the source's alone: each warning once.
+    result.warnings = warnings
     atomic_write_bytes(args.output, result.data)
     report = encode_report(result)
     if args.json:
@@ -295,7 +311,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     items = []
     for arg in args.images:
         image, semantics, _, path = load_input(arg, config.semantics)
-        result = encode_image(image, semantics, config)
+        result = encode_image(image, semantics, with_map_for(config, semantics, args, arg))
         items.append(SimImage(path.stem, result.encoded, image))
     results = simulate(items, scenario, keep_images=bool(args.output), decoder=make_decoder(args))
     totals = {key: sum(r["totals"][key] for r in results)
@@ -349,7 +365,7 @@ def add_node_options(p: argparse.ArgumentParser, server: bool) -> None:
         g.add_argument("--max-streams", type=_positive_int, default=48, help="open streams at once (default 48)")
         g.add_argument("--idle-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                        help="end a stream that sends nothing this long (default 30)")
-        g.add_argument("--metrics", metavar="HOST:PORT",
+        g.add_argument("--metrics", type=_host_port, metavar="HOST:PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (the Stats RPC is always on)")
 
 
@@ -439,8 +455,8 @@ def cmd_sender(args: argparse.Namespace) -> int:
     config = encoder_config(args)
     items = []
     for arg in args.images:
-        image, semantics, warnings, path = load_input(arg, config.semantics)
-        items.append((path.stem, encode_image(image, semantics, config).encoded))
+        image, semantics, _, path = load_input(arg, config.semantics)
+        items.append((path.stem, encode_image(image, semantics, with_map_for(config, semantics, args, arg)).encoded))
     options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
                             server_name=args.server_name, token=args.token, retries=args.retry,
                             connect_timeout_s=args.connect_timeout)
@@ -476,12 +492,24 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Command(argparse.ArgumentParser):
+    """A subcommand's parser. argparse hands a subcommand's unknown options up to the top level, which
+    reports them under its own usage (``miscnet [-h] [--version] COMMAND ...``); this reports them here,
+    under the subcommand's usage, as for any other mistake in its options."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     from miscnet import __version__
 
     parser = argparse.ArgumentParser(prog="miscnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"miscnet {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Command)
 
     p = sub.add_parser("encode", help="encode an image into a .misc file")
     p.add_argument("image", metavar="IMAGE", help="image file, or sample:NAME for a bundled sample")
@@ -523,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_link)
 
     p = sub.add_parser("receiver", help="run the cloud node: reassemble, decode each stage, serve watchers")
-    p.add_argument("--listen", default="127.0.0.1:50051", metavar="HOST:PORT")
+    p.add_argument("--listen", type=_host_port, default="127.0.0.1:50051", metavar="HOST:PORT")
     p.add_argument("--out", required=True, metavar="DIR", help="stage images and events.jsonl go here")
     cli_models.add_decoder_options(p)
     p.add_argument("--decode-workers", type=_positive_int, default=2)
@@ -536,15 +564,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_receiver)
 
     p = sub.add_parser("stats", help="print a live node's counters (the Stats RPC)")
-    p.add_argument("target", metavar="HOST:PORT", help="receiver or relay")
+    p.add_argument("target", type=_host_port, metavar="HOST:PORT", help="receiver or relay")
     p.add_argument("--server-name", help="TLS name expected of the node")
     add_node_options(p, server=False)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stats)
 
     p = sub.add_parser("channel", help="run the relay: the link model on the wall clock, both directions")
-    p.add_argument("--listen", default="127.0.0.1:50052", metavar="HOST:PORT")
-    p.add_argument("--forward", required=True, metavar="HOST:PORT", help="the receiver")
+    p.add_argument("--listen", type=_host_port, default="127.0.0.1:50052", metavar="HOST:PORT")
+    p.add_argument("--forward", type=_host_port, required=True, metavar="HOST:PORT", help="the receiver")
     p.add_argument("--seed", type=int, default=0)
     add_link_options(p)
     add_node_options(p, server=True)
@@ -557,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sender", help="run the edge node: encode and stream images")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--to", required=True, metavar="HOST:PORT", help="relay or receiver")
+    p.add_argument("--to", type=_host_port, required=True, metavar="HOST:PORT", help="relay or receiver")
     add_encoder_options(p)
     add_protection_options(p)
     p.add_argument("--mtu", type=_positive_int, default=_TRANSPORT.mtu,
@@ -587,9 +615,14 @@ def main(argv: list[str] | None = None) -> int:
     # gRPC's C core logs its own copy of errors we already report in one line; GRPC_VERBOSITY=ERROR or
     # DEBUG in the environment brings its logs back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+            return args.func(args)
+        finally:
+            # Flush here, not at exit: a reader that closed the pipe (| head) is then caught below, instead
+            # of Python printing "Exception ignored ... BrokenPipeError" as it shuts down.
+            sys.stdout.flush()
     except MiscError as exc:
         print(f"miscnet: {exc}", file=sys.stderr)
         return 2

@@ -160,8 +160,9 @@ def add_map_model_options(group) -> None:
 
 
 def map_config(args: argparse.Namespace) -> MapConfig:
-    """The MapConfig the options ask for (--map, --grid, --clip-model, --map-threshold, --model-device)."""
-    return MapConfig(backend=args.map_backend, grid=args.grid, clip_model=args.clip_model,
+    """The MapConfig the options ask for (--map, --grid, --clip-model, --map-threshold, --model-device);
+    --map's default is None so the CLI can tell it from an explicit --map boxes."""
+    return MapConfig(backend=args.map_backend or _MAP.backend, grid=args.grid, clip_model=args.clip_model,
                      threshold=args.map_threshold, device=args.model_device)
 
 

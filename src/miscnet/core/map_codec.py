@@ -11,12 +11,15 @@ import math
 
 import numpy as np
 
-from miscnet.core.errors import BitstreamError
+from miscnet.core.errors import BitstreamError, MiscError
+from miscnet.core.semantics import MAX_OBJECTS_HARD
 from miscnet.v1 import bitstream_pb2 as pb
 
 DEFAULT_GRID = 8
 MAX_GRID = 64
-MAX_OBJECTS = 16
+# One mask per object of the semantic layer, so the same bound as its: whatever the encoder writes, the
+# decoder reads (64 masks of 64 x 64 bit-packed are 32 KiB, still a bound on what a corrupt layer claims).
+MAX_OBJECTS = MAX_OBJECTS_HARD
 
 
 def _rect_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -33,6 +36,8 @@ def _rect_of(mask: np.ndarray) -> tuple[int, int, int, int] | None:
 def encode_map_layer(masks: np.ndarray) -> tuple[int, pb.MapParams, bytes]:
     """Return (codec, params, payload) for masks of shape (objects, N, N)."""
     objects, grid, _ = masks.shape
+    if objects > MAX_OBJECTS:
+        raise MiscError(f"{objects} object masks; the map layer holds at most {MAX_OBJECTS}")
     params = pb.MapParams(grid=grid, objects=objects)
     rects = [_rect_of(m) for m in masks]
     if objects and all(r is not None for r in rects):
