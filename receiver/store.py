@@ -16,48 +16,17 @@ acknowledged survives a ``kill -9``.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from miscnet.core.container import EncodedImage, from_bytes, to_bytes
 from miscnet.core.errors import MiscError
+from miscnet.core.image_io import atomic_write_bytes
 
 IMAGE_FILE = "image.misc"
 DECODED_MARK = ".decoded"
 _STREAM = re.compile(r"s(\d+)$")
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it survives a crash once this returns (fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class ImageStore:
@@ -83,7 +52,7 @@ class ImageStore:
     def new_stream(self) -> str:
         """A stream name no earlier run of this receiver (on this folder) has used."""
         self._last += 1
-        write_durably(self._counter, str(self._last).encode())
+        atomic_write_bytes(self._counter, str(self._last).encode(), durable=True)
         return f"s{self._last:04d}"
 
     def folder(self, stream: str, order: int, label: str) -> Path:
@@ -92,10 +61,7 @@ class ImageStore:
     def store(self, folder: Path, image: EncodedImage) -> Path:
         """The image's layers, durably; MiscError if they cannot be written."""
         path = folder / IMAGE_FILE
-        try:
-            write_durably(path, to_bytes(image))
-        except OSError as exc:
-            raise MiscError(f"cannot store {path}: {exc.strerror or exc}") from None
+        atomic_write_bytes(path, to_bytes(image), durable=True)  # MiscError when it cannot be written
         return path
 
     @staticmethod

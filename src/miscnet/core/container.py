@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from google.protobuf.message import DecodeError
 
 from miscnet.core.errors import BitstreamError
-from miscnet.core.image_io import MAX_PIXELS
+from miscnet.core.image_io import MAX_PIXELS, MAX_SIDE
 from miscnet.v1 import bitstream_pb2 as pb
 
 MAGIC = b"MISC"
 FORMAT_VERSION = 1
 MAX_FILE_BYTES = 16 * 1024 * 1024  # an ultra-low-bitrate file is kilobytes; refuse absurd inputs early
 MAX_LAYERS = 64
-MAX_SIDE = 16384
 
 KIND_NAMES = {pb.LAYER_KIND_SEMANTIC: "semantic", pb.LAYER_KIND_MAP: "map", pb.LAYER_KIND_PIXEL: "pixel"}
 CODEC_NAMES = {

@@ -121,8 +121,12 @@ def _gray8(values: np.ndarray, mode: str, source: str) -> np.ndarray:
     return ((v * 255 + 32767) // 65535).astype(np.uint8)  # v * 255 / 65535, rounded
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write data to path via a temporary file in the same folder and a rename."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
+    """Write data to path via a temporary file in the same folder and a rename.
+
+    ``durable``: fsync the file before the rename and the folder after it, so the file survives a crash
+    once this returns (the receiver acknowledges images only then).
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     try:
@@ -133,7 +137,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:
+            dir_fd = os.open(parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the rename itself
+            finally:
+                os.close(dir_fd)
     except OSError as exc:
         try:
             os.unlink(tmp)
