@@ -78,13 +78,14 @@ def decode_packet(data: bytes) -> Packet:
 class Datagram:
     """Encoded packet bytes as the link carries them (the link reads ``size``); ``role`` is accounting."""
 
-    __slots__ = ("data", "size", "role", "image_id")
+    __slots__ = ("data", "size", "role", "image_id", "flow")
 
-    def __init__(self, data: bytes, role: str, image_id: int = 0):
+    def __init__(self, data: bytes, role: str, image_id: int = 0, flow: int = 0):
         self.data = data
         self.size = len(data)
         self.role = role  # "source", "repair", "retransmit", "poll", "feedback"
         self.image_id = image_id
+        self.flow = flow  # the sender it belongs to: a fair-queued shared link shares by it
 
     def __repr__(self) -> str:
         return f"Datagram({self.role}, {self.size} B)"

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from miscnet.channel.transport import MODES as PROTECTION_MODES
 from miscnet.channel.transport import TransportConfig
+from miscnet.cli import fleet as cli_fleet
 from miscnet.cli import models as cli_models
 from miscnet.cli import sweep as cli_sweep
 from miscnet.cli.argtypes import host_port as _host_port
@@ -604,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_models.register(sub)
     cli_sweep.register(sub)
+    cli_fleet.register(sub)
 
     p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
     p.add_argument("dest", metavar="DIR")
