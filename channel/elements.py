@@ -102,6 +102,17 @@ def event_at(env: simpy.Environment, t: float) -> simpy.Event:
 
 
 # ---- queue + rate ------------------------------------------------------------------------------------
+def _rate_and_limit(rate: float | Trace, queue_bytes: int | None,
+                    name: str) -> tuple[Trace | None, float | None, int | None]:
+    """(trace, rate_bps, queue_bytes) for a port, checked."""
+    trace, rate_bps = (rate, None) if isinstance(rate, Trace) else (None, float(rate))
+    if rate_bps is not None and not (rate_bps > 0 and math.isfinite(rate_bps)):
+        raise LinkConfigError(f"{name}: rate must be a positive number of bit/s, got {rate_bps!r}")
+    if queue_bytes is not None and (int(queue_bytes) != queue_bytes or queue_bytes < 0):
+        raise LinkConfigError(f"{name}: queue_bytes must be a whole number >= 0 or None, got {queue_bytes!r}")
+    return trace, rate_bps, None if queue_bytes is None else int(queue_bytes)
+
+
 class Port:
     """A byte-limited drop-tail queue in front of a rate limiter (ns.py's Port: rate plus tail drop).
 
@@ -129,20 +140,9 @@ class Port:
 
     def __init__(self, env: simpy.Environment, rate: float | Trace, queue_bytes: int | None = None,
                  name: str = "port"):
-        if isinstance(rate, Trace):
-            self.trace: Trace | None = rate
-            self.rate_bps: float | None = None
-        else:
-            rate = float(rate)
-            if not (rate > 0 and math.isfinite(rate)):
-                raise LinkConfigError(f"{name}: rate must be a positive number of bit/s, got {rate!r}")
-            self.trace, self.rate_bps = None, rate
-        if queue_bytes is not None and (int(queue_bytes) != queue_bytes or queue_bytes < 0):
-            raise LinkConfigError(
-                f"{name}: queue_bytes must be a whole number >= 0 or None, got {queue_bytes!r}")
+        self.trace, self.rate_bps, self.queue_bytes = _rate_and_limit(rate, queue_bytes, name)
         self.env = env
         self.name = name
-        self.queue_bytes = None if queue_bytes is None else int(queue_bytes)
         self._prev_send = -math.inf  # constant rate: when the previous packet finished leaving
         self._opp = -1  # trace: opportunity where the previous packet finished ...
         self._left = 0  # ... and the bytes of its budget still unused
@@ -231,6 +231,224 @@ class Port:
     def __repr__(self) -> str:
         rate = f"{self.rate_bps:g} bit/s" if self.trace is None else repr(self.trace)
         return f"Port({self.name!r}, {rate}, queue_bytes={self.queue_bytes})"
+
+
+class _Flow:
+    """One flow's state in a ``DrrPort``: its FIFO of (packet, route, i), DRR deficit and byte counts."""
+
+    __slots__ = ("queue", "deficit", "queued", "delivered")
+
+    def __init__(self):
+        self.queue: deque[tuple[Any, tuple, int]] = deque()
+        self.deficit = 0
+        self.queued = 0  # bytes waiting (not the packet in service)
+        self.delivered = 0  # bytes handed on
+
+
+class DrrPort:
+    """A ``Port`` whose queue is one byte-limited drop-tail FIFO per flow, served by deficit round robin.
+
+    Deficit round robin (Shreedhar & Varghese, 1996): active flows (those with packets waiting) take turns;
+    a flow's turn adds ``quantum`` bytes to its deficit and sends head packets while they fit in it; a flow
+    whose queue empties leaves the round with its deficit reset to 0; a newly active flow joins at the
+    tail. Over any busy stretch the bytes two backlogged flows get differ by at most a few quanta and
+    packet sizes, whatever their packet sizes: it shares bytes, not packets. The flow of a packet is
+    ``packet.flow`` (None when the packet has no such attribute: one flow for everything, plain FIFO).
+
+    ``queue_bytes`` limits each flow's queue, so a flow over its share is dropped and others are not. Rate,
+    trace accounting, "the packet in service is not queued" and "an idle constant-rate port starts an
+    arrival at once" are ``Port``'s; with one flow the departures are exactly ``Port``'s.
+
+    Event-driven, unlike ``Port``: which packet leaves next depends on arrivals of other flows not yet
+    seen, so nothing is computed ahead of the clock. ``put`` must be called at ``t == env.now`` (a ``Gate``
+    before it when an earlier link feeds it, as ``Path`` arranges); the port arms one SimPy event per
+    departure (per opportunity that ends a packet, on a trace) and hands each packet on at its departure.
+    Counters are kept when packets arrive (in, dropped) and depart (``flow_bytes``).
+    """
+
+    __slots__ = ("env", "name", "trace", "rate_bps", "queue_bytes", "quantum", "_flows", "_active", "_fresh",
+                 "_cur", "_cur_flow", "_event", "_due", "_opp", "_left", "_queued", "_npackets",
+                 "packets_in", "bytes_in", "packets_dropped", "bytes_dropped")
+
+    def __init__(self, env: simpy.Environment, rate: float | Trace, queue_bytes: int | None = None,
+                 name: str = "port", quantum: int = 1500):
+        self.trace, self.rate_bps, self.queue_bytes = _rate_and_limit(rate, queue_bytes, name)
+        self.env = env
+        self.name = name
+        if int(quantum) != quantum or quantum < 1:
+            raise LinkConfigError(f"{name}: quantum_bytes must be a whole number >= 1, got {quantum!r}")
+        self.quantum = int(quantum)
+        self._flows: dict[Any, _Flow] = {}
+        self._active: deque[_Flow] = deque()  # flows with packets waiting, in round order
+        self._fresh = True  # the head flow has not had its quantum for this turn yet
+        self._cur: tuple[Any, tuple, int] | None = None  # in service: its last byte leaves at _due
+        self._cur_flow: _Flow | None = None
+        self._event: simpy.Event | None = None  # the armed event; a superseded one finds itself stale
+        self._due = -math.inf
+        self._opp, self._left = -1, 0  # trace: the opportunity in use and its budget left, as in Port
+        self._queued = 0
+        self._npackets = 0
+        self.packets_in = 0
+        self.bytes_in = 0
+        self.packets_dropped = 0
+        self.bytes_dropped = 0
+
+    def put(self, packet: Any, t: float, route: tuple, i: int) -> bool:
+        env = self.env
+        now = env.now
+        if t != now:
+            raise RuntimeError(f"{self.name}: a drr port takes packets at their arrival (t={t!r}, now={now!r})")
+        size = packet.size
+        self.packets_in += 1
+        self.bytes_in += size
+        while self._event is not None and self._due <= now:
+            self._serve(None)  # departures due now go first: Port counts them gone at their time
+        key = getattr(packet, "flow", None)
+        flow = self._flows.get(key)
+        if flow is None:
+            flow = self._flows[key] = _Flow()
+        if self._event is None and self.trace is None:  # idle constant rate: serialise at once
+            self._start((packet, route, i), flow, size, now)
+            return True
+        limit = self.queue_bytes
+        if limit is not None and flow.queued + size > limit:
+            self.packets_dropped += 1
+            self.bytes_dropped += size
+            return False
+        if not flow.queue:
+            self._active.append(flow)
+        flow.queue.append((packet, route, i))
+        flow.queued += size
+        self._queued += size
+        self._npackets += 1
+        if self._event is None:  # idle trace: wait for the first opportunity after now (Port's rule)
+            self._opp, self._left = self.trace.index_after(now), TRACE_BUDGET_BYTES
+            self._arm(self.trace.time_of(self._opp))
+        return True
+
+    def _arm(self, t: float) -> None:
+        self._due = t
+        ev = self._event = event_at(self.env, t)
+        ev.callbacks.append(self._serve)
+
+    def _start(self, entry: tuple[Any, tuple, int], flow: _Flow, size: int, now: float) -> None:
+        self._cur, self._cur_flow = entry, flow
+        d = 8 * size / self.rate_bps
+        self._due = now + d  # Port's start + 8 * size / rate, and exactly where SimPy puts the timeout
+        ev = self._event = self.env.timeout(d)
+        ev.callbacks.append(self._serve)
+
+    def _next(self) -> tuple[tuple[Any, tuple, int], _Flow, int]:
+        """Take the next packet by DRR (some flow has one waiting)."""
+        active = self._active
+        while True:
+            flow = active[0]
+            if self._fresh:
+                flow.deficit += self.quantum
+                self._fresh = False
+            entry = flow.queue[0]
+            size = entry[0].size
+            if size <= flow.deficit:
+                flow.queue.popleft()
+                flow.deficit -= size
+                flow.queued -= size
+                self._queued -= size
+                self._npackets -= 1
+                if not flow.queue:
+                    flow.deficit = 0
+                    active.popleft()
+                    self._fresh = True
+                return entry, flow, size
+            active.rotate(-1)  # its turn is over: to the tail, the next flow's turn
+            self._fresh = True
+
+    def _hand_on(self, entry: tuple[Any, tuple, int], flow: _Flow, now: float) -> None:
+        packet, route, i = entry
+        flow.delivered += packet.size
+        route[i + 1].put(packet, now, route, i + 1)
+
+    def _serve(self, event: simpy.Event | None) -> None:
+        """The armed time has come: hand on what has left, start the next packet, arm the next event."""
+        if event is not None and event is not self._event:
+            return  # superseded: put() served this instant already
+        self._event = None
+        now = self.env.now
+        if self._cur is not None:
+            self._hand_on(self._cur, self._cur_flow, now)
+            self._cur = self._cur_flow = None
+        trace = self.trace
+        if trace is None:
+            if self._npackets:
+                entry, flow, size = self._next()
+                self._start(entry, flow, size, now)
+            return
+        opp, left = self._opp, self._left  # Port's trace accounting, one packet at a time
+        while self._npackets:
+            if left == 0:
+                opp, left = opp + 1, TRACE_BUDGET_BYTES
+                if trace.time_of(opp) > now:  # choose the next packet when it can start
+                    self._opp, self._left = opp, left
+                    self._arm(trace.time_of(opp))
+                    return
+            entry, flow, size = self._next()
+            cost = size + TUN_HEADER_BYTES
+            if cost <= left:  # leaves within this opportunity
+                left -= cost
+                self._hand_on(entry, flow, now)
+                continue
+            rest = cost - left
+            k = -(-rest // TRACE_BUDGET_BYTES)
+            opp += k
+            left = k * TRACE_BUDGET_BYTES - rest
+            if trace.time_of(opp) <= now:  # carried into opportunities of this same millisecond
+                self._hand_on(entry, flow, now)
+                continue
+            self._cur, self._cur_flow = entry, flow
+            self._opp, self._left = opp, left
+            self._arm(trace.time_of(opp))
+            return
+        self._opp, self._left = opp, left
+
+    # ---- observation ---------------------------------------------------------------------------------
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes waiting to start serialisation now, all flows together."""
+        return self._queued
+
+    @property
+    def queued_packets(self) -> int:
+        return self._npackets
+
+    def flow_bytes(self) -> dict[Any, int]:
+        """Bytes each flow has had handed on (departed), by ``packet.flow``."""
+        return {key: flow.delivered for key, flow in self._flows.items()}
+
+    def flow_queued_bytes(self, flow: Any = None) -> int:
+        """Bytes of ``flow`` waiting now (what its queue limit applies to)."""
+        f = self._flows.get(flow)
+        return 0 if f is None else f.queued
+
+    @property
+    def busy_until(self) -> float:
+        """When what has been accepted finishes leaving if nothing else arrives (-inf if idle and nothing
+        was ever accepted; a constant-rate sum may differ from the departures by float rounding)."""
+        if self._event is None:
+            return self._due
+        if self.trace is None:
+            return self._due + 8 * self._queued / self.rate_bps
+        if not self._npackets:
+            return self._due
+        rest = self._queued + TUN_HEADER_BYTES * self._npackets  # bytes carry over: one stream of them
+        opp, left = self._opp, self._left
+        if rest > left:
+            opp += -(-(rest - left) // TRACE_BUDGET_BYTES)
+        return self.trace.time_of(opp)
+
+    capacity_bps = Port.capacity_bps
+
+    def __repr__(self) -> str:
+        rate = f"{self.rate_bps:g} bit/s" if self.trace is None else repr(self.trace)
+        return f"DrrPort({self.name!r}, {rate}, queue_bytes={self.queue_bytes} per flow, quantum={self.quantum})"
 
 
 # ---- loss ----------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ A ``Link`` is one hop, one direction: ``[Loss] -> Port (drop-tail queue + rate) 
 Wire (delay + jitter)``; the loss sits after the rate limiter by default and before the queue with
 ``loss_before_queue=True``. A ``Path`` chains links for one flow (edge access link -> shared cell ->
 backhaul) and delivers at its end; a link built with ``shared=True`` may sit on the paths of several flows:
-their packets queue FIFO together in its port and each leaves to its own flow's next link or
+their packets queue FIFO together in its port (or, with ``discipline="drr"``, in one queue per
+``packet.flow`` served by deficit round robin: ``DrrPort``) and each leaves to its own flow's next link or
 ``deliver``. ``DuplexConfig`` builds a forward and a reverse (feedback) direction with their own
 parameters. Everything works on any ``simpy.Environment``, including
 ``simpy.rt.RealtimeEnvironment(strict=False)`` for live nodes: it only reads ``env.now`` and schedules
@@ -22,7 +23,9 @@ never reordering; ``Reorder``: netem's ``reorder``). In short, per link:
 Cost: departure and arrival times are computed when a packet is sent (queues are FIFO, so nothing later
 can change them). A single link, and a chain of private links, cost one SimPy event per delivered packet;
 a shared link costs one more event per packet where it is entered from an earlier link (the flows' times
-must be merged in time order there), and a reordering link one where it hands on to a next link.
+must be merged in time order there), and a reordering link one where it hands on to a next link. A drr
+link cannot know departures ahead (later arrivals of other flows change them): it takes packets at their
+arrival (a gate before it where an earlier link feeds it) and costs one more event per departure.
 
 Randomness: a link spawns its generator into two streams, loss first, jitter second (a link without
 reordering spawns nothing else, so its draws are what they always were); a reordering link spawns a third
@@ -47,6 +50,7 @@ import simpy
 
 from miscnet.channel.elements import (
     TRACE_BUDGET_BYTES,
+    DrrPort,
     Exit,
     Gate,
     Loss,
@@ -65,6 +69,14 @@ from miscnet.channel.units import parse_loss, parse_rate, parse_reorder, parse_s
 __all__ = ["DuplexConfig", "DuplexLink", "Link", "LinkConfig", "LinkSpec", "Packet", "Path", "PathConfig", "saturate"]
 
 DEFAULT_REVERSE_RATE = "1mbit"  # feedback (NACKs, acks) is tiny; 1 Mbit/s keeps it from being the bottleneck
+DISCIPLINES = ("fifo", "drr")  # a port's queueing: one drop-tail FIFO, or deficit round robin per flow
+
+
+def _check_discipline(discipline: str, quantum_bytes: int, name: str) -> None:
+    if discipline not in DISCIPLINES:
+        raise LinkConfigError(f"{name}: discipline must be one of {', '.join(DISCIPLINES)}, got {discipline!r}")
+    if isinstance(quantum_bytes, bool) or int(quantum_bytes) != quantum_bytes or quantum_bytes < 1:
+        raise LinkConfigError(f"{name}: quantum_bytes must be a whole number >= 1, got {quantum_bytes!r}")
 
 
 class Link:
@@ -73,16 +85,22 @@ class Link:
 
     ``reorder`` is (probability, correlation, gap) for a ``Reorder`` element before the wire (see there),
     or None (the default: no reordering). It needs a delay or a jitter to skip, as netem's does.
+
+    ``discipline="drr"`` replaces the FIFO ``Port`` by a ``DrrPort``: one drop-tail queue per
+    ``packet.flow`` of ``queue_bytes`` each, served by deficit round robin with ``quantum_bytes``.
     """
 
     def __init__(self, env: simpy.Environment, rate: float | Trace, delay: float = 0.0, jitter: float = 0.0,
                  loss: LossModel | None = None, queue_bytes: int | None = None, *,
                  rng: np.random.Generator, deliver: Callable[[Any], None] | None = None, name: str = "uplink",
                  loss_before_queue: bool = False, reorder: tuple[float, float, int] | None = None,
-                 shared: bool = False):
+                 shared: bool = False, discipline: str = "fifo", quantum_bytes: int = 1500):
         self.env = env
         self.name = name
-        self.port = Port(env, rate, queue_bytes, name)
+        _check_discipline(discipline, quantum_bytes, name)
+        self.discipline = discipline
+        self.port: Port | DrrPort = (Port(env, rate, queue_bytes, name) if discipline == "fifo"
+                                     else DrrPort(env, rate, queue_bytes, name, quantum_bytes))
         # separate streams: switching jitter on does not change which packets are lost
         loss_rng, jitter_rng = rng.spawn(2)
         self.wire = Wire(delay, jitter, jitter_rng, name)
@@ -126,6 +144,11 @@ class Link:
     def reorders(self) -> bool:
         return self.reorderer is not None
 
+    @property
+    def takes_arrivals(self) -> bool:
+        """Whether packets must enter at their arrival time (a gate before it): shared or drr links."""
+        return self.shared or self.discipline != "fifo"
+
     # ---- observation -------------------------------------------------------------------------------------
     @property
     def packets_sent(self) -> int:
@@ -160,6 +183,18 @@ class Link:
     @property
     def queued_packets(self) -> int:
         return self.port.queued_packets
+
+    def flow_bytes(self) -> dict[Any, int]:
+        """Bytes each flow (``packet.flow``, None without one) has had leave the port, for a drr link."""
+        if not isinstance(self.port, DrrPort):
+            raise LinkConfigError(f"{self.name}: flow_bytes needs discipline='drr' (count at deliver instead)")
+        return self.port.flow_bytes()
+
+    def flow_queued_bytes(self, flow: Any = None) -> int:
+        """Bytes of one flow waiting in a drr link's queue now (what its queue limit applies to)."""
+        if not isinstance(self.port, DrrPort):
+            raise LinkConfigError(f"{self.name}: flow_queued_bytes needs discipline='drr'")
+        return self.port.flow_queued_bytes(flow)
 
     @property
     def busy_until(self) -> float:
@@ -204,8 +239,9 @@ class Path:
     """One flow's row of links: ``send(packet)`` enters the first, ``deliver(packet)`` is called at the end.
 
     Links must be built without ``deliver``; a link may be on several paths only if built ``shared=True``.
-    Between links the path puts a gate where one is needed (before a shared link that is not the first,
-    after a reordering link) and a plain counting exit elsewhere; the last link ends in the delivery gate.
+    Between links the path puts a gate where one is needed (before a shared or drr link that is not the
+    first, after a reordering link) and a plain counting exit elsewhere; the last link ends in the delivery
+    gate.
     """
 
     def __init__(self, env: simpy.Environment, links: Sequence[Link], deliver: Callable[[Any], None],
@@ -226,7 +262,7 @@ class Path:
                     f"{name}: link {link.name!r} is already on a path; build it with shared=True to share it")
             route.extend(link.elements)
             last = k == len(links) - 1
-            if last or link.reorders or links[k + 1].shared:
+            if last or link.reorders or links[k + 1].takes_arrivals:
                 gate_type = ResequencingGate if link.reorders else Gate
                 gate = gate_type(env, deliver if last else None)
                 gates.append(gate)
@@ -287,6 +323,11 @@ class LinkConfig:
 
     The loss model is kept as its netem spec string and parsed anew for every link (models are stateful).
     Exactly one of ``rate_bps`` / ``trace`` is set.
+
+    ``discipline``: "fifo" (one drop-tail queue, the default) or "drr" (deficit round robin over
+    ``packet.flow``, ``quantum_bytes`` a turn; ``queue_bytes`` is then each flow's limit). ``trace_offset_s``
+    starts the trace that far into its period (``Trace.shifted``: rounded to a whole millisecond, modulo
+    the period, and stored so), so links on one trace need not move in lockstep.
     """
 
     rate_bps: float | None = None
@@ -298,6 +339,9 @@ class LinkConfig:
     loss_before_queue: bool = False
     name: str = "uplink"
     reorder: str = "none"  # netem's "P [CORR] [gap N]"; see channel.elements.Reorder
+    discipline: str = "fifo"
+    quantum_bytes: int = 1500  # one MTU: equal-sized full packets go one a turn
+    trace_offset_s: float = 0.0
 
     def __post_init__(self) -> None:
         if (self.rate_bps is None) == (self.trace is None):
@@ -309,17 +353,28 @@ class LinkConfig:
         if reorder is not None and not (self.delay_s or self.jitter_s):
             raise LinkConfigError(f"{self.name}: reordering needs a delay (or jitter) to skip, as netem's does")
         object.__setattr__(self, "reorder", "none" if reorder is None else _reorder_spec(*reorder))
+        _check_discipline(self.discipline, self.quantum_bytes, self.name)
+        object.__setattr__(self, "quantum_bytes", int(self.quantum_bytes))
+        offset = self.trace_offset_s
+        if not (isinstance(offset, int | float) and math.isfinite(offset) and offset >= 0):
+            raise LinkConfigError(f"{self.name}: trace_offset_s must be a finite number >= 0, got {offset!r}")
+        if offset and self.trace is None:
+            raise LinkConfigError(f"{self.name}: trace_offset_s={offset!r} needs a trace")
+        if self.trace is not None:
+            object.__setattr__(self, "trace_offset_s", self.trace.offset_grid_ms(offset) / 1000.0)
 
     @classmethod
     def from_strings(cls, rate: str | None = None, delay: str = "0ms", jitter: str = "0ms",
                      loss: str = "none", queue: str | int | None = None,
                      trace: str | FilePath | Trace | None = None, name: str = "uplink",
-                     loss_before_queue: bool = False, reorder: str = "none") -> LinkConfig:
+                     loss_before_queue: bool = False, reorder: str = "none", discipline: str = "fifo",
+                     quantum: str | int = 1500, trace_offset: str = "0s") -> LinkConfig:
         """tc-style strings, as CLI options give them: ``rate="64kbit", delay="40ms", loss="random 5%"``.
 
         ``queue`` is a tc size ("64kb", "3000") or None / "none" / "unlimited"; ``trace`` a Mahimahi file;
-        ``reorder`` netem's "P [CORR] [gap N]" ("25% 50%", "100% gap 5"). Times follow tc: a bare number
-        is microseconds.
+        ``reorder`` netem's "P [CORR] [gap N]" ("25% 50%", "100% gap 5"); ``discipline`` "fifo" or "drr",
+        ``quantum`` a tc size (drr's bytes a turn); ``trace_offset`` a time ("30s"). Times follow tc: a
+        bare number is microseconds.
         """
         if rate is not None and trace is not None:
             raise LinkConfigError(f"{name}: give either a rate or a trace, not both")
@@ -333,7 +388,8 @@ class LinkConfig:
             trace = Trace.load(trace)
         return cls(rate_bps=None if rate is None else parse_rate(rate), trace=trace,
                    delay_s=parse_time(delay), jitter_s=parse_time(jitter), loss=loss, queue_bytes=q,
-                   loss_before_queue=loss_before_queue, name=name, reorder=reorder)
+                   loss_before_queue=loss_before_queue, name=name, reorder=reorder, discipline=discipline,
+                   quantum_bytes=parse_size(quantum), trace_offset_s=parse_time(trace_offset))
 
     def reverse_default(self, name: str = "downlink") -> LinkConfig:
         """The feedback direction when none is given: 1 Mbit/s, same delay, no jitter, no loss, no limit."""
@@ -346,7 +402,8 @@ class LinkConfig:
         return replace(self, **changes)
 
     def describe(self) -> dict[str, str]:
-        """Flat strings for result rows and reports (``reorder`` only when the link reorders)."""
+        """Flat strings for result rows and reports (``reorder``, ``discipline`` + ``quantum`` and
+        ``trace_offset`` only when not their defaults, so rows of default links keep their columns)."""
         out = {
             "name": self.name,
             "rate": f"{self.rate_bps:g}bit" if self.trace is None else f"trace:{self.trace.name}",
@@ -357,14 +414,21 @@ class LinkConfig:
         }
         if self.reorder != "none":
             out["reorder"] = self.reorder
+        if self.discipline != "fifo":
+            out["discipline"] = self.discipline
+            out["quantum"] = f"{self.quantum_bytes}b"
+        if self.trace_offset_s:
+            out["trace_offset"] = f"{self.trace_offset_s * 1e3:g}ms"
         return out
 
     def build(self, env: simpy.Environment, rng: np.random.Generator,
               deliver: Callable[[Any], None] | None = None, *, shared: bool = False) -> Link:
         """A fresh link. With ``deliver`` it is ready to ``send``; without, it is a hop for ``Path``."""
-        return Link(env, self.trace if self.trace is not None else self.rate_bps, self.delay_s, self.jitter_s,
-                    parse_loss(self.loss), self.queue_bytes, rng=rng, deliver=deliver, name=self.name,
-                    loss_before_queue=self.loss_before_queue, reorder=parse_reorder(self.reorder), shared=shared)
+        rate = self.rate_bps if self.trace is None else self.trace.shifted(self.trace_offset_s)
+        return Link(env, rate, self.delay_s, self.jitter_s, parse_loss(self.loss), self.queue_bytes, rng=rng,
+                    deliver=deliver, name=self.name, loss_before_queue=self.loss_before_queue,
+                    reorder=parse_reorder(self.reorder), shared=shared, discipline=self.discipline,
+                    quantum_bytes=self.quantum_bytes)
 
 
 def _reorder_spec(p: float, corr: float, gap: int) -> str:
@@ -500,6 +564,8 @@ def saturate(config: LinkConfig, seconds: float, seed: int, packet_size: int = 1
     limit = config.queue_bytes
     if limit is not None and limit < packet_size and config.trace is not None:
         raise LinkConfigError(f"saturate: a {limit}-byte queue cannot hold one {packet_size}-byte packet")
+    # One flow: deficit round robin serves exactly as FIFO, whose times this driver can read ahead.
+    config = replace(config, discipline="fifo")
     env = simpy.Environment()
     link = config.build(env, np.random.default_rng(seed), deliver=lambda _p: None)
     probe = _Probe(packet_size)
@@ -543,7 +609,7 @@ def saturate(config: LinkConfig, seconds: float, seed: int, packet_size: int = 1
     if config.trace is None:
         capacity = config.rate_bps
     else:
-        capacity = config.trace.count_between(0.0, seconds) * OPPORTUNITY_BYTES * 8 / seconds
+        capacity = link.trace.count_between(0.0, seconds) * OPPORTUNITY_BYTES * 8 / seconds  # offset applied
     delivered = link.bytes_delivered * 8 / seconds
     return {
         "capacity_bps": capacity,

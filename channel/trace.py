@@ -6,6 +6,9 @@ the last timestamp to its base at each wrap), so opportunity number ``a`` (count
 happens at ``(a // n) * period + ms[a % n]`` milliseconds. Every lookup below is index arithmetic plus one
 bisection of the period, so idle stretches of any length cost nothing.
 
+``Trace.shifted(offset_s)`` starts the same schedule ``offset_s`` seconds into its period (wrapping), so
+links on one trace need not move in lockstep.
+
 Rejected, like mm-link: an empty line, a token that is not a non-negative integer (leading blanks are
 accepted, as strtol does; trailing ones, including a CR from a CRLF file, are not), a decreasing timestamp,
 an empty file, and a last timestamp of 0.
@@ -32,6 +35,7 @@ class Trace:
     """One Mahimahi trace; times in the public API are seconds unless a name says ``ms``."""
 
     __slots__ = ("name", "times_ms", "period_ms", "_ms", "_n")
+    offset_ms = 0  # where in its period the schedule starts (see ``shifted``)
 
     def __init__(self, times_ms: np.ndarray | list[int], name: str = "trace"):
         ms = np.asarray(times_ms, dtype=np.int64)
@@ -90,6 +94,20 @@ class Trace:
             raise LinkConfigError(f"{path}: cannot read trace ({exc.__class__.__name__}: {exc})") from None
         return cls.parse(text, str(path))
 
+    def offset_grid_ms(self, offset_s: float) -> int:
+        """``offset_s`` as ``shifted`` uses it: the nearest whole millisecond (the trace's grid), modulo the
+        period."""
+        if not (math.isfinite(offset_s) and offset_s >= 0):
+            raise LinkConfigError(f"{self.name}: a trace offset must be finite and >= 0 s, got {offset_s!r}")
+        return math.floor(offset_s * 1000.0 + 0.5) % self.period_ms
+
+    def shifted(self, offset_s: float) -> Trace:
+        """The same trace started ``offset_s`` seconds into its period, wrapping: the new trace's time t is
+        this one's time t + offset (``offset_grid_ms``). An offset of 0 gives this very trace."""
+        ms = (self.offset_ms + self.offset_grid_ms(offset_s)) % self.period_ms
+        base = self._origin if isinstance(self, _ShiftedTrace) else self
+        return base if ms == 0 else _ShiftedTrace(base, ms)
+
     # ---- figures -----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._n
@@ -103,7 +121,8 @@ class Trace:
         return self._n * OPPORTUNITY_BYTES * 8 / self.period_s
 
     def __repr__(self) -> str:
-        return f"Trace({self.name!r}, {self._n} opportunities, period {self.period_ms} ms)"
+        shift = f", offset {self.offset_ms} ms" if self.offset_ms else ""
+        return f"Trace({self.name!r}, {self._n} opportunities, period {self.period_ms} ms{shift})"
 
     # ---- schedule ----------------------------------------------------------------------------------
     def time_ms(self, index: int) -> int:
@@ -164,3 +183,37 @@ class Trace:
         idx = np.arange(a, b, dtype=np.int64)
         c, i = np.divmod(idx, self._n)
         return (c * self.period_ms + self.times_ms[i]) / 1000.0
+
+
+class _ShiftedTrace(Trace):
+    """A trace seen from ``offset_ms`` into its schedule: opportunity a is the base's a + a0, ``offset_ms``
+    earlier (a0 = the base's first opportunity at or after the offset). A subclass, so unshifted traces
+    pay nothing for the feature."""
+
+    __slots__ = ("offset_ms", "_a0", "_origin")
+
+    def __init__(self, base: Trace, offset_ms: int):  # no re-validation: base is a valid trace
+        self.name, self.times_ms, self.period_ms, self._ms, self._n = (
+            base.name, base.times_ms, base.period_ms, base._ms, base._n)
+        self.offset_ms = offset_ms
+        self._a0 = Trace._first_index_ms(base, offset_ms)
+        self._origin = base
+
+    def time_ms(self, index: int) -> int:
+        c, i = divmod(index + self._a0, self._n)
+        return c * self.period_ms + self._ms[i] - self.offset_ms
+
+    def time_of(self, index: int) -> float:
+        return self.time_ms(index) / 1000.0
+
+    def _first_index_ms(self, m: int) -> int:
+        if m <= 0:
+            return 0
+        return Trace._first_index_ms(self, m + self.offset_ms) - self._a0
+
+    def times_between(self, t0: float, t1: float) -> np.ndarray:
+        a, b = self.index_at_or_after(t0), self.index_at_or_after(t1)
+        if b <= a:
+            return np.empty(0)
+        c, i = np.divmod(np.arange(a + self._a0, b + self._a0, dtype=np.int64), self._n)
+        return (c * self.period_ms + self.times_ms[i] - self.offset_ms) / 1000.0

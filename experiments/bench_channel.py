@@ -123,6 +123,54 @@ def link_speed(packets: int, window: int = 64, repeat: int = 3) -> dict:
             "link_to_timeout": pps["link"] / pps["timeout"]}
 
 
+def fair_queue_speed(packets: int = 200_000, flows: int = 10, window: int = 64, repeat: int = 3) -> dict:
+    """Packets per wall second through one shared link, FIFO against DRR, ``flows`` paths sending straight
+    into it (``window`` packets in flight in all, kept up by the delivery callbacks; 1 Gbit/s, 5 ms, so
+    the link is mostly idle, and 10 Mbit/s, so it is backlogged); best of ``repeat`` interleaved runs.
+    Prints and returns the rates. Run: ``python -c "from miscnet.experiments.bench_channel import
+    fair_queue_speed as f; f()"``."""
+    from miscnet.channel.link import Path
+
+    class FlowProbe:
+        __slots__ = ("size", "flow")
+
+        def __init__(self, flow: int):
+            self.size, self.flow = 212, flow
+
+    def run(discipline: str, rate: str) -> float:
+        env = simpy.Environment()
+        cell = LinkConfig.from_strings(rate=rate, delay="5ms", discipline=discipline).build(
+            env, np.random.default_rng(0), shared=True)
+        left = packets - window
+
+        def deliver(packet) -> None:
+            nonlocal left
+            if left > 0:
+                left -= 1
+                paths[packet.flow].send(packet)
+
+        paths = [Path(env, [cell], deliver) for _ in range(flows)]
+        t0 = time.perf_counter()
+        for k in range(window):
+            paths[k % flows].send(FlowProbe(k % flows))
+        env.run()
+        wall = time.perf_counter() - t0
+        if cell.packets_delivered != packets:
+            raise RuntimeError(f"{discipline} delivered {cell.packets_delivered} of {packets} packets")
+        return packets / wall
+
+    out: dict = {"packets": packets, "flows": flows}
+    for rate in ("1gbit", "10mbit"):
+        best = {"fifo": 0.0, "drr": 0.0}
+        for _ in range(repeat):
+            for discipline in best:
+                best[discipline] = max(best[discipline], run(discipline, rate))
+        out[rate] = {"fifo_pps": best["fifo"], "drr_pps": best["drr"], "drr_to_fifo": best["drr"] / best["fifo"]}
+        print(f"shared link {rate:>6}, {flows} flows: fifo {best['fifo']:>10,.0f} packets/s, drr "
+              f"{best['drr']:>10,.0f} packets/s, drr/fifo {best['drr'] / best['fifo']:.2f}")
+    return out
+
+
 def completion(item: SimImage, seeds: int) -> list[dict]:
     link = DuplexConfig(LinkConfig.from_strings(rate="64kbit", delay="40ms", loss="random 5%"))
     file_bytes = len(to_bytes(item.encoded))
