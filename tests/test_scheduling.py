@@ -1,11 +1,14 @@
 """Decode scheduling policies (receiver/scheduling.py) on hand-made job sequences, and the live scheduler."""
 
 import random
+import threading
 
 import pytest
 
 from miscnet.core.errors import MiscError
+from miscnet.receiver.node import DecodeScheduler
 from miscnet.receiver.scheduling import POLICIES, Job, make_policy
+from miscnet.receiver.stages import StageInput
 
 STAGES = ("semantic", "map", "pixel.0", "pixel.1")
 
@@ -211,3 +214,65 @@ def test_random_operations_keep_the_books(name):
     reasons = {r for _, r in out}
     assert reasons <= {"superseded", "rejected", "deadline"}
     assert ("superseded" in reasons) == (name != "fifo") and ("deadline" in reasons) == (name == "edf")
+
+
+# ---------------------------------------------------------------- the live scheduler over a policy
+
+def _stage(name="semantic"):
+    return StageInput(name, 8, 8, ())
+
+
+def test_live_scheduler_reports_superseded_stages_before_the_stage_that_replaced_them():
+    log, gate, started = [], threading.Event(), threading.Event()
+
+    def handle(key, stage, meta):
+        started.set()
+        gate.wait(10)
+        log.append(("decoded", meta["i"]))
+
+    def dropped(stage, meta, reason):
+        log.append((reason, meta["i"]))
+
+    scheduler = DecodeScheduler(handle, 1, dropped)
+    try:
+        assert scheduler.submit("s/a", _stage(), {"i": 0})
+        assert started.wait(10)  # stage 0 is decoding
+        assert scheduler.submit("s/a", _stage(), {"i": 1})
+        assert not scheduler.submit("s/a", _stage(), {"i": 2})  # replaces 1
+        assert not scheduler.submit("s/a", _stage(), {"i": 3})  # replaces 2
+        assert scheduler.pending == 1 and log == []  # reported by a worker, not yet
+        gate.set()
+    finally:
+        scheduler.close()
+    assert log == [("decoded", 0), ("superseded", 1), ("superseded", 2), ("decoded", 3)]
+    assert scheduler.superseded == 2
+
+
+def test_live_scheduler_reports_rejections_in_stage_order():
+    log, gate, started = [], threading.Event(), threading.Event()
+
+    def handle(key, stage, meta):
+        started.set()
+        gate.wait(10)
+        log.append((key, "decoded", meta["i"]))
+
+    def dropped(stage, meta, reason):
+        log.append((meta["key"], reason, meta["i"]))
+
+    scheduler = DecodeScheduler(handle, 1, dropped, policy="fifo", queue_limit=1)
+    try:
+        scheduler.submit("s/a", _stage(), {"key": "s/a", "i": 0})
+        assert started.wait(10)
+        assert scheduler.submit("s/a", _stage(), {"key": "s/a", "i": 1})  # queued behind 0
+        assert not scheduler.submit("s/a", _stage(), {"key": "s/a", "i": 2})  # full: after 1 is decoded
+        assert not scheduler.submit("s/b", _stage(), {"key": "s/b", "i": 0})  # full, and b is idle: now
+        assert log == [("s/b", "rejected", 0)]
+        gate.set()
+    finally:
+        assert scheduler.close() == 0
+    assert log[1:] == [("s/a", "decoded", 0), ("s/a", "decoded", 1), ("s/a", "rejected", 2)]
+
+
+def test_live_scheduler_rejects_an_unknown_policy():
+    with pytest.raises(MiscError, match="semantic-first"):
+        DecodeScheduler(lambda *a: None, 1, policy="random")
