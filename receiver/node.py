@@ -3,7 +3,9 @@
 Each sender stream gets its own transport reassembler. Every new stage is logged as an event (JSON lines)
 when its layers arrive, and decoded by a small pool of workers; for one image a newer stage supersedes a
 pending older one, so a slow decoder (a GPU diffusion pass) never works on stale stages; streams take turns
-at the decoders, so one stream's images cannot hold back everyone else's.
+at the decoders, so one stream's images cannot hold back everyone else's (the default decode policy,
+"newest"; ``ReceiverOptions.policy`` picks another of receiver/scheduling.py's, ``queue_limit`` bounds the
+queue: stages it rejects are logged with status "rejected").
 
 Nothing a peer sends can grow without bound or cost work out of proportion to its bytes: open streams,
 images per stream, buffered symbols, queued replies and the watchers' queues all have limits with counted
@@ -20,7 +22,6 @@ import queue
 import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ from miscnet.core.container import EncodedImage, layers_digest
 from miscnet.core.errors import MiscError
 from miscnet.core.image_io import png_bytes, save_png
 from miscnet.receiver.assembly import ImageAssembly
+from miscnet.receiver.scheduling import Job, make_policy
 from miscnet.receiver.stages import MAX_RENDER_PIXELS, StageInput, StageTimeout, stage_input
 from miscnet.receiver.store import ImageStore
 from miscnet.v1 import services_pb2 as spb
@@ -62,24 +64,31 @@ class ReceiverOptions:
     stage_timeout_s: float = 120.0  # decoding one stage stops (between passes) after this long
     preview_bytes: int = MAX_MESSAGE_BYTES - 64 * 1024  # a watcher's PNG preview fits one message
     shutdown_decode_s: float | None = None  # at close, decode pending stages this long (None: all of them)
+    policy: str = "newest"  # decode scheduling (receiver/scheduling.py POLICIES)
+    queue_limit: int | None = None  # stages waiting for a decoder at most (None: no limit); more are rejected
 
 
 class DecodeScheduler:
-    """Worker threads decoding the newest pending stage of each image; older pending stages are dropped.
+    """Worker threads decoding the stages a Policy (receiver/scheduling.py) hands them; default "newest".
 
-    Keys are ``stream/image``; streams take turns (round robin), so a stream with many images waits for
-    its own, not others'. One image is decoded by one worker at a time, and the stages a newer one
-    replaced are reported by that worker just before it decodes the newer one: an image's events come out
-    in the order its stages were made.
+    Keys are ``stream/image``. With "newest" only the newest pending stage of each image is decoded and
+    streams take turns (round robin), so a stream with many images waits for its own, not others'. One
+    image is decoded by one worker at a time, whatever the policy. Stages that leave unserved are reported
+    to ``dropped(stage, meta, reason)`` (reason "superseded", "rejected" or "deadline") in the order their
+    image's stages were made: by the worker about to decode a newer stage of the image, or by the one that
+    has just decoded an older stage, or -- when no stage of the image is queued or decoding -- at once, by
+    the caller of ``submit``, with the scheduler's lock held (the callback must not call back into it).
     """
 
     def __init__(self, handle: Callable[[str, StageInput, dict], None], workers: int,
-                 superseded: Callable[[StageInput, dict], None] | None = None):
+                 dropped: Callable[[StageInput, dict, str], None] | None = None, policy: str = "newest",
+                 queue_limit: int | None = None):
         self._handle = handle
-        self._on_superseded = superseded
-        self._pending: dict[str, tuple[StageInput, dict, list]] = {}  # key -> stage, meta, superseded
-        self._ready: dict[str, deque[str]] = {}  # stream -> its ready keys; dict order is the turn order
-        self._running: set[str] = set()
+        self._on_dropped = dropped
+        self._policy = make_policy(policy, queue_limit)
+        self._reports: dict[str, list[tuple[int, Job, str]]] = {}  # key -> (seq, job, reason) not yet reported
+        self._seq = 0
+        self._busy = 0  # stages being decoded
         self._cond = threading.Condition()
         self._closing = False
         self._close_by: float | None = None
@@ -91,55 +100,68 @@ class DecodeScheduler:
     @property
     def pending(self) -> int:
         with self._cond:
-            return len(self._pending)
+            return len(self._policy)
 
-    def _make_ready(self, key: str) -> None:
-        self._ready.setdefault(key.split("/", 1)[0], deque()).append(key)
-
-    def submit(self, key: str, stage: StageInput, meta: dict) -> bool:
-        """Queue a stage; returns False if it replaced a pending one (which is then never decoded)."""
+    def submit(self, key: str, stage: StageInput, meta: dict, index: int = 0) -> bool:
+        """Queue a stage; returns False if it replaced a pending one or was rejected (a full queue)."""
         with self._cond:
-            old = self._pending.get(key)
-            replaced = []
-            if old is not None:
-                self.superseded += 1
-                replaced = [*old[2], (old[0], old[1])]
-            self._pending[key] = (stage, meta, replaced)
-            if old is None and key not in self._running:
-                self._make_ready(key)
+            now = time.monotonic()
+            job = Job(key, index, stage.name, stage.width * stage.height, now, None, stage.has_pixels,
+                      (stage, meta, self._seq))
+            self._seq += 1
+            dropped = self._policy.push(job, now)
+            self._route(dropped)
             self._cond.notify()
-        return old is None
+        return not dropped
 
-    def _next(self) -> str:
-        stream = next(iter(self._ready))
-        keys = self._ready.pop(stream)
-        key = keys.popleft()
-        if keys:
-            self._ready[stream] = keys  # back of the turn order
-        return key
+    def _route(self, dropped: list[tuple[Job, str]]) -> None:
+        """File the reports of stages leaving unserved; those of an idle image go out now (lock held)."""
+        for job, reason in dropped:
+            self.superseded += reason == "superseded"
+            self._reports.setdefault(job.key, []).append((job.payload[2], job, reason))
+        for job, _ in dropped:
+            key = job.key
+            if key in self._reports and not self._policy.running(key) and not self._policy.queued(key):
+                self._report(self._reports.pop(key))
+
+    def _report(self, reports: list[tuple[int, Job, str]]) -> None:
+        if self._on_dropped:
+            for _, job, reason in reports:
+                self._on_dropped(job.payload[0], job.payload[1], reason)
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._ready and not self._closing:
+                while True:
+                    self._route(self._policy.expire(time.monotonic()))
+                    if self._closing and self._close_by is not None and time.monotonic() > self._close_by:
+                        return
+                    batch = self._policy.pop(time.monotonic())
+                    if batch or self._closing:
+                        break
                     self._cond.wait()
-                past = self._closing and self._close_by is not None and time.monotonic() > self._close_by
-                if not self._ready or past:
+                if not batch:
                     return
-                key = self._next()
-                stage, meta, replaced = self._pending.pop(key)
-                self._running.add(key)
+                (job,) = batch
+                key, (stage, meta, seq) = job.key, job.payload
+                reports = self._reports.pop(key, [])
+                before = [r for r in reports if r[0] < seq]  # stages made before this one
+                if len(before) < len(reports):
+                    self._reports[key] = [r for r in reports if r[0] > seq]
+                self._busy += 1
             try:
-                if self._on_superseded:
-                    for old_stage, old_meta in replaced:
-                        self._on_superseded(old_stage, old_meta)
+                self._report(before)
                 self._handle(key, stage, meta)
             finally:
-                with self._cond:
-                    self._running.discard(key)
-                    if key in self._pending:
-                        self._make_ready(key)
-                        self._cond.notify()
+                while True:  # report what left while decoding, unless a queued stage of the image comes first
+                    with self._cond:
+                        after = None if self._policy.queued(key) else self._reports.pop(key, None)
+                        if not after:
+                            self._policy.done(key)
+                            self._busy -= 1
+                            self._cond.notify()
+                            break
+                    self._report(after)
 
     def close(self, wait_s: float | None = None) -> int:
         """Decode what is pending, for at most ``wait_s`` (None: all of it), then stop the workers.
@@ -154,9 +176,9 @@ class DecodeScheduler:
         for t in self._threads:
             t.join(None if wait_s is None else max(0.0, self._close_by - time.monotonic()) + 0.5)
         with self._cond:
-            left = len(self._pending) + len(self._running)
-            self._pending.clear()
-            self._ready.clear()
+            left = len(self._policy) + self._busy
+            self._policy.clear()
+            self._reports.clear()
         return left
 
 
@@ -297,6 +319,7 @@ def _describe_counters(counters: Counters) -> None:
         ("images_incomplete_total", "images left incomplete when their stream ended"),
         ("stages_decoded_total", "stages decoded and written"),
         ("stages_superseded_total", "stages replaced by a newer stage of the image before decoding"),
+        ("stages_rejected_total", "stages never decoded, by reason (rejected: the decode queue was full)"),
         ("stages_failed_total", "stages that failed to decode, by reason (error, timeout)"),
         ("stages_scaled_total", "stages drawn smaller than declared (over the render pixel cap)"),
         ("events_dropped_total", "events not delivered to a watcher, by reason (slow-watcher, closed)"),
@@ -315,7 +338,8 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         self.store = ImageStore(self.out_dir)
         self.events = EventLog(self.out_dir / "events.jsonl", options.watcher_queue, self.counters,
                                options.preview_bytes)
-        self.scheduler = DecodeScheduler(self._decode, options.decode_workers, self._superseded)
+        self.scheduler = DecodeScheduler(self._decode, options.decode_workers, self._dropped, options.policy,
+                                         options.queue_limit)
         self._streams = threading.BoundedSemaphore(options.max_streams)
         self._open = 0
         self._lock = threading.Lock()
@@ -438,7 +462,7 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
             if not self._store(stream, image_id, image, event["digest"]):
                 return
         event["_arrived"] = now
-        self.scheduler.submit(f"{stream.name}/{image.order}", stage, event)
+        self.scheduler.submit(f"{stream.name}/{image.order}", stage, event, index)
 
     def _store(self, stream: _Stream, image_id: int, image: _Image, digest: str) -> bool:
         """Store the complete image durably, then acknowledge it: receipt means stored."""
@@ -497,10 +521,14 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         event["decode_latency_s"] = time.monotonic() - arrived  # queueing + decoding after arrival
         self.events.emit(event, image)
 
-    def _superseded(self, stage: StageInput, event: dict) -> None:
+    def _dropped(self, stage: StageInput, event: dict, reason: str) -> None:
         event = {k: v for k, v in event.items() if k != "_arrived"}
-        event.update(status="superseded", path="")  # logged, never decoded: a newer stage came first
-        self.counters.inc("stages_superseded_total")
+        if reason == "superseded":
+            event.update(status="superseded", path="")  # logged, never decoded: a newer stage came first
+            self.counters.inc("stages_superseded_total")
+        else:  # "rejected" (the decode queue is full) or "deadline"
+            event.update(status="rejected", reason=reason, path="")
+            self.counters.inc("stages_rejected_total", reason=reason)
         self.events.emit(event)
 
     def _end_image(self, stream: _Stream, image: _Image, status: str) -> None:
