@@ -388,9 +388,12 @@ class _Capture:
     state: str = "sending"
     failure: str = ""
     wire_bytes: int = 0
-    stages: int = 0  # stages made so far
-    decoded: dict[str, float] = field(default_factory=dict)  # stage -> decode end
-    dropped: dict[str, str] = field(default_factory=dict)  # stage -> reason
+    # stages as made, by index: (name, has pixels). Indices, not names: with block 0 late, "pixel.1" is
+    # made twice (without, then with the semantic layers)
+    stages: list[tuple[str, bool]] = field(default_factory=list)
+    final: int | None = None  # index of the stage made when the image completed
+    decoded: dict[int, float] = field(default_factory=dict)  # stage index -> decode end
+    dropped: dict[int, str] = field(default_factory=dict)  # stage index -> reason
 
 
 def run_fleet(spec: FleetSpec, images: dict[str, FleetImage], drain_s: float = DRAIN_S) -> dict:
@@ -407,11 +410,10 @@ def run_fleet(spec: FleetSpec, images: dict[str, FleetImage], drain_s: float = D
     r = spec.receiver
 
     def on_done(job: Job, start: float, end: float, worker: int) -> None:
-        cap = job.payload
-        cap.decoded[job.stage] = end
+        job.payload.decoded[job.index] = end
 
     def on_drop(job: Job, reason: str, t: float) -> None:
-        job.payload.dropped[job.stage] = reason
+        job.payload.dropped[job.index] = reason
 
     compute = ComputeModel(env, ComputeConfig(workers=r.workers, policy=r.policy, queue_limit=r.queue_limit,
                                               max_batch=r.max_batch, max_wait_s=r.max_wait_s,
@@ -506,13 +508,14 @@ class _Sender:
             entry = self.assemblies[image_id] = (cap, ImageAssembly(received.arrivals[0].header))
         cap, assembly = entry
         stage = assembly.add(*(a.layer for a in received.arrivals))
+        if stage is not None:
+            cap.stages.append((stage.name, stage.has_pixels))
         if assembly.complete:
-            cap.done_at = self.env.now
+            cap.done_at, cap.final = self.env.now, len(cap.stages) - 1
             del self.assemblies[image_id]
         if stage is not None:
             deadline = None if self.deadline_max is None else cap.captured + self.deadline_max
-            cap.stages += 1
-            self.compute.submit(Job(key=f"{self.index}/{cap.captured:.9f}", index=cap.stages - 1,
+            self.compute.submit(Job(key=f"{self.index}/{cap.captured:.9f}", index=len(cap.stages) - 1,
                                     stage=stage.name, pixels=stage.width * stage.height, arrived=self.env.now,
                                     deadline=deadline, has_pixels=stage.has_pixels, payload=cap))
 
@@ -533,27 +536,26 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 
 def _row(spec: FleetSpec, cap: _Capture, end: float) -> dict:
-    stages = cap.image.stages
-    order = {name: k for k, (name, _, _) in enumerate(stages)}
-    last = stages[-1][0]
-    rel = {name: t - cap.captured for name, t in cap.decoded.items()}
-    semantic_s = min((rel[n] for n, _, has in stages if not has and n in rel), default=None)
-    picture_s = min((rel[n] for n, _, has in stages if has and n in rel), default=None)
-    last_s = rel.get(last)
+    rel = {i: t - cap.captured for i, t in cap.decoded.items()}
+    semantic_s = min((t for i, t in rel.items() if not cap.stages[i][1]), default=None)
+    picture_s = min((t for i, t in rel.items() if cap.stages[i][1]), default=None)
+    last_s = rel.get(cap.final) if cap.final is not None else None
     row = {"group": cap.group, "sender": cap.sender, "image": cap.image.name, "captured_s": round(cap.captured, 6),
            "wire_bytes": cap.wire_bytes, "complete": cap.done_at is not None,
            "delivered_s": None if cap.done_at is None else cap.done_at - cap.captured,
            "semantic_s": semantic_s, "first_picture_s": picture_s, "last_stage_s": last_s,
-           "sender_state": cap.state, "failure": _failure(spec, cap, last, last_s, end)}
+           "stages": len(cap.stages), "stages_decoded": len(cap.decoded),
+           "sender_state": cap.state, "failure": _failure(spec, cap, last_s)}
     for d in spec.deadlines:
-        newest = max((name for name, t in rel.items() if t <= d), key=order.__getitem__, default=None)
-        psnr, msssim = cap.image.quality.get(newest, (None, None)) if newest else (None, None)
+        newest = max((i for i, t in rel.items() if t <= d), default=None)
+        name = cap.stages[newest][0] if newest is not None else None
+        psnr, msssim = cap.image.quality.get(name, (None, None))
         row[f"psnr_at_{d:g}s"] = psnr  # the newest stage decoded by the deadline (none yet: empty)
         row[f"ms_ssim_at_{d:g}s"] = msssim
     return row
 
 
-def _failure(spec: FleetSpec, cap: _Capture, last: str, last_s: float | None, end: float) -> str:
+def _failure(spec: FleetSpec, cap: _Capture, last_s: float | None) -> str:
     if last_s is not None:
         if spec.deadlines and last_s > max(spec.deadlines):
             return "deadline missed"
@@ -562,7 +564,7 @@ def _failure(spec: FleetSpec, cap: _Capture, last: str, last_s: float | None, en
         if cap.state in ("failed", "unconfirmed"):
             return "lost on the channel"
         return "unfinished at the end of the run"
-    reason = cap.dropped.get(last)
+    reason = cap.dropped.get(cap.final)
     if reason == "rejected":
         return "rejected by the receiver's queue"
     if reason == "deadline":

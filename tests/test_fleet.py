@@ -65,12 +65,13 @@ def test_one_sender_one_image_gives_simulates_numbers(tmp_path, images):
 
 
 def test_senders_pipeline_and_every_image_completes(tmp_path, images):
-    # one image every 0.5 s on a link that needs more than that per image: images overlap in flight
+    # one image every 0.1 s on a link that needs more than that per image: images overlap in flight
     spec = spec_of(tmp_path, duration="60s", arrival="every 0.1s", path="[]")
     result = run_fleet(spec, images)
     rows = result["rows"]
     assert len(rows) == 600 and all(r["complete"] for r in rows)  # no 256-image limit, no stop-and-wait
-    overlap = sum(1 for a, b in zip(rows, rows[1:], strict=False) if a["captured_s"] + a["delivered_s"] > b["captured_s"])
+    overlap = sum(1 for a, b in zip(rows, rows[1:], strict=False)
+                  if a["captured_s"] + a["delivered_s"] > b["captured_s"])
     assert overlap > 0
 
 

@@ -417,6 +417,7 @@ def cmd_receiver(args: argparse.Namespace) -> int:
                               decode_workers=args.decode_workers, max_streams=args.max_streams,
                               idle_timeout_s=args.idle_timeout, stage_timeout_s=args.stage_timeout,
                               max_render_pixels=args.max_render_pixels,
+                              policy=args.policy, queue_limit=args.queue_limit,
                               shutdown_decode_s=10.0)  # SIGTERM: stop soon; stored images decode at restart
     server, node, port = serve_receiver(options, make_decoder(args))
     return _serve_until_signal(server, node, port, args, "receiver")
@@ -559,6 +560,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("limits on decoding")
     g.add_argument("--stage-timeout", type=_positive_float, default=120.0, metavar="SECONDS",
                    help="stop decoding a stage after this long, between passes (default 120)")
+    g.add_argument("--policy", default="newest", choices=["fifo", "newest", "edf", "semantic-first"],
+                   help="which pending stage a free decoder takes (receiver/scheduling.py; default newest: a "
+                   "newer stage of an image replaces a pending one, streams take turns)")
+    g.add_argument("--queue-limit", type=_positive_int, metavar="N",
+                   help="stages waiting for a decoder at most; past it a stage is rejected, logged and counted")
     g.add_argument("--max-render-pixels", type=_positive_int, default=MAX_RENDER_PIXELS, metavar="N",
                    help=f"draw a stage at most this many pixels, scaled to fit (default {MAX_RENDER_PIXELS})")
     add_node_options(p, server=True)
