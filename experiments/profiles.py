@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import numbers
 import os
 import platform
 import statistics
@@ -163,9 +164,9 @@ class CostProfile:
     def _value(self, stage: str, pixels: int, batch: int, column: int) -> float:
         if not pixels > 0:
             raise ProfileError(f"{self._where()}: pixels must be positive, not {pixels}")
-        if not (isinstance(batch, int) and batch >= 1):
+        if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
             raise ProfileError(f"{self._where()}: batch must be a whole number of at least 1, not {batch!r}")
-        return _over_batches(self._curves(stage, column), pixels, batch)
+        return _over_batches(self._curves(stage, column), float(pixels), int(batch))
 
     def service_time(self, stage: str, pixels: int, batch: int = 1) -> float:
         """Seconds one call takes to render ``batch`` stages named ``stage`` of images of ``pixels`` pixels.
@@ -440,7 +441,13 @@ class _Memory:
         elif self.mode == "tracemalloc":
             import tracemalloc
 
-            tracemalloc.start()
+            self._was_tracing = tracemalloc.is_tracing()  # a caller's own tracing carries on afterwards
+            if self._was_tracing:
+                tracemalloc.reset_peak()
+                self._base = tracemalloc.get_traced_memory()[0]
+            else:
+                self._base = 0
+                tracemalloc.start()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -454,8 +461,9 @@ class _Memory:
         elif self.mode == "tracemalloc":
             import tracemalloc
 
-            self.peak = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
+            self.peak = max(0, tracemalloc.get_traced_memory()[1] - self._base) / 2**20
+            if not self._was_tracing:
+                tracemalloc.stop()
 
 
 def _rss_kib(field_name: str) -> int:

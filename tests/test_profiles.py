@@ -5,6 +5,7 @@ assertion depends on how fast this machine is."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from miscnet.cli.main import main
@@ -72,6 +73,7 @@ def test_batch_rule():
     assert p.service_time("map", 2000, 2) == pytest.approx(4.0 + (10.0 - 4.0) / 3)
     only_one = profile(full([(1000, 1, 2.0, 1.0)]))
     assert only_one.service_time("pixel.1", 1000, 3) == pytest.approx(6.0)  # one after another
+    assert only_one.service_time("pixel.1", np.int64(1000), np.int64(3)) == pytest.approx(6.0)
     from_two = profile(full([(1000, 2, 2.0, 1.0)]))
     assert from_two.service_time("pixel.1", 1000, 1) == pytest.approx(1.0)  # below the smallest: proportional
     falling = profile(full([(1000, 1, 3.0, 1.0), (1000, 2, 2.0, 1.0)]))
