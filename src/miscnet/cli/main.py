@@ -17,6 +17,7 @@ from miscnet.channel.transport import MODES as PROTECTION_MODES
 from miscnet.channel.transport import TransportConfig
 from miscnet.cli import fleet as cli_fleet
 from miscnet.cli import models as cli_models
+from miscnet.cli import profile as cli_profile
 from miscnet.cli import sweep as cli_sweep
 from miscnet.cli.argtypes import host_port as _host_port
 from miscnet.cli.argtypes import positive_float as _positive_float
@@ -610,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     cli_models.register(sub)
+    cli_profile.register(sub)
     cli_sweep.register(sub)
     cli_fleet.register(sub)
 
