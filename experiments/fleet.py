@@ -673,6 +673,19 @@ def run_fleet_sweep(spec: FleetSpec, base: Path, out: Path, *, workers: int = 1,
     return results
 
 
+def _csv(rows: list[dict]) -> str:
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
 def _bar(total: int, initial: int, show: bool):
     if not show:
         from miscnet.experiments.sweep import _NoBar
@@ -686,12 +699,11 @@ def _bar(total: int, initial: int, show: bool):
 def write_outputs(spec: FleetSpec, results: list[dict], out: Path) -> None:
     """results.csv (one row per image, the point's values first), summary.json, and the figures."""
     from miscnet.core.image_io import atomic_write_bytes
-    from miscnet.experiments.sweep import csv_text
 
     keys = list(spec.sweep)
     rows = [{**{k: r["overrides"].get(k) for k in keys}, "point": point_id(r["overrides"]), **row}
             for r in results for row in r["rows"]]
-    atomic_write_bytes(out / "results.csv", csv_text(rows).encode())
+    atomic_write_bytes(out / "results.csv", _csv(rows).encode())
     summary = [{"point": point_id(r["overrides"]), **r["overrides"], **r["summary"], "links": r["links"],
                 "workers": r["workers"]} for r in results]
     atomic_write_bytes(out / "summary.json", json.dumps({"scenario": spec.name, "points": summary}, indent=1).encode())
