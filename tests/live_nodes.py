@@ -32,3 +32,19 @@ def wait_for(predicate, timeout=30.0):
             return True
         time.sleep(0.05)
     return bool(predicate())
+
+
+def encoded_samples(names, budget_bytes):
+    """[(name, EncodedImage)] of bundled samples with their sidecar semantics, at ``budget_bytes``."""
+    from miscnet.core.config import EncoderConfig
+    from miscnet.core.image_io import load_image
+    from miscnet.core.samples import sample_image_path, sample_sidecar_path
+    from miscnet.core.semantics import load_semantics
+    from miscnet.sender.encoder import encode_image
+
+    out = []
+    for name in names:
+        image = load_image(sample_image_path(name))
+        sem, _ = load_semantics(sample_sidecar_path(name))
+        out.append((name, encode_image(image, sem, EncoderConfig(budget_bytes=budget_bytes)).encoded))
+    return out

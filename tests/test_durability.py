@@ -13,19 +13,14 @@ import threading
 from pathlib import Path
 
 import pytest
-from live_nodes import Receiver, wait_for
+from live_nodes import Receiver, encoded_samples, wait_for
 
 from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.channel.relay import RelayOptions, serve_relay
 from miscnet.channel.transport import ImageSender, TransportConfig
-from miscnet.core.config import EncoderConfig
 from miscnet.core.container import EncodedImage, from_bytes, layers_digest
-from miscnet.core.image_io import load_image
-from miscnet.core.samples import sample_image_path, sample_sidecar_path
-from miscnet.core.semantics import load_semantics
 from miscnet.experiments.simulate import Scenario, SimImage, simulate
 from miscnet.receiver.store import DECODED_MARK, IMAGE_FILE
-from miscnet.sender.encoder import encode_image
 from miscnet.sender.node import SenderOptions, send_images
 from miscnet.v1 import bitstream_pb2 as pb
 
@@ -34,12 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def images():
-    out = []
-    for name in ("astronaut", "chelsea", "rocket"):
-        image = load_image(sample_image_path(name))
-        sem, _ = load_semantics(sample_sidecar_path(name))
-        out.append((name, encode_image(image, sem, EncoderConfig(budget_bytes=1200)).encoded))
-    return out
+    return encoded_samples(("astronaut", "chelsea", "rocket"), 1200)
 
 
 def tiny(n: int) -> EncodedImage:

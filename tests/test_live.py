@@ -7,22 +7,17 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from live_nodes import Receiver, wait_for
+from live_nodes import Receiver, encoded_samples, wait_for
 
 from miscnet.channel.grpc_util import TlsFiles
 from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.channel.packet import DATA, Packet
 from miscnet.channel.relay import RelayOptions, serve_relay
 from miscnet.channel.transport import TransportConfig
-from miscnet.core.config import EncoderConfig
 from miscnet.core.errors import MiscError
-from miscnet.core.image_io import load_image
-from miscnet.core.samples import sample_image_path, sample_sidecar_path
-from miscnet.core.semantics import load_semantics
 from miscnet.experiments.simulate import Scenario, SimImage, simulate
 from miscnet.receiver.classical import ClassicalDecoder
 from miscnet.receiver.node import ReceiverOptions, serve_receiver
-from miscnet.sender.encoder import encode_image
 from miscnet.sender.node import SenderOptions, send_images
 from miscnet.v1 import services_pb2 as spb
 from miscnet.v1 import services_pb2_grpc as sgrpc
@@ -30,12 +25,7 @@ from miscnet.v1 import services_pb2_grpc as sgrpc
 
 @pytest.fixture(scope="module")
 def images():
-    out = []
-    for name in ("astronaut", "chelsea", "rocket"):
-        image = load_image(sample_image_path(name))
-        sem, _ = load_semantics(sample_sidecar_path(name))
-        out.append((name, encode_image(image, sem, EncoderConfig(budget_bytes=1800)).encoded))
-    return out
+    return encoded_samples(("astronaut", "chelsea", "rocket"), 1800)
 
 
 def dropped_by_reason(node, name="packets_dropped_total"):
