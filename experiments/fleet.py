@@ -453,6 +453,7 @@ class _Sender:
         self.receiver = TransportReceiver(max_images=256)
         self.assemblies: dict[int, tuple[_Capture, ImageAssembly]] = {}
         self.inboxes: dict[int, simpy.Store] = {}
+        self.in_flight: dict[int, _Capture] = {}  # by image id, until the receiver has the whole image
         self.bytes_sent = 0
         start = group.start if group.start != "random" else float(self.rng.uniform(0, group.arrivals.period or 1.0))
         self.times = group.arrivals.capture_times(self.rng, start, spec.duration_s)
@@ -466,6 +467,7 @@ class _Sender:
                 yield self.env.timeout(t - self.env.now)
             cap = _Capture(self.index, self.group.name, self.images[name], k & 0xFFFF, self.env.now)
             self.captures.append(cap)
+            self.in_flight[cap.image_id] = cap
             self.env.process(self._send(cap))
 
     def _send(self, cap: _Capture):
@@ -501,8 +503,7 @@ class _Sender:
         image_id = received.image_id
         entry = self.assemblies.get(image_id)
         if entry is None:
-            cap = next((c for c in reversed(self.captures) if c.sender == self.index and c.image_id == image_id),
-                       None)
+            cap = self.in_flight.get(image_id)
             if cap is None:
                 return
             entry = self.assemblies[image_id] = (cap, ImageAssembly(received.arrivals[0].header))
@@ -513,6 +514,7 @@ class _Sender:
         if assembly.complete:
             cap.done_at, cap.final = self.env.now, len(cap.stages) - 1
             del self.assemblies[image_id]
+            self.in_flight.pop(image_id, None)
         if stage is not None:
             deadline = None if self.deadline_max is None else cap.captured + self.deadline_max
             self.compute.submit(Job(key=f"{self.index}/{cap.captured:.9f}", index=len(cap.stages) - 1,
@@ -604,7 +606,7 @@ def _report(spec: FleetSpec, captures: list[_Capture], flows: list[_Sender], sha
     energy_tx = sum(f.bytes_sent * 8 * f.group.nj_per_bit * 1e-9 for f in flows)
     workers = compute.stats(end)
     summary.update(sender_energy_j=energy_tx, receiver_energy_j=workers.get("energy_j"), duration_s=span,
-                   run_s=end)
+                   run_s=end, packets=sum(f.path.packets_sent + f.reverse.packets_sent for f in flows))
     return {"rows": rows, "summary": summary, "links": links, "workers": workers}
 
 
