@@ -24,7 +24,8 @@ import numpy as np
 import simpy
 
 from miscnet.channel.grpc_util import TlsFiles, check_token, open_channel, start_server
-from miscnet.channel.link import DuplexConfig, LinkConfig, PathConfig
+from miscnet.channel.link import DuplexConfig, DuplexLink, LinkConfig, PathConfig
+from miscnet.channel.link import Path as LinkPath
 from miscnet.channel.packet import Datagram
 from miscnet.channel.stats import Counters, add_stats_service
 from miscnet.v1 import services_pb2 as spb
@@ -96,6 +97,9 @@ class RelayOptions:
     grpc_workers: int = 128
     queue_bytes: int = 256 * 1024  # per link queue, where the link config leaves it unlimited
     idle_timeout_s: float = 30.0
+    # one bottleneck every stream's forward packets cross after their own link (a cell, a backhaul): the
+    # same shared-link element as a fleet simulation; discipline "drr" shares it fairly by stream
+    shared: LinkConfig | None = None
     hop_queue: int = 1024  # messages waiting for the next hop, each way
 
 
@@ -119,6 +123,12 @@ class RelayNode(sgrpc.LinkServicer):
         self.options = options
         self.link_config = bounded_queues(options.link, options.queue_bytes)
         self.sim = WallClockSim()
+        self.shared = None
+        if options.shared is not None:
+            shared = options.shared if options.shared.queue_bytes is not None else options.shared.with_(
+                queue_bytes=options.queue_bytes)
+            self.shared = shared.build(self.sim.env, np.random.default_rng(np.random.SeedSequence([options.seed])),
+                                       shared=True)
         self.channel = open_channel(options.forward, options.forward_tls, server_name=options.forward_server_name)
         self.stub = sgrpc.LinkStub(self.channel)
         self._streams = threading.BoundedSemaphore(options.max_streams)
@@ -137,6 +147,10 @@ class RelayNode(sgrpc.LinkServicer):
             for stat in _LINK_STATS:
                 self.counters.gauge_fn(f"{direction}_{stat}", lambda d=direction, k=stat: self.link_total(d, k),
                                        f"{direction} links, all streams so far: {stat.replace('_', ' ')}")
+            if self.shared is not None and direction == "forward":
+                for stat in _LINK_STATS:
+                    self.counters.gauge_fn(f"shared_{stat}", lambda k=stat: self.shared.stats().get(k, 0),
+                                           f"the shared bottleneck, all streams: {stat.replace('_', ' ')}")
             self.counters.gauge_fn(f"{direction}_queued_bytes",
                                    lambda d=direction: self._open_sum(d, "queued_bytes"),
                                    f"bytes in the {direction} link queues now")
@@ -193,8 +207,15 @@ class RelayNode(sgrpc.LinkServicer):
 
         def build() -> None:  # in the simulation thread
             rng = np.random.default_rng(np.random.SeedSequence([self.options.seed, seq]))
-            holder["link"] = self.link_config.build(self.sim.env, rng, deliver(upstream, "forward"),
-                                                    deliver(downstream, "reverse"))
+            if self.shared is None:
+                holder["link"] = self.link_config.build(self.sim.env, rng, deliver(upstream, "forward"),
+                                                        deliver(downstream, "reverse"))
+            else:  # the stream's own link, then the bottleneck all streams share
+                f_rng, r_rng = rng.spawn(2)
+                own = self.link_config.forward.build(self.sim.env, f_rng)
+                forward = LinkPath(self.sim.env, [own, self.shared], deliver(upstream, "forward"), name=f"s{seq}")
+                holder["link"] = DuplexLink(forward, self.link_config.reverse.build(self.sim.env, r_rng,
+                                                                                     deliver(downstream, "reverse")))
             ready.set()
 
         self.sim.call(build)
@@ -222,7 +243,7 @@ class RelayNode(sgrpc.LinkServicer):
                 for message in request_iterator:
                     last_activity[0] = time.monotonic()
                     if message.WhichOneof("body") == "packet":
-                        self.sim.call(link.forward.send, Datagram(message.packet, "data"))
+                        self.sim.call(link.forward.send, Datagram(message.packet, "data", flow=seq))
                     else:
                         upstream.put(message)  # a label: blocks this sender's reader when full (back-pressure)
             except grpc.RpcError:

@@ -295,3 +295,34 @@ def test_nodes_stop_cleanly_on_ctrl_c(tmp_path):
             proc.kill()
     assert proc.returncode == 0 and "receiver stopped" in out and "Traceback" not in err
     assert (tmp_path / "rx" / "events.jsonl").exists()
+
+
+def test_live_senders_share_one_bottleneck_at_the_relay(receiver, images):
+    """Every stream crosses its own link, then one shared, fair-queued bottleneck (the fleet's element)."""
+    shared = LinkConfig.from_strings(rate="256kbit", delay="5ms", discipline="drr", name="shared")
+    options = RelayOptions(listen="127.0.0.1:0", forward=receiver.target, shared=shared,
+                           link=DuplexConfig(LinkConfig.from_strings(rate="1mbit", delay="5ms")))
+    server, node, port = serve_relay(options)
+    results, errors = [], []
+
+    def run(i):
+        try:
+            results.extend(send_images([(f"{name}-{i}", enc) for name, enc in images],
+                                       SenderOptions(target=f"127.0.0.1:{port}", transport=TransportConfig("arq"))))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        flows = node.shared.flow_bytes()
+    finally:
+        server.stop(grace=1).wait()
+        node.close()
+    assert not errors and len(results) == 12 and all(r.delivered for r in results)
+    assert len(flows) == 4 and min(flows.values()) > 0  # each stream's packets crossed the one bottleneck
+    assert node.counters.value("shared_packets_delivered") >= sum(r.stats["packets_sent"] for r in results) // 2
+    assert wait_for(lambda: len(complete_digests(receiver)) == 12)

@@ -424,6 +424,15 @@ def cmd_receiver(args: argparse.Namespace) -> int:
     return _serve_until_signal(server, node, port, args, "receiver")
 
 
+def _shared_link(args: argparse.Namespace):
+    if not args.shared_rate:
+        return None
+    from miscnet.channel.link import LinkConfig
+
+    return LinkConfig.from_strings(rate=args.shared_rate, delay=args.shared_delay, queue=args.shared_queue,
+                                   discipline=args.shared_discipline, name="shared")
+
+
 def cmd_channel(args: argparse.Namespace) -> int:
     from miscnet.channel.grpc_util import TlsFiles
     from miscnet.channel.relay import RelayOptions, serve_relay
@@ -431,7 +440,8 @@ def cmd_channel(args: argparse.Namespace) -> int:
     forward_tls = TlsFiles(args.forward_tls_cert, args.forward_tls_key, args.forward_tls_ca)
     options = RelayOptions(listen=args.listen, forward=args.forward, link=link_config(args), seed=args.seed,
                            tls=_tls(args), forward_tls=forward_tls, token=args.token, max_streams=args.max_streams,
-                           forward_server_name=args.forward_server_name, idle_timeout_s=args.idle_timeout)
+                           forward_server_name=args.forward_server_name, idle_timeout_s=args.idle_timeout,
+                           shared=_shared_link(args))
     server, node, port = serve_relay(options)
     return _serve_until_signal(server, node, port, args, "channel relay")
 
@@ -584,6 +594,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     add_link_options(p)
     add_node_options(p, server=True)
+    g = p.add_argument_group("shared bottleneck (every stream's packets cross it after their own link)")
+    g.add_argument("--shared-rate", metavar="RATE", help="its rate (enables it), e.g. 1mbit")
+    g.add_argument("--shared-delay", default="0ms", help="its one-way delay (default 0ms)")
+    g.add_argument("--shared-discipline", default="fifo", choices=["fifo", "drr"],
+                   help="drop-tail FIFO, or deficit round robin by stream (default fifo)")
+    g.add_argument("--shared-queue", metavar="BYTES", help="its queue limit (per stream under drr; default 256 KiB)")
     g = p.add_argument_group("forward TLS (relay -> receiver)")
     g.add_argument("--forward-tls-cert")
     g.add_argument("--forward-tls-key")
