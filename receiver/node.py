@@ -212,6 +212,7 @@ class EventLog:
             if self._file.closed:  # a stream torn down after shutdown: nothing left to write to
                 self._counters.inc("events_dropped_total", reason="closed")
                 return
+            event.setdefault("logged_at", time.time())  # wall clock: lines of several nodes line up
             self._file.write(json.dumps(event) + "\n")
             self._file.flush()
             if durable:
