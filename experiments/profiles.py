@@ -477,12 +477,17 @@ def _rss_kib(field_name: str) -> int:
 
 
 def _render(decoder, stages: list) -> None:
-    """One call rendering ``stages`` (a batch): the decoder's render_batch where it has one, else one by one."""
+    """What the receiver spends on ``stages`` (a batch): rendering them (the decoder's render_batch where it
+    has one, else one by one) and encoding the PNG it writes of each. Render alone leaves out most of a
+    classical stage's cost (bench_fleet_live showed live stages taking 20x the render time)."""
+    from miscnet.core.image_io import png_bytes
+
     if len(stages) > 1 and hasattr(decoder, "render_batch"):
-        decoder.render_batch(stages)
+        images = decoder.render_batch(stages)
     else:
-        for stage in stages:
-            decoder.render(stage)
+        images = [decoder.render(stage) for stage in stages]
+    for image in images:
+        png_bytes(image)
 
 
 def measure_profile(decoder, decoder_name: str, device: str, sizes: Iterable[tuple[int, int]] = DEFAULT_SIZES,

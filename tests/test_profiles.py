@@ -237,11 +237,15 @@ class Recorder:
     def __init__(self, batch_call: bool = False):
         self.calls: list[tuple[str, str, int]] = []  # (stage, caption, batch)
         if batch_call:
-            self.render_batch = lambda stages: self.calls.append(
-                (stages[0].name, stages[0].semantics.caption, len(stages)))
+            self.render_batch = self._batch
 
-    def render(self, stage):
+    def _batch(self, stages):
+        self.calls.append((stages[0].name, stages[0].semantics.caption, len(stages)))
+        return [np.zeros((s.height, s.width, 3), np.uint8) for s in stages]
+
+    def render(self, stage):  # an image, as a decoder returns: the profile also times writing its PNG
         self.calls.append((stage.name, stage.semantics.caption, 1))
+        return np.zeros((stage.height, stage.width, 3), np.uint8)
 
 
 def test_measure_renders_stages_in_stream_order_with_a_fresh_caption_each_time():
