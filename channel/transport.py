@@ -31,6 +31,7 @@ import raptorq
 from google.protobuf.message import DecodeError
 
 from miscnet.channel.packet import DATA, FEEDBACK, POLL, Datagram, Packet, PacketError, decode_packet
+from miscnet.core import leb128
 from miscnet.core.container import KIND_ORDER, EncodedImage, layer_name, validate_header, validate_layer
 from miscnet.core.errors import BitstreamError, MiscError
 from miscnet.v1 import bitstream_pb2 as pb
@@ -91,38 +92,16 @@ class TransportConfig:
 
 # ---------------------------------------------------------------- units and blocks
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(data) or shift > 28:
-            raise BitstreamError("truncated or oversized length in block")
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-
-
 def pack_units(header: pb.Header, layers: Iterable[pb.Layer]) -> bytes:
     """Block payload: length-prefixed Header, then length-prefixed Layers; a zero length ends it."""
     parts = [header.SerializeToString(), *(ly.SerializeToString() for ly in layers)]
-    return b"".join(_varint(len(p)) + p for p in parts)
+    return b"".join(leb128.encode(len(p)) + p for p in parts)
 
 
 def unpack_units(data: bytes) -> tuple[pb.Header, list[pb.Layer]]:
     units, pos = [], 0
     while pos < len(data):
-        n, pos = _read_varint(data, pos)
+        n, pos = leb128.decode(data, pos, "length in block")
         if n == 0:  # FEC padding
             break
         if n > MAX_UNIT_BYTES or pos + n > len(data):
@@ -562,8 +541,8 @@ class TransportReceiver:
         if poll.k == POLL_FINAL and state is not None and not (state.complete and self.require_ack):
             # the sender has given up: settle the image now, so both sides report the same outcome
             # (a complete image still awaiting its acknowledgement is the node's to settle)
-            self._finish(image_id, "complete" if state.complete else "abandoned")
-            abandoned = image_id not in self.images and self.finished[image_id] == "abandoned"
+            abandoned = not state.complete
+            self._finish(image_id, "abandoned" if abandoned else "complete")
         known = image_id if image_id in self.images or image_id in self.finished else None
         return Received(known, [], [self._feedback(poll)], abandoned=abandoned)
     def _on_data(self, p: Packet) -> Received:

@@ -69,6 +69,7 @@ from miscnet.channel.packet import Datagram, PacketError
 from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.channel.units import parse_time
 from miscnet.core.errors import MiscError
+from miscnet.experiments.sweep import stage_key
 from miscnet.receiver.assembly import ImageAssembly
 from miscnet.receiver.scheduling import Job
 
@@ -280,7 +281,9 @@ def parse_fleet(raw: dict, source: str, base: Path) -> FleetSpec:
     reverse = None
     if "reverse" in raw:
         reverse = _link(f"{source}: reverse", raw["reverse"], "downlink", base)[0]
-    sweep = _check_keys(f"{source}: sweep", raw.get("sweep", {}), set(raw.get("sweep", {})))
+    sweep = raw.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise FleetError(f"{source}: sweep: expected a table")
     for key, values in sweep.items():
         if not isinstance(values, list) or not values:
             raise FleetError(f"{source}: sweep.{key!r}: a non-empty list of values")
@@ -340,12 +343,11 @@ def point_id(overrides: dict[str, Any]) -> str:
 
 @dataclass
 class FleetImage:
-    """One encoded image and the quality of each of its stages (decoded once, before the run)."""
+    """One encoded image and the quality of every stage a receiver can make of it (decoded once, before)."""
 
     name: str
     encoded: Any
-    stages: list[tuple[str, int, bool]]  # (stage name, pixels drawn, has pixels), in stream order
-    quality: dict[str, tuple[float | None, float | None]]  # stage name -> (PSNR, MS-SSIM)
+    quality: dict[str, tuple[float, float]]  # sweep.stage_key(stage layers) -> (PSNR, MS-SSIM); pixel stages
 
 
 def prepare_images(names: set[str], budget: int) -> dict[str, FleetImage]:
@@ -353,9 +355,8 @@ def prepare_images(names: set[str], budget: int) -> dict[str, FleetImage]:
     from miscnet.core.image_io import load_image
     from miscnet.core.samples import sample_image_path, sample_sidecar_path
     from miscnet.core.semantics import load_semantics
-    from miscnet.experiments.metrics import ms_ssim, psnr
+    from miscnet.experiments.sweep import quality_table
     from miscnet.receiver.classical import ClassicalDecoder
-    from miscnet.receiver.stages import progressive_stages
     from miscnet.sender.encoder import encode_image
 
     decoder, out = ClassicalDecoder(), {}
@@ -363,15 +364,7 @@ def prepare_images(names: set[str], budget: int) -> dict[str, FleetImage]:
         image = load_image(sample_image_path(name))
         sem, _ = load_semantics(sample_sidecar_path(name))
         encoded = encode_image(image, sem, EncoderConfig(budget_bytes=budget)).encoded
-        stages, quality = [], {}
-        for stage in progressive_stages(encoded):
-            stages.append((stage.name, stage.width * stage.height, stage.has_pixels))
-            if stage.has_pixels:
-                got = decoder.render(stage)
-                quality[stage.name] = (psnr(image, got), ms_ssim(image, got))
-            else:
-                quality[stage.name] = (None, None)
-        out[name] = FleetImage(name, encoded, stages, quality)
+        out[name] = FleetImage(name, encoded, quality_table(encoded, image, decoder))
     return out
 
 
@@ -388,8 +381,8 @@ class _Capture:
     state: str = "sending"
     failure: str = ""
     wire_bytes: int = 0
-    # stages as made, by index: (name, has pixels). Indices, not names: with block 0 late, "pixel.1" is
-    # made twice (without, then with the semantic layers)
+    # stages as made, by index: (sweep.stage_key of its layers, has pixels). Not by name: with block 0
+    # late, a "pixel.1" stage is made twice (without, then with the semantic layers)
     stages: list[tuple[str, bool]] = field(default_factory=list)
     final: int | None = None  # index of the stage made when the image completed
     decoded: dict[int, float] = field(default_factory=dict)  # stage index -> decode end
@@ -510,7 +503,7 @@ class _Sender:
         cap, assembly = entry
         stage = assembly.add(*(a.layer for a in received.arrivals))
         if stage is not None:
-            cap.stages.append((stage.name, stage.has_pixels))
+            cap.stages.append((stage_key(stage.layers), stage.has_pixels))
         if assembly.complete:
             cap.done_at, cap.final = self.env.now, len(cap.stages) - 1
             del self.assemblies[image_id]
@@ -550,8 +543,8 @@ def _row(spec: FleetSpec, cap: _Capture, end: float) -> dict:
            "sender_state": cap.state, "failure": _failure(spec, cap, last_s)}
     for d in spec.deadlines:
         newest = max((i for i, t in rel.items() if t <= d), default=None)
-        name = cap.stages[newest][0] if newest is not None else None
-        psnr, msssim = cap.image.quality.get(name, (None, None))
+        key = cap.stages[newest][0] if newest is not None else None
+        psnr, msssim = cap.image.quality.get(key, (None, None))  # a stage without pixels has no PSNR
         row[f"psnr_at_{d:g}s"] = psnr  # the newest stage decoded by the deadline (none yet: empty)
         row[f"ms_ssim_at_{d:g}s"] = msssim
     return row
@@ -610,8 +603,6 @@ def _report(spec: FleetSpec, captures: list[_Capture], flows: list[_Sender], sha
     return {"rows": rows, "summary": summary, "links": links, "workers": workers}
 
 
-def fleet_point(spec: FleetSpec, images: dict[str, FleetImage]) -> dict:
-    return run_fleet(spec, images)
 
 
 # ---------------------------------------------------------------- sweeps, files and figures
@@ -689,13 +680,9 @@ def _csv(rows: list[dict]) -> str:
 
 
 def _bar(total: int, initial: int, show: bool):
-    if not show:
-        from miscnet.experiments.sweep import _NoBar
-
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="point", desc="fleet", leave=False)
+    return tqdm(total=total, initial=initial, unit="point", desc="fleet", leave=False, disable=not show)
 
 
 def write_outputs(spec: FleetSpec, results: list[dict], out: Path) -> None:

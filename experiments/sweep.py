@@ -99,7 +99,7 @@ def stage_key(layers) -> str:
     return "+".join(layers)
 
 
-def _quality_table(encoded, reference: np.ndarray, decoder) -> dict[str, tuple[float, float]]:
+def quality_table(encoded, reference: np.ndarray, decoder) -> dict[str, tuple[float, float]]:
     """Quality of every stage with pixels that a receiver can make from this encoding.
 
     Blocks travel whole: the semantic and map layers together, each pixel level alone, and a pixel level
@@ -148,7 +148,7 @@ def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, deco
     try:
         result = encode_image(image, semantics, config)
         t1 = time.perf_counter()
-        table = _quality_table(result.encoded, image, _decoder_for(decoder))
+        table = quality_table(result.encoded, image, _decoder_for(decoder))
     except MiscError as exc:
         return _failed(key, "misc", name, image, t0, exc)
     t2 = time.perf_counter()
@@ -166,7 +166,7 @@ def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget:
     try:
         base = encode_baseline(image, codec, budget, raster, levels)
         t1 = time.perf_counter()
-        table = _quality_table(base.encoded, image, _decoder_for(decoder))
+        table = quality_table(base.encoded, image, _decoder_for(decoder))
     except MiscError as exc:
         return _failed(key, codec, name, image, t0, exc)
     t2 = time.perf_counter()

@@ -48,3 +48,16 @@ def encoded_samples(names, budget_bytes):
         sem, _ = load_semantics(sample_sidecar_path(name))
         out.append((name, encode_image(image, sem, EncoderConfig(budget_bytes=budget_bytes)).encoded))
     return out
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def receiver_process(out, port_file, port: str = "0", stdout=None):
+    """`python -m miscnet receiver` as a process of its own (to kill or signal), writing its port to port_file."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "miscnet", "receiver", "--listen", f"127.0.0.1:{port}",
+                             "--port-file", str(port_file), "--out", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE if stdout is None else stdout, stderr=subprocess.PIPE, text=True)

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from live_nodes import Receiver, encoded_samples, wait_for
+from live_nodes import Receiver, encoded_samples, receiver_process, wait_for
 
 from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.channel.relay import RelayOptions, serve_relay
@@ -115,9 +115,7 @@ def test_soak_32_senders_lossy_relay_and_a_kill_9(tmp_path, images):
     port_file, out = tmp_path / "port", tmp_path / "rx"
 
     def start(port="0"):
-        return subprocess.Popen([sys.executable, "-m", "miscnet", "receiver", "--listen", f"127.0.0.1:{port}",
-                                 "--port-file", str(port_file), "--out", str(out)], cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return receiver_process(out, port_file, port, stdout=subprocess.DEVNULL)
 
     proc = start()
     assert wait_for(port_file.exists, timeout=60)
@@ -320,9 +318,7 @@ def test_receiver_memory_stays_bounded_over_many_images(tmp_path):
 
 def test_receiver_stops_on_sigterm_mid_transfer(tmp_path, images):
     port_file, out = tmp_path / "port", tmp_path / "rx"
-    proc = subprocess.Popen([sys.executable, "-m", "miscnet", "receiver", "--listen", "127.0.0.1:0", "--port-file",
-                             str(port_file), "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = receiver_process(out, port_file)
     try:
         assert wait_for(port_file.exists, timeout=60)
         options = SenderOptions(f"127.0.0.1:{port_file.read_text()}", transport=TransportConfig("arq"))

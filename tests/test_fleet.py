@@ -129,6 +129,10 @@ def test_fleet_command_writes_results_summary_and_figures(tmp_path, capsys):
     assert {p["senders"] for p in summary["points"]} == {1, 3}
     header = (out / "results.csv").read_text().splitlines()[0]
     assert "first_picture_s" in header and "psnr_at_10s" in header
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert all(float(r["psnr_at_10s"]) > 15 for r in rows if r["complete"] == "True" and r["last_stage_s"])
     for figure in ("capacity.png", "workers.png", "failures.png"):
         assert (out / figure).stat().st_size > 1000
     # resume keeps what was written

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from live_nodes import Receiver, encoded_samples, wait_for
+from live_nodes import Receiver, encoded_samples, receiver_process, wait_for
 
 from miscnet.channel.grpc_util import TlsFiles
 from miscnet.channel.link import DuplexConfig, LinkConfig
@@ -278,9 +278,7 @@ def test_nodes_stop_cleanly_on_ctrl_c(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "miscnet", "receiver", "--listen", "127.0.0.1:0",
-                             "--port-file", str(port_file), "--out", str(tmp_path / "rx")], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = receiver_process(tmp_path / "rx", port_file)
     try:
         assert wait_for(port_file.exists, timeout=60)
         busy = subprocess.run([sys.executable, "-m", "miscnet", "receiver", "--listen",

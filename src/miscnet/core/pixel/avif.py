@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from miscnet.core import leb128
 from miscnet.core.errors import BitstreamError, MiscError
 from miscnet.core.pixel.base import PixelLevel, register
 from miscnet.core.pixel.thumbnail import ThumbnailCodec, pil_decode, pil_encode
@@ -116,18 +117,8 @@ def _parse_seq_header(body: bytes) -> _SeqHeader:
                       primaries, transfer, matrix, full_range)
 
 
-def _leb128(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _obu(obu_type: int, body: bytes) -> bytes:
-    return bytes([(obu_type << 3) | 2]) + _leb128(len(body)) + body
+    return bytes([(obu_type << 3) | 2]) + leb128.encode(len(body)) + body
 
 
 def _predicted_seq_header(width: int, height: int) -> bytes:
@@ -167,17 +158,7 @@ def _read_obus(data: bytes) -> list[tuple[int, bytes]]:
         head = data[pos]
         if head & 0x80 or not head & 0x02:
             raise BitstreamError("avif level: malformed OBU header")
-        p = pos + 1 + ((head >> 2) & 1)
-        size, shift = 0, 0
-        while True:
-            if p >= len(data) or shift > 28:
-                raise BitstreamError("avif level: truncated OBU size")
-            b = data[p]
-            p += 1
-            size |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
+        size, p = leb128.decode(data, pos + 1 + ((head >> 2) & 1), "avif level: OBU size")
         if p + size > len(data):
             raise BitstreamError("avif level: truncated OBU")
         out.append(((head >> 3) & 15, data[pos : p + size]))
