@@ -53,10 +53,7 @@ from simpy.events import NORMAL
 
 from miscnet.channel.errors import LinkConfigError
 from miscnet.channel.loss import LossModel
-from miscnet.channel.trace import OPPORTUNITY_BYTES, Trace
-
-TUN_HEADER_BYTES = 4  # mm-link counts a tun packet-info header with every packet ...
-TRACE_BUDGET_BYTES = OPPORTUNITY_BYTES + TUN_HEADER_BYTES  # ... against PACKET_SIZE = 1504 per opportunity
+from miscnet.channel.trace import TUN_HEADER_BYTES, Trace
 
 
 class Packet(Protocol):
@@ -169,18 +166,18 @@ class Port:
         else:
             opp, left = self._opp, self._left
             if opp < 0 or trace.time_of(opp) <= t:  # idle: what the last opportunity had left is gone
-                opp, left = trace.index_after(t), TRACE_BUDGET_BYTES
+                opp, left = trace.index_after(t), trace.budget_bytes
             elif left == 0:
-                opp, left = opp + 1, TRACE_BUDGET_BYTES
+                opp, left = opp + 1, trace.budget_bytes
             start = trace.time_of(opp)
             cost = size + TUN_HEADER_BYTES
             if cost <= left:
                 left -= cost
             else:
                 rest = cost - left
-                k = -(-rest // TRACE_BUDGET_BYTES)
+                k = -(-rest // trace.budget_bytes)
                 opp += k
-                left = k * TRACE_BUDGET_BYTES - rest
+                left = k * trace.budget_bytes - rest
             depart = trace.time_of(opp)
 
         if start > t:  # it waits in the queue
@@ -322,7 +319,7 @@ class DrrPort:
         self._queued += size
         self._npackets += 1
         if self._event is None:  # idle trace: wait for the first opportunity after now (Port's rule)
-            self._opp, self._left = self.trace.index_after(now), TRACE_BUDGET_BYTES
+            self._opp, self._left = self.trace.index_after(now), self.trace.budget_bytes
             self._arm(self.trace.time_of(self._opp))
         return True
 
@@ -385,7 +382,7 @@ class DrrPort:
         opp, left = self._opp, self._left  # Port's trace accounting, one packet at a time
         while self._npackets:
             if left == 0:
-                opp, left = opp + 1, TRACE_BUDGET_BYTES
+                opp, left = opp + 1, trace.budget_bytes
                 if trace.time_of(opp) > now:  # choose the next packet when it can start
                     self._opp, self._left = opp, left
                     self._arm(trace.time_of(opp))
@@ -397,9 +394,9 @@ class DrrPort:
                 self._hand_on(entry, flow, now)
                 continue
             rest = cost - left
-            k = -(-rest // TRACE_BUDGET_BYTES)
+            k = -(-rest // trace.budget_bytes)
             opp += k
-            left = k * TRACE_BUDGET_BYTES - rest
+            left = k * trace.budget_bytes - rest
             if trace.time_of(opp) <= now:  # carried into opportunities of this same millisecond
                 self._hand_on(entry, flow, now)
                 continue
@@ -441,7 +438,7 @@ class DrrPort:
         rest = self._queued + TUN_HEADER_BYTES * self._npackets  # bytes carry over: one stream of them
         opp, left = self._opp, self._left
         if rest > left:
-            opp += -(-(rest - left) // TRACE_BUDGET_BYTES)
+            opp += -(-(rest - left) // self.trace.budget_bytes)
         return self.trace.time_of(opp)
 
     capacity_bps = Port.capacity_bps

@@ -49,7 +49,6 @@ import numpy as np
 import simpy
 
 from miscnet.channel.elements import (
-    TRACE_BUDGET_BYTES,
     DrrPort,
     Exit,
     Gate,
@@ -63,7 +62,7 @@ from miscnet.channel.elements import (
 )
 from miscnet.channel.errors import LinkConfigError
 from miscnet.channel.loss import LossModel
-from miscnet.channel.trace import OPPORTUNITY_BYTES, Trace
+from miscnet.channel.trace import Trace
 from miscnet.channel.units import parse_loss, parse_rate, parse_reorder, parse_size, parse_time
 
 __all__ = ["DuplexConfig", "DuplexLink", "Link", "LinkConfig", "LinkSpec", "Packet", "Path", "PathConfig", "saturate"]
@@ -342,6 +341,7 @@ class LinkConfig:
     discipline: str = "fifo"
     quantum_bytes: int = 1500  # one MTU: equal-sized full packets go one a turn
     trace_offset_s: float = 0.0
+    trace_rate_bps: float | None = None  # scale the trace's opportunities to this mean (Trace.scaled_to)
 
     def __post_init__(self) -> None:
         if (self.rate_bps is None) == (self.trace is None):
@@ -362,19 +362,25 @@ class LinkConfig:
             raise LinkConfigError(f"{self.name}: trace_offset_s={offset!r} needs a trace")
         if self.trace is not None:
             object.__setattr__(self, "trace_offset_s", self.trace.offset_grid_ms(offset) / 1000.0)
+        if self.trace_rate_bps is not None:
+            if self.trace is None:
+                raise LinkConfigError(f"{self.name}: trace_rate={self.trace_rate_bps:g} bit/s needs a trace")
+            self.trace.scaled_to(self.trace_rate_bps)  # fail early: a rate under a byte per opportunity
 
     @classmethod
     def from_strings(cls, rate: str | None = None, delay: str = "0ms", jitter: str = "0ms",
                      loss: str = "none", queue: str | int | None = None,
                      trace: str | FilePath | Trace | None = None, name: str = "uplink",
                      loss_before_queue: bool = False, reorder: str = "none", discipline: str = "fifo",
-                     quantum: str | int = 1500, trace_offset: str = "0s") -> LinkConfig:
+                     quantum: str | int = 1500, trace_offset: str = "0s",
+                     trace_rate: str | None = None) -> LinkConfig:
         """tc-style strings, as CLI options give them: ``rate="64kbit", delay="40ms", loss="random 5%"``.
 
         ``queue`` is a tc size ("64kb", "3000") or None / "none" / "unlimited"; ``trace`` a Mahimahi file;
         ``reorder`` netem's "P [CORR] [gap N]" ("25% 50%", "100% gap 5"); ``discipline`` "fifo" or "drr",
-        ``quantum`` a tc size (drr's bytes a turn); ``trace_offset`` a time ("30s"). Times follow tc: a
-        bare number is microseconds.
+        ``quantum`` a tc size (drr's bytes a turn); ``trace_offset`` a time ("30s"); ``trace_rate`` a rate
+        the trace is scaled to (its mean; every opportunity kept). Times follow tc: a bare number is
+        microseconds.
         """
         if rate is not None and trace is not None:
             raise LinkConfigError(f"{name}: give either a rate or a trace, not both")
@@ -389,14 +395,22 @@ class LinkConfig:
         return cls(rate_bps=None if rate is None else parse_rate(rate), trace=trace,
                    delay_s=parse_time(delay), jitter_s=parse_time(jitter), loss=loss, queue_bytes=q,
                    loss_before_queue=loss_before_queue, name=name, reorder=reorder, discipline=discipline,
-                   quantum_bytes=parse_size(quantum), trace_offset_s=parse_time(trace_offset))
+                   quantum_bytes=parse_size(quantum), trace_offset_s=parse_time(trace_offset),
+                   trace_rate_bps=None if trace_rate is None else parse_rate(trace_rate))
 
     def reverse_default(self, name: str = "downlink") -> LinkConfig:
         """The feedback direction when none is given: 1 Mbit/s, same delay, no jitter, no loss, no limit."""
         return LinkConfig(rate_bps=parse_rate(DEFAULT_REVERSE_RATE), delay_s=self.delay_s, name=name)
 
     def capacity_bps(self) -> float:
-        return self.rate_bps if self.trace is None else self.trace.capacity_bps()
+        return self.rate_bps if self.trace is None else self.effective_trace().capacity_bps()
+
+    def effective_trace(self, offset_s: float = 0.0) -> Trace | None:
+        """The trace links are built on: shifted by ``offset_s`` and scaled to ``trace_rate_bps`` if set."""
+        if self.trace is None:
+            return None
+        trace = self.trace.shifted(offset_s)
+        return trace if self.trace_rate_bps is None else trace.scaled_to(self.trace_rate_bps)
 
     def with_(self, **changes: Any) -> LinkConfig:
         return replace(self, **changes)
@@ -419,12 +433,14 @@ class LinkConfig:
             out["quantum"] = f"{self.quantum_bytes}b"
         if self.trace_offset_s:
             out["trace_offset"] = f"{self.trace_offset_s * 1e3:g}ms"
+        if self.trace_rate_bps is not None:
+            out["trace_rate"] = f"{self.trace_rate_bps:g}bit"
         return out
 
     def build(self, env: simpy.Environment, rng: np.random.Generator,
               deliver: Callable[[Any], None] | None = None, *, shared: bool = False) -> Link:
         """A fresh link. With ``deliver`` it is ready to ``send``; without, it is a hop for ``Path``."""
-        rate = self.rate_bps if self.trace is None else self.trace.shifted(self.trace_offset_s)
+        rate = self.rate_bps if self.trace is None else self.effective_trace(self.trace_offset_s)
         return Link(env, rate, self.delay_s, self.jitter_s, parse_loss(self.loss), self.queue_bytes, rng=rng,
                     deliver=deliver, name=self.name, loss_before_queue=self.loss_before_queue,
                     reorder=parse_reorder(self.reorder), shared=shared, discipline=self.discipline,
@@ -574,7 +590,7 @@ def saturate(config: LinkConfig, seconds: float, seed: int, packet_size: int = 1
     target = 64 * packet_size
     if config.trace is not None:
         per_ms = int(np.unique(config.trace.times_ms, return_counts=True)[1].max())
-        target = max(target, 4 * per_ms * TRACE_BUDGET_BYTES)
+        target = max(target, 4 * per_ms * config.trace.budget_bytes)
 
     def sender():
         nonlocal target
@@ -609,7 +625,7 @@ def saturate(config: LinkConfig, seconds: float, seed: int, packet_size: int = 1
     if config.trace is None:
         capacity = config.rate_bps
     else:
-        capacity = link.trace.count_between(0.0, seconds) * OPPORTUNITY_BYTES * 8 / seconds  # offset applied
+        capacity = link.trace.count_between(0.0, seconds) * link.trace.opportunity_bytes * 8 / seconds  # offset applied
     delivered = link.bytes_delivered * 8 / seconds
     return {
         "capacity_bps": capacity,

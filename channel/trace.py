@@ -7,7 +7,9 @@ happens at ``(a // n) * period + ms[a % n]`` milliseconds. Every lookup below is
 bisection of the period, so idle stretches of any length cost nothing.
 
 ``Trace.shifted(offset_s)`` starts the same schedule ``offset_s`` seconds into its period (wrapping), so
-links on one trace need not move in lockstep.
+links on one trace need not move in lockstep. ``Trace.scaled_to(rate_bps)`` keeps every opportunity (so
+every fade and gap of the recording, at its own time scale) but lets each move fewer or more bytes, so the
+mean capacity is ``rate_bps``: a 1.9 Mbit/s LTE uplink recording as a 64 kbit/s access link.
 
 Rejected, like mm-link: an empty line, a token that is not a non-negative integer (leading blanks are
 accepted, as strtol does; trailing ones, including a CR from a CRLF file, are not), a decreasing timestamp,
@@ -16,6 +18,7 @@ an empty file, and a last timestamp of 0.
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from bisect import bisect_left
@@ -27,6 +30,8 @@ import numpy as np
 from miscnet.channel.errors import LinkConfigError
 
 OPPORTUNITY_BYTES = 1500  # what one line delivers, in IP bytes (mm-link's 1504 include a 4-byte tun header)
+TUN_HEADER_BYTES = 4  # mm-link counts a tun packet-info header with every packet ...
+OPPORTUNITY_BUDGET_BYTES = OPPORTUNITY_BYTES + TUN_HEADER_BYTES  # ... against PACKET_SIZE = 1504 per opportunity
 
 _INTEGER = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)")  # what strtol(…, 10) consumes, sign aside
 
@@ -34,7 +39,7 @@ _INTEGER = re.compile(r"[ \t\n\v\f\r]*\+?([0-9]+)")  # what strtol(…, 10) cons
 class Trace:
     """One Mahimahi trace; times in the public API are seconds unless a name says ``ms``."""
 
-    __slots__ = ("name", "times_ms", "period_ms", "_ms", "_n")
+    __slots__ = ("name", "times_ms", "period_ms", "_ms", "_n", "budget_bytes")
     offset_ms = 0  # where in its period the schedule starts (see ``shifted``)
 
     def __init__(self, times_ms: np.ndarray | list[int], name: str = "trace"):
@@ -51,6 +56,7 @@ class Trace:
         self.period_ms = int(ms[-1])
         self._ms = ms.tolist()  # bisect on a list beats numpy for one scalar at a time
         self._n = len(self._ms)
+        self.budget_bytes = OPPORTUNITY_BUDGET_BYTES  # what one opportunity moves, tun headers included
 
     # ---- loading -----------------------------------------------------------------------------------
     @classmethod
@@ -108,6 +114,28 @@ class Trace:
         base = self._origin if isinstance(self, _ShiftedTrace) else self
         return base if ms == 0 else _ShiftedTrace(base, ms)
 
+    def scaled_to(self, rate_bps: float) -> Trace:
+        """This schedule with each opportunity's budget scaled so the mean capacity is ``rate_bps`` (the
+        budget is whole bytes, so the mean is within half a byte per opportunity of the target)."""
+        if not (math.isfinite(rate_bps) and rate_bps > 0):
+            raise LinkConfigError(f"{self.name}: a trace rate must be a finite rate > 0, got {rate_bps!r}")
+        unscaled = self._n * OPPORTUNITY_BYTES * 8 / self.period_s
+        budget = round(OPPORTUNITY_BUDGET_BYTES * rate_bps / unscaled)
+        if budget < 1:
+            raise LinkConfigError(f"{self.name}: {rate_bps:g} bit/s is under one byte per opportunity of this trace "
+                                  f"(mean {unscaled:g} bit/s)")
+        out = copy.copy(self)
+        out.budget_bytes = budget
+        if isinstance(out, _ShiftedTrace):
+            out._origin = copy.copy(self._origin)
+            out._origin.budget_bytes = budget
+        return out
+
+    @property
+    def opportunity_bytes(self) -> float:
+        """IP bytes one opportunity moves (1500 unless scaled)."""
+        return self.budget_bytes * OPPORTUNITY_BYTES / OPPORTUNITY_BUDGET_BYTES
+
     # ---- figures -----------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._n
@@ -117,11 +145,14 @@ class Trace:
         return self.period_ms / 1000.0
 
     def capacity_bps(self) -> float:
-        """Mean capacity over one period: lines * 1500 * 8 / period (the README's definition)."""
-        return self._n * OPPORTUNITY_BYTES * 8 / self.period_s
+        """Mean capacity over one period: lines * 1500 * 8 / period (the README's definition; a scaled trace:
+        its bytes per opportunity instead of 1500)."""
+        return self._n * self.opportunity_bytes * 8 / self.period_s
 
     def __repr__(self) -> str:
         shift = f", offset {self.offset_ms} ms" if self.offset_ms else ""
+        if self.budget_bytes != OPPORTUNITY_BUDGET_BYTES:
+            shift += f", {self.budget_bytes} B per opportunity"
         return f"Trace({self.name!r}, {self._n} opportunities, period {self.period_ms} ms{shift})"
 
     # ---- schedule ----------------------------------------------------------------------------------
@@ -193,8 +224,8 @@ class _ShiftedTrace(Trace):
     __slots__ = ("offset_ms", "_a0", "_origin")
 
     def __init__(self, base: Trace, offset_ms: int):  # no re-validation: base is a valid trace
-        self.name, self.times_ms, self.period_ms, self._ms, self._n = (
-            base.name, base.times_ms, base.period_ms, base._ms, base._n)
+        self.name, self.times_ms, self.period_ms, self._ms, self._n, self.budget_bytes = (
+            base.name, base.times_ms, base.period_ms, base._ms, base._n, base.budget_bytes)
         self.offset_ms = offset_ms
         self._a0 = Trace._first_index_ms(base, offset_ms)
         self._origin = base

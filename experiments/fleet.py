@@ -16,6 +16,7 @@ A fleet scenario (TOML) names groups of senders, the shared links their paths cr
     arrival = "every 10s"                     # or "poisson 0.1/s", or "file capture_times.txt"
     start = "random"                          # each sender's first capture: uniform in one period; or "0s"
     access = { rate = "64kbit", delay = "20ms" }   # every link option; trace = FILE with trace_offset = "random"
+                                              # and trace_rate = "64kbit" (scaled to that mean, fades kept)
     path = ["cell", "backhaul"]               # shared links, in order
     protection = { mode = "arq" }
     radio = "cellular"                        # transmit energy: cellular 438.4 nJ/bit, wifi 283.17 (PureEdgeSim)
@@ -148,7 +149,8 @@ class FleetSpec:
 _TOP = {"name", "description", "duration", "drain", "seed", "encoder", "group", "link", "receiver", "reverse",
         "report", "sweep"}
 _GROUP = {"name", "count", "images", "arrival", "start", "access", "path", "protection", "radio"}
-_LINK_KEYS = {"rate", "trace", "delay", "jitter", "loss", "queue", "reorder", "discipline", "trace_offset"}
+_LINK_KEYS = {"rate", "trace", "delay", "jitter", "loss", "queue", "reorder", "discipline", "trace_offset",
+              "trace_rate"}
 _RECEIVER = {"workers", "policy", "profile", "queue_limit", "max_batch", "max_wait", "busy_power", "idle_power"}
 _PROTECTION = {"mode", "mtu", "fec_strong_rate", "fec_pixel_rate", "max_rounds", "deadline"}
 
@@ -190,6 +192,27 @@ def _arrivals(where: str, text: Any, base: Path) -> Arrivals:
     raise FleetError(f"{where}: {text!r} is not 'every 10s', 'poisson 0.1/s' or 'file TIMES.txt'")
 
 
+def trace_dirs(base: Path) -> list[Path]:
+    """Where a scenario's trace file names are looked for, in order: beside the scenario, $MISCNET_TRACES,
+    and the workplace's shared/traces beside the checkout (Mahimahi's traces are GPL data, not committed)."""
+    import os
+
+    dirs = [base]
+    if os.environ.get("MISCNET_TRACES"):
+        dirs.append(Path(os.environ["MISCNET_TRACES"]))
+    dirs.append(Path(__file__).resolve().parents[2] / "shared" / "traces")
+    return dirs
+
+
+def find_trace(where: str, name: str, base: Path) -> Path:
+    tried = [d / name for d in trace_dirs(base)]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise FleetError(f"{where}.trace: no file {name!r} (tried {', '.join(str(p) for p in tried)}; "
+                     "set MISCNET_TRACES to the folder holding it)")
+
+
 def _link(where: str, table: dict, name: str, base: Path) -> tuple[LinkConfig, bool]:
     table = dict(_check_keys(where, table, _LINK_KEYS | {"name"}))
     table.pop("name", None)
@@ -197,7 +220,7 @@ def _link(where: str, table: dict, name: str, base: Path) -> tuple[LinkConfig, b
     random_offset = offset == "random"
     discipline = table.pop("discipline", "fifo")
     if "trace" in table:
-        table["trace"] = str(base / table["trace"])
+        table["trace"] = str(find_trace(where, str(table["trace"]), base))
     if "queue" in table and isinstance(table["queue"], int):
         table["queue"] = str(table["queue"])
     try:
@@ -395,9 +418,8 @@ def run_fleet(spec: FleetSpec, images: dict[str, FleetImage], drain_s: float = D
     from miscnet.experiments.profiles import load_profile
 
     env = simpy.Environment()
-    link_seeds, sender_seeds = np.random.SeedSequence(spec.seed).spawn(2)
-    shared = {name: cfg.build(env, np.random.default_rng(seed), shared=True)
-              for (name, cfg), seed in zip(spec.links.items(), link_seeds.spawn(len(spec.links)), strict=True)}
+    shared = {name: cfg.build(env, _stream(spec.seed, _SHARED_LINKS, j), shared=True)
+              for j, (name, cfg) in enumerate(spec.links.items())}
     profile = load_profile(spec.receiver.profile)
     captures: list[_Capture] = []
     r = spec.receiver
@@ -414,29 +436,93 @@ def run_fleet(spec: FleetSpec, images: dict[str, FleetImage], drain_s: float = D
                            profile, on_done, on_drop)
     flows = []
     sender_index = 0
-    seeds = sender_seeds.spawn(sum(g.count for g in spec.groups))
     deadline_max = max(spec.deadlines) if spec.deadlines else None
     for group in spec.groups:
         for n in range(group.count):
-            flows.append(_Sender(env, spec, group, sender_index, n, np.random.default_rng(seeds[sender_index]),
-                                 shared, images, compute, captures, deadline_max))
+            flows.append(_Sender(env, spec, group, sender_index, n, shared, images, compute, captures,
+                                 deadline_max))
             sender_index += 1
+    series = _LinkSeries(env, shared, flows, spec.duration_s + drain_s)
     env.run(until=spec.duration_s + drain_s)
     end = env.now
-    return _report(spec, captures, flows, shared, compute, end)
+    result = _report(spec, captures, flows, shared, compute, end)
+    result["series"] = series.table()
+    return result
+
+
+class _LinkSeries:
+    """Per link over time, in bins: utilisation, backlog delay (how long a packet arriving at the bin's end
+    would wait before it starts to leave: the port's ``busy_until`` ahead of now) and queue drops. Shared
+    links one by one; the access links as their mean (delay also as the largest)."""
+
+    BINS = 200  # a few hundred points draw a clear curve; each costs one pass over the links
+
+    def __init__(self, env, shared: dict, flows: list, span_s: float):
+        self.env, self.shared, self.flows = env, shared, flows
+        self.bin_s = max(1.0, span_s / self.BINS)
+        self.t: list[float] = []
+        self.rows: dict[str, dict[str, list]] = {
+            name: {"utilization": [], "queue_delay_ms": [], "drops": []} for name in [*shared, "access"]}
+        self.rows["access"]["queue_delay_max_ms"] = []
+        self._last = {name: (0, 0) for name in self.rows}
+        env.process(self._sample())
+
+    def _add(self, name: str, delivered: int, dropped: int, capacity_bps: float, delay_s: float) -> None:
+        last_delivered, last_dropped = self._last[name]
+        self._last[name] = (delivered, dropped)
+        row = self.rows[name]
+        row["utilization"].append(round((delivered - last_delivered) * 8 / (capacity_bps * self.bin_s), 4)
+                                  if capacity_bps else None)
+        row["queue_delay_ms"].append(round(delay_s * 1e3, 3))
+        row["drops"].append(dropped - last_dropped)
+
+    def _sample(self):
+        env = self.env
+        while True:
+            yield env.timeout(self.bin_s)
+            now = env.now
+            self.t.append(round(now, 6))
+            for name, link in self.shared.items():
+                self._add(name, link.bytes_delivered, link.packets_dropped_queue, link.capacity_bps(),
+                          max(0.0, link.busy_until - now))
+            if self.flows:
+                delays = [max(0.0, f.access.busy_until - now) for f in self.flows]
+                self._add("access", sum(f.access.bytes_delivered for f in self.flows),
+                          sum(f.access.packets_dropped_queue for f in self.flows),
+                          sum(f.access.capacity_bps() for f in self.flows), sum(delays) / len(delays))
+                self.rows["access"]["queue_delay_max_ms"].append(round(max(delays) * 1e3, 3))
+
+    def table(self) -> dict:
+        return {"t_s": self.t, "bin_s": self.bin_s, "links": self.rows}
+
+
+# Random streams. Sender k's access link draws from SeedSequence(seed, spawn_key=(2k,)) and its reverse link
+# from (2k + 1,): for sender 0 exactly simulate's forward and reverse streams (default_rng(seed).spawn(2)),
+# so a fleet of one sender gives simulate's numbers, loss included. Everything else a sender draws (start,
+# Poisson gaps, trace offset) and the shared links have streams of their own entropy.
+_SENDER_CHOICES, _SHARED_LINKS = 1, 2
+
+
+def _stream(seed: int, tag: int, k: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed, tag], spawn_key=(k,)))
+
+
+def _link_stream(seed: int, k: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k,)))
 
 
 class _Sender:
     """One edge device: its captures, its access link + the shared links, its stream at the receiver."""
 
-    def __init__(self, env, spec: FleetSpec, group: Group, index: int, n: int, rng: np.random.Generator, shared,
-                 images, compute, captures: list, deadline_max: float | None):
+    def __init__(self, env, spec: FleetSpec, group: Group, index: int, n: int, shared, images, compute,
+                 captures: list, deadline_max: float | None):
         self.env, self.spec, self.group, self.index = env, spec, group, index
         self.compute, self.captures, self.deadline_max = compute, captures, deadline_max
+        self.rng = _stream(spec.seed, _SENDER_CHOICES, index)
         access = group.access
         if group.random_trace_offset and access.trace is not None:
-            access = access.with_(trace_offset_s=float(rng.uniform(0, access.trace.period_ms / 1000)))
-        link_rng, reverse_rng, self.rng = rng.spawn(3)
+            access = access.with_(trace_offset_s=float(self.rng.uniform(0, access.trace.period_ms / 1000)))
+        link_rng, reverse_rng = _link_stream(spec.seed, 2 * index), _link_stream(spec.seed, 2 * index + 1)
         self.access = access.build(env, link_rng)
         self.path = LinkPath(env, [self.access, *(shared[h] for h in group.path)], self._on_forward,
                              name=f"{group.name}{n}")
@@ -510,8 +596,13 @@ class _Sender:
             self.in_flight.pop(image_id, None)
         if stage is not None:
             deadline = None if self.deadline_max is None else cap.captured + self.deadline_max
+            # an image's first stage with both the semantic and the map layer runs both passes (a diffusion
+            # decoder's text to image, then the objects); it is costed as such, not as a map stage alone
+            name = stage.name
+            if len(cap.stages) == 1 and name == "map" and "semantic" in stage.layers:
+                name = "semantic+map"
             self.compute.submit(Job(key=f"{self.index}/{cap.captured:.9f}", index=len(cap.stages) - 1,
-                                    stage=stage.name, pixels=stage.width * stage.height, arrived=self.env.now,
+                                    stage=name, pixels=stage.width * stage.height, arrived=self.env.now,
                                     deadline=deadline, has_pixels=stage.has_pixels, payload=cap))
 
     def _on_reverse(self, dg: Datagram) -> None:
@@ -621,13 +712,13 @@ def _run_point(spec: FleetSpec, overrides: dict[str, Any], base: str) -> dict:
     return result
 
 
-def run_fleet_sweep(spec: FleetSpec, base: Path, out: Path, *, workers: int = 1, resume: bool = False,
+def run_fleet_sweep(spec: FleetSpec, base: Path, out: Path, *, workers: int = 1, dask=None, resume: bool = False,
                     progress: bool = True) -> list[dict]:
     """Every grid point of ``spec``; each point's result is written as it finishes (``--resume`` skips
-    the points already written). Returns the results in grid order."""
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
+    the points already written). ``workers``: local processes; ``dask``: a Dask scheduler address or
+    Client (the sweep's executors, sweep.make_executor). Returns the results in grid order."""
     from miscnet.core.image_io import atomic_write_bytes
+    from miscnet.experiments.sweep import make_executor
 
     out = Path(out)
     points_dir = out / "points"
@@ -650,17 +741,17 @@ def run_fleet_sweep(spec: FleetSpec, base: Path, out: Path, *, workers: int = 1,
         done[pid] = result
 
     bar = _bar(len(plan), len(done), progress)
-    if workers <= 1 or len(todo) <= 1:
+    executor = make_executor(min(workers, max(1, len(todo))) if dask is None else None, dask)
+    try:
         for overrides in todo:
-            keep(_run_point(spec, overrides, str(base)))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run_point, spec, o, str(base)) for o in todo]
-            for future in as_completed(futures):
-                keep(future.result())
+            executor.submit(_run_point, spec, overrides, str(base))
+        while len(done) < len(plan):
+            for _future, result in executor.wait_any():
+                keep(result)
                 bar.update()
-    bar.close()
+    finally:
+        executor.close()
+        bar.close()
     results = [done[point_id(o)] for o in plan]
     write_outputs(spec, results, out)
     return results
@@ -686,7 +777,8 @@ def _bar(total: int, initial: int, show: bool):
 
 
 def write_outputs(spec: FleetSpec, results: list[dict], out: Path) -> None:
-    """results.csv (one row per image, the point's values first), summary.json, and the figures."""
+    """results.csv (one row per image, the point's values first), summary.json, links.csv (per link and time
+    bin: utilisation, backlog delay, drops), and the figures."""
     from miscnet.core.image_io import atomic_write_bytes
 
     keys = list(spec.sweep)
@@ -696,7 +788,16 @@ def write_outputs(spec: FleetSpec, results: list[dict], out: Path) -> None:
     summary = [{"point": point_id(r["overrides"]), **r["overrides"], **r["summary"], "links": r["links"],
                 "workers": r["workers"]} for r in results]
     atomic_write_bytes(out / "summary.json", json.dumps({"scenario": spec.name, "points": summary}, indent=1).encode())
+    link_rows = []
+    for r in results:
+        series = r.get("series") or {"t_s": [], "links": {}}
+        for name, cols in series["links"].items():
+            for k, t in enumerate(series["t_s"]):
+                link_rows.append({**{key: r["overrides"].get(key) for key in keys}, "point": point_id(r["overrides"]),
+                                  "link": name, "t_s": t, **{c: v[k] for c, v in cols.items()}})
+    atomic_write_bytes(out / "links.csv", _csv(link_rows).encode())
     if results and keys:
-        from miscnet.experiments.fleet_plots import fleet_figures
+        from miscnet.experiments.fleet_plots import fleet_figures, link_figure
 
         fleet_figures(spec, summary, out)
+        link_figure(results, out)

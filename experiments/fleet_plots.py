@@ -3,7 +3,8 @@
 - ``capacity.png``: p50 / p95 time from capture to the first picture, and the share of images with a first
   picture by each deadline, against the number of senders (one curve per value of the other swept keys);
 - ``workers.png``: the receiver's mean worker utilisation against the number of senders;
-- ``failures.png``: why images failed, stacked, per grid point.
+- ``failures.png``: why images failed, stacked, per grid point;
+- ``links.png``: each link's backlog delay and utilisation over time.
 """
 
 from __future__ import annotations
@@ -29,10 +30,17 @@ def _series(points: list[dict], keys: list[str]) -> dict[tuple, list[dict]]:
     others = [k for k in keys if k not in count_keys]
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for p in points:
-        groups[tuple((k, p.get(k)) for k in others)].append(p)
+        groups[tuple((k, _hashable(p.get(k))) for k in others)].append(p)
     for members in groups.values():
         members.sort(key=lambda p: p["senders"])
     return groups
+
+
+def _hashable(value: Any) -> Any:
+    """A swept value as a dictionary key: tables and lists (``--set 'group.g.access={...}'``) as JSON."""
+    import json
+
+    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
 
 
 def _label(series: tuple) -> str:
@@ -96,3 +104,32 @@ def fleet_figures(spec: Any, points: list[dict], out: Path) -> None:
     if reasons:
         ax.legend(fontsize=7)
     _save(fig, out / "failures.png")
+
+
+def link_figure(results: list[dict], out: Path) -> None:
+    """``links.png``: each link's backlog delay and utilisation over time, one curve per number of senders
+    (the first grid point with that many: the channel does not depend on the receiver's settings)."""
+    from matplotlib.figure import Figure
+
+    by_senders: dict[int, dict] = {}
+    for r in results:
+        if r.get("series") and r["summary"]["senders"] not in by_senders:
+            by_senders[r["summary"]["senders"]] = r["series"]
+    if not by_senders:
+        return
+    names = list(next(iter(by_senders.values()))["links"])
+    fig = Figure(figsize=(5.2 * len(names), 6.4), layout="constrained")
+    axes = fig.subplots(2, len(names), squeeze=False)
+    for col, name in enumerate(names):
+        for senders, series in sorted(by_senders.items()):
+            cols = series["links"][name]
+            axes[0][col].plot(series["t_s"], cols["queue_delay_ms"], label=f"{senders} senders")
+            axes[1][col].plot(series["t_s"], cols["utilization"], label=f"{senders} senders")
+        axes[0][col].set_title(f"{name}" + (" (mean over senders)" if name == "access" else ""), fontsize=9)
+        axes[0][col].set_ylabel("backlog delay (ms)")
+        axes[1][col].set_ylabel("utilisation")
+        axes[1][col].set_xlabel("simulated time (s)")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    _save(fig, out / "links.png")

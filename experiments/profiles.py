@@ -176,13 +176,14 @@ class CostProfile:
         proportional to pixels. In batch: linear between measured batch sizes; beyond the largest, linear
         through the two largest (never decreasing), or proportional with only one measured (a decoder that
         renders a batch as one stage after another); below the smallest, proportional. A kind the profile
-        lacks is a ProfileError naming its file.
+        lacks is a ProfileError naming its file. A name joined with "+" ("semantic+map": the first stage of
+        an image whose semantic and map layers came together, so one call runs both passes) costs the sum.
         """
-        return self._value(stage, pixels, batch, 2)
+        return sum(self._value(part, pixels, batch, 2) for part in stage.split("+"))
 
     def peak_mb(self, stage: str, pixels: int, batch: int = 1) -> float:
-        """Peak memory (MiB) of that call, by the same rules as ``service_time``."""
-        return self._value(stage, pixels, batch, 3)
+        """Peak memory (MiB) of that call, by the same rules as ``service_time`` (the largest part's)."""
+        return max(self._value(part, pixels, batch, 3) for part in stage.split("+"))
 
     def to_dict(self) -> dict:
         d = {"format": FORMAT, "decoder": self.decoder, "device": self.device, "source": self.source,

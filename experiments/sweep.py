@@ -328,7 +328,9 @@ class _Dask:
             self._client.close()
 
 
-def _executor(workers: int | None, dask) -> Any:
+def make_executor(workers: int | None, dask) -> Any:
+    """Where tasks run: this process (1 worker), local processes, or a Dask scheduler (address or Client);
+    ``submit(fn, *args)``, ``wait_any()`` -> [(future, result)], ``close()``. Used by sweeps and fleets."""
     if dask is not None:
         return _Dask(dask)
     n = workers if workers is not None else (os.cpu_count() or 1)
@@ -483,7 +485,7 @@ def run_sweep(spec: ScenarioSpec, out_dir: str | Path, *, workers: int | None = 
     executor = None
     n_run = 0
     if todo:
-        executor = _executor(workers, dask)
+        executor = make_executor(workers, dask)
         try:
             n_run = _execute(spec, todo, executor, out, timing, quiet)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from miscnet.cli.argtypes import positive_int
@@ -45,8 +46,10 @@ def cmd_fleet(args: argparse.Namespace) -> int:
                 raise MiscError(f"--set {item!r}: give KEY=VALUE (e.g. receiver.workers=2)")
             grid[key] = [_value(value)]
         spec = replace(spec, sweep=grid)
-    results = run_fleet_sweep(spec, path.parent, Path(args.output), workers=args.workers, resume=args.resume,
-                              progress=not args.json)
+    if args.dask and args.workers != 1:
+        print("miscnet: warning: --workers is ignored with --dask", file=sys.stderr)
+    results = run_fleet_sweep(spec, path.parent, Path(args.output), workers=args.workers, dask=args.dask,
+                              resume=args.resume, progress=not args.json)
     if args.json:
         print(json.dumps([{**r["overrides"], **r["summary"]} for r in results]))
         return 0
@@ -69,6 +72,7 @@ def register(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="fix one key for this run (e.g. group.cameras.count=100); repeatable")
     p.add_argument("--workers", type=positive_int, default=1, help="grid points run in parallel processes")
+    p.add_argument("--dask", metavar="ADDRESS", help="run the points on this Dask scheduler (tcp://host:port)")
     p.add_argument("--resume", action="store_true", help="keep the points an earlier run already wrote")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_fleet)
