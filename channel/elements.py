@@ -30,7 +30,8 @@ Elements and the tool each one follows:
 
 - ``Port``: byte-limited drop-tail queue + a rate, constant (netem's ``send_time = max(prev_send_time,
   now) + 8 * size / rate``) or a Mahimahi trace (mm-link's accounting). See the class.
-- ``Loss``: a ``LossModel`` (channel/loss.py), asked once per packet.
+- ``Loss``: a ``LossModel`` (channel/loss.py), asked once per packet (a fade with the packet's time), and
+  an optional ``Outages`` schedule.
 - ``Wire``: propagation delay + uniform jitter, never reordering (as netem with a rate).
 - ``Reorder``: netem's ``reorder P [CORR] [gap N]`` idea: a packet it picks skips the ``Wire`` right after
   it. See the class for the exact semantics.
@@ -52,7 +53,7 @@ import simpy
 from simpy.events import NORMAL
 
 from miscnet.channel.errors import LinkConfigError
-from miscnet.channel.loss import LossModel
+from miscnet.channel.loss import LossModel, Outages
 from miscnet.channel.trace import TUN_HEADER_BYTES, Trace
 
 
@@ -452,26 +453,49 @@ class DrrPort:
 class Loss:
     """Asks its ``LossModel`` once per packet, in packet order, drawing from its own generator.
 
-    A lost packet goes no further (``put`` returns True: the network took it). Counts trials, losses and
-    bursts (runs of consecutive losses among the trials).
+    A time-based model (``lost_at``: a fade) is asked with the packet's time here, and ``outages`` (an
+    ``Outages`` schedule) lose every packet whose time falls in one. The model is asked for every packet,
+    in an outage or not, so adding an outage file changes no other packet's fate.
+
+    A lost packet goes no further (``put`` returns True: the network took it). Counts trials, losses (those
+    in outages among them) and bursts (runs of consecutive losses among the trials).
     """
 
-    __slots__ = ("model", "rng", "packets_in", "bytes_in", "packets_lost", "bytes_lost", "bursts", "_in_burst")
+    __slots__ = ("model", "rng", "outages", "packets_in", "bytes_in", "packets_lost", "bytes_lost", "bursts",
+                 "_in_burst", "_lost_at", "_plain", "packets_lost_outage")
 
-    def __init__(self, model: LossModel, rng: np.random.Generator):
+    def __init__(self, model: LossModel | None, rng: np.random.Generator, outages: Outages | None = None):
         self.model = model
         self.rng = rng
+        self.outages = outages
+        self._lost_at = getattr(model, "lost_at", None)
+        self._plain = model is not None and self._lost_at is None and outages is None
         self.packets_in = 0  # = trials
         self.bytes_in = 0
         self.packets_lost = 0
         self.bytes_lost = 0
+        self.packets_lost_outage = 0
         self.bursts = 0
         self._in_burst = False
+
+    def _lost(self, t: float) -> bool:
+        model = self.model
+        if model is None:
+            lost = False
+        elif self._lost_at is not None:
+            lost = self._lost_at(t, self.rng)
+        else:
+            lost = model.lost(self.rng)
+        if self.outages is not None and self.outages.down_at(t):
+            self.packets_lost_outage += 1
+            return True
+        return lost
 
     def put(self, packet: Any, t: float, route: tuple, i: int) -> bool:
         self.packets_in += 1
         self.bytes_in += packet.size
-        if self.model.lost(self.rng):
+        # the per-packet models keep their fast path; time and outages need the packet's time
+        if self.model.lost(self.rng) if self._plain else self._lost(t):
             self.packets_lost += 1
             self.bytes_lost += packet.size
             if not self._in_burst:
@@ -486,7 +510,8 @@ class Loss:
         return self.packets_lost / self.bursts if self.bursts else 0.0
 
     def __repr__(self) -> str:
-        return f"Loss({self.model!r})"
+        extra = "" if self.outages is None else f", {self.outages!r}"
+        return f"Loss({self.model!r}{extra})"
 
 
 # ---- delay ---------------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ from miscnet.channel.elements import (
     event_at,
 )
 from miscnet.channel.errors import LinkConfigError
-from miscnet.channel.loss import LossModel
+from miscnet.channel.loss import LossModel, Outages
 from miscnet.channel.trace import Trace
 from miscnet.channel.units import parse_loss, parse_rate, parse_reorder, parse_size, parse_time
 
@@ -93,7 +93,8 @@ class Link:
                  loss: LossModel | None = None, queue_bytes: int | None = None, *,
                  rng: np.random.Generator, deliver: Callable[[Any], None] | None = None, name: str = "uplink",
                  loss_before_queue: bool = False, reorder: tuple[float, float, int] | None = None,
-                 shared: bool = False, discipline: str = "fifo", quantum_bytes: int = 1500):
+                 shared: bool = False, discipline: str = "fifo", quantum_bytes: int = 1500,
+                 outages: Outages | None = None):
         self.env = env
         self.name = name
         _check_discipline(discipline, quantum_bytes, name)
@@ -106,7 +107,8 @@ class Link:
         if reorder is not None and not (delay or jitter):
             raise LinkConfigError(f"{name}: reordering needs a delay (or jitter) to skip, as netem's does")
         self.reorderer = None if reorder is None else Reorder(*reorder, rng=rng.spawn(1)[0])
-        self.loss_element = None if loss is None else Loss(loss, loss_rng)
+        # an outage file sits in the loss element, where a loss model would (after the rate by default)
+        self.loss_element = None if loss is None and outages is None else Loss(loss, loss_rng, outages)
         self.loss_before_queue = loss_before_queue
         self.shared = shared
         elements: list = [self.port]
@@ -138,6 +140,7 @@ class Link:
     delay = property(lambda self: self.wire.delay)
     jitter = property(lambda self: self.wire.jitter)
     loss = property(lambda self: None if self.loss_element is None else self.loss_element.model)
+    outages = property(lambda self: None if self.loss_element is None else self.loss_element.outages)
 
     @property
     def reorders(self) -> bool:
@@ -164,6 +167,8 @@ class Link:
     bytes_lost = property(lambda self: 0 if self.loss_element is None else self.loss_element.bytes_lost)
     loss_trials = property(lambda self: 0 if self.loss_element is None else self.loss_element.packets_in)
     loss_bursts = property(lambda self: 0 if self.loss_element is None else self.loss_element.bursts)
+    packets_lost_outage = property(
+        lambda self: 0 if self.loss_element is None else self.loss_element.packets_lost_outage)
     packets_reordered = property(lambda self: 0 if self.reorderer is None else self.reorderer.packets_picked)
 
     @property
@@ -225,6 +230,8 @@ class Link:
         }
         if self.reorderer is not None:
             out["packets_reordered"] = self.packets_reordered
+        if self.outages is not None:
+            out["packets_lost_outage"] = self.packets_lost_outage
         return out
 
     def __repr__(self) -> str:
@@ -327,6 +334,11 @@ class LinkConfig:
     ``packet.flow``, ``quantum_bytes`` a turn; ``queue_bytes`` is then each flow's limit). ``trace_offset_s``
     starts the trace that far into its period (``Trace.shifted``: rounded to a whole millisecond, modulo
     the period, and stored so), so links on one trace need not move in lockstep.
+
+    ``outages``: an outage schedule (``Outages``, from a file): packets whose time on the link falls in an
+    outage are lost, where the loss model sits. ``trace_offset_s`` shifts it too (wrapping around its own
+    period), so a sender's fades stay where its trace has them; without a trace the offset is taken
+    modulo the outage file's period, if it has one.
     """
 
     rate_bps: float | None = None
@@ -342,6 +354,7 @@ class LinkConfig:
     quantum_bytes: int = 1500  # one MTU: equal-sized full packets go one a turn
     trace_offset_s: float = 0.0
     trace_rate_bps: float | None = None  # scale the trace's opportunities to this mean (Trace.scaled_to)
+    outages: Outages | None = None
 
     def __post_init__(self) -> None:
         if (self.rate_bps is None) == (self.trace is None):
@@ -358,10 +371,14 @@ class LinkConfig:
         offset = self.trace_offset_s
         if not (isinstance(offset, int | float) and math.isfinite(offset) and offset >= 0):
             raise LinkConfigError(f"{self.name}: trace_offset_s must be a finite number >= 0, got {offset!r}")
-        if offset and self.trace is None:
-            raise LinkConfigError(f"{self.name}: trace_offset_s={offset!r} needs a trace")
+        if self.outages is not None and not isinstance(self.outages, Outages):
+            raise LinkConfigError(f"{self.name}: outages must be an Outages schedule, got {self.outages!r}")
+        if offset and self.trace is None and self.outages is None:
+            raise LinkConfigError(f"{self.name}: trace_offset_s={offset!r} needs a trace or an outage file")
         if self.trace is not None:
             object.__setattr__(self, "trace_offset_s", self.trace.offset_grid_ms(offset) / 1000.0)
+        elif self.outages is not None and self.outages.period_s:
+            object.__setattr__(self, "trace_offset_s", float(offset) % self.outages.period_s)
         if self.trace_rate_bps is not None:
             if self.trace is None:
                 raise LinkConfigError(f"{self.name}: trace_rate={self.trace_rate_bps:g} bit/s needs a trace")
@@ -373,14 +390,15 @@ class LinkConfig:
                      trace: str | FilePath | Trace | None = None, name: str = "uplink",
                      loss_before_queue: bool = False, reorder: str = "none", discipline: str = "fifo",
                      quantum: str | int = 1500, trace_offset: str = "0s",
-                     trace_rate: str | None = None) -> LinkConfig:
+                     trace_rate: str | None = None,
+                     outage: str | FilePath | Outages | None = None) -> LinkConfig:
         """tc-style strings, as CLI options give them: ``rate="64kbit", delay="40ms", loss="random 5%"``.
 
         ``queue`` is a tc size ("64kb", "3000") or None / "none" / "unlimited"; ``trace`` a Mahimahi file;
         ``reorder`` netem's "P [CORR] [gap N]" ("25% 50%", "100% gap 5"); ``discipline`` "fifo" or "drr",
         ``quantum`` a tc size (drr's bytes a turn); ``trace_offset`` a time ("30s"); ``trace_rate`` a rate
-        the trace is scaled to (its mean; every opportunity kept). Times follow tc: a bare number is
-        microseconds.
+        the trace is scaled to (its mean; every opportunity kept); ``outage`` an outage file (``Outages``;
+        None or "none": no outages). Times follow tc: a bare number is microseconds.
         """
         if rate is not None and trace is not None:
             raise LinkConfigError(f"{name}: give either a rate or a trace, not both")
@@ -392,11 +410,15 @@ class LinkConfig:
             q = parse_size(queue)
         if trace is not None and not isinstance(trace, Trace):
             trace = Trace.load(trace)
+        if isinstance(outage, str) and outage.strip().lower() in ("", "none"):
+            outage = None
+        if outage is not None and not isinstance(outage, Outages):
+            outage = Outages.load(outage)
         return cls(rate_bps=None if rate is None else parse_rate(rate), trace=trace,
                    delay_s=parse_time(delay), jitter_s=parse_time(jitter), loss=loss, queue_bytes=q,
                    loss_before_queue=loss_before_queue, name=name, reorder=reorder, discipline=discipline,
                    quantum_bytes=parse_size(quantum), trace_offset_s=parse_time(trace_offset),
-                   trace_rate_bps=None if trace_rate is None else parse_rate(trace_rate))
+                   trace_rate_bps=None if trace_rate is None else parse_rate(trace_rate), outages=outage)
 
     def reverse_default(self, name: str = "downlink") -> LinkConfig:
         """The feedback direction when none is given: 1 Mbit/s, same delay, no jitter, no loss, no limit."""
@@ -411,6 +433,12 @@ class LinkConfig:
             return None
         trace = self.trace.shifted(offset_s)
         return trace if self.trace_rate_bps is None else trace.scaled_to(self.trace_rate_bps)
+
+    def offset_period_s(self) -> float | None:
+        """The period a random ``trace_offset_s`` is drawn over: the trace's, else the outage file's."""
+        if self.trace is not None:
+            return self.trace.period_s
+        return None if self.outages is None else self.outages.period_s
 
     def with_(self, **changes: Any) -> LinkConfig:
         return replace(self, **changes)
@@ -435,16 +463,19 @@ class LinkConfig:
             out["trace_offset"] = f"{self.trace_offset_s * 1e3:g}ms"
         if self.trace_rate_bps is not None:
             out["trace_rate"] = f"{self.trace_rate_bps:g}bit"
+        if self.outages is not None:
+            out["outage"] = FilePath(self.outages.name).name
         return out
 
     def build(self, env: simpy.Environment, rng: np.random.Generator,
               deliver: Callable[[Any], None] | None = None, *, shared: bool = False) -> Link:
         """A fresh link. With ``deliver`` it is ready to ``send``; without, it is a hop for ``Path``."""
         rate = self.rate_bps if self.trace is None else self.effective_trace(self.trace_offset_s)
+        outages = None if self.outages is None else self.outages.shifted(self.trace_offset_s)
         return Link(env, rate, self.delay_s, self.jitter_s, parse_loss(self.loss), self.queue_bytes, rng=rng,
                     deliver=deliver, name=self.name, loss_before_queue=self.loss_before_queue,
                     reorder=parse_reorder(self.reorder), shared=shared, discipline=self.discipline,
-                    quantum_bytes=self.quantum_bytes)
+                    quantum_bytes=self.quantum_bytes, outages=outages)
 
 
 def _reorder_spec(p: float, corr: float, gap: int) -> str:
@@ -546,12 +577,14 @@ class LinkSpec:
     reverse_rate: str = DEFAULT_REVERSE_RATE
     reverse_delay: str | None = None
     reverse_loss: str = "none"
+    outage: str | FilePath | Outages | None = None  # an outage file for the forward link
 
     def build(self) -> DuplexConfig:
         rate = self.rate if self.rate is not None or self.trace is not None else self.DEFAULT_RATE
         forward = LinkConfig.from_strings(rate=rate, trace=self.trace, delay=self.delay, jitter=self.jitter,
                                           loss=self.loss, queue=self.queue, name="uplink",
-                                          loss_before_queue=self.loss_before_queue, reorder=self.reorder)
+                                          loss_before_queue=self.loss_before_queue, reorder=self.reorder,
+                                          outage=self.outage)
         reverse = LinkConfig.from_strings(rate=self.reverse_rate, delay=self.reverse_delay or self.delay,
                                           loss=self.reverse_loss, name="downlink")
         return DuplexConfig(forward, reverse)

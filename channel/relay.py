@@ -114,8 +114,8 @@ def bounded_queues(config: DuplexConfig, queue_bytes: int) -> DuplexConfig:
     return DuplexConfig(bound(config.forward), bound(config.reverse))
 
 
-_LINK_STATS = ("packets_sent", "packets_dropped_queue", "packets_lost", "packets_delivered", "bytes_sent",
-               "bytes_delivered")
+_LINK_STATS = ("packets_sent", "packets_dropped_queue", "packets_lost", "packets_lost_outage", "packets_delivered",
+               "bytes_sent", "bytes_delivered")
 
 
 class RelayNode(sgrpc.LinkServicer):

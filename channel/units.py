@@ -16,6 +16,10 @@ same meaning (case-insensitive, as tc compares suffixes with strcasecmp):
   optional ``%`` sign: ``random 5`` and ``random 5%`` both mean 5 %, ``random 0.05`` means 0.05 %.
   ``none`` (or an empty string, or a zero random loss) means no loss. A leading ``loss``/``drop`` keyword
   is ignored so a netem command line can be pasted.
+- loss in time (ours, not netem's): ``fade GOOD BAD [LOSS_GOOD LOSS_BAD]``, a Gilbert-Elliott model whose
+  states hold for exponential durations of mean GOOD and BAD (times WITH a unit: ``fade 20s 2s``; a bare
+  number would be tc's microseconds, so it is refused), losing LOSS_GOOD and LOSS_BAD of the packets in
+  each (percentages, default 0 % and 100 %; give both or neither): ``fade 20s 2s 1% 80%``.
 - reorder (netem's ``reorder``): ``P [CORR] [gap N]``, percentages as for loss; ``gap`` defaults to 1.
 """
 
@@ -25,7 +29,7 @@ import math
 import re
 
 from miscnet.channel.errors import LinkConfigError
-from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, LossModel
+from miscnet.channel.loss import Bernoulli, FourState, GilbertElliott, LossModel, TimeGilbertElliott
 
 __all__ = ["parse_loss", "parse_percent", "parse_rate", "parse_reorder", "parse_size", "parse_time"]
 
@@ -126,7 +130,8 @@ def parse_percent(token: str, what: str = "probability", spec: str | None = None
     return value
 
 
-_LOSS_HELP = "use none, random P, gemodel P [R [1-H [1-K]]] or state P13 [P31 [P32 [P23 [P14]]]]"
+_LOSS_HELP = ("use none, random P, gemodel P [R [1-H [1-K]]], state P13 [P31 [P32 [P23 [P14]]]] or "
+              "fade GOOD BAD [LOSS_GOOD LOSS_BAD]")
 
 
 def parse_loss(text: str | None) -> LossModel | None:
@@ -166,6 +171,26 @@ def parse_loss(text: str | None) -> LossModel | None:
         names = ("p13", "p31", "p32", "p23", "p14")
         values = [parse_percent(a, f"state {n}", spec) for a, n in zip(args, names, strict=False)]
         return FourState(*values)
+    if head == "fade":
+        if len(args) not in (2, 4):
+            raise LinkConfigError(f"bad loss {spec!r}: fade takes two mean durations and optionally the loss "
+                                  "in good and in bad: 'fade 20s 2s' or 'fade 20s 2s 0% 100%'")
+        durations = []
+        for token, state in zip(args[:2], ("good", "bad"), strict=True):
+            if not token[-1:].isalpha():
+                raise LinkConfigError(f"bad loss {spec!r}: fade's mean {state} duration {token!r} needs a unit, "
+                                      "e.g. 20s or 500ms")
+            try:
+                seconds = parse_time(token)
+            except LinkConfigError:
+                seconds = -1.0
+            if seconds <= 0:
+                raise LinkConfigError(f"bad loss {spec!r}: fade's mean {state} duration {token!r} must be a positive "
+                                      "time such as 2s")
+            durations.append(seconds)
+        losses = [parse_percent(a, f"fade loss in {n}", spec) for a, n in zip(args[2:], ("good", "bad"),
+                                                                                 strict=False)]
+        return TimeGilbertElliott(*durations, *losses)
     if head == "ecn":
         raise LinkConfigError(
             f"bad loss {spec!r}: ecn marking is not modelled (packets are lost, not marked)")

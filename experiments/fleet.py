@@ -150,7 +150,7 @@ _TOP = {"name", "description", "duration", "drain", "seed", "encoder", "group", 
         "report", "sweep"}
 _GROUP = {"name", "count", "images", "arrival", "start", "access", "path", "protection", "radio"}
 _LINK_KEYS = {"rate", "trace", "delay", "jitter", "loss", "queue", "reorder", "discipline", "trace_offset",
-              "trace_rate"}
+              "trace_rate", "outage"}
 _RECEIVER = {"workers", "policy", "profile", "queue_limit", "max_batch", "max_wait", "busy_power", "idle_power"}
 _PROTECTION = {"mode", "mtu", "fec_strong_rate", "fec_pixel_rate", "max_rounds", "deadline"}
 
@@ -221,6 +221,8 @@ def _link(where: str, table: dict, name: str, base: Path) -> tuple[LinkConfig, b
     discipline = table.pop("discipline", "fifo")
     if "trace" in table:
         table["trace"] = str(find_trace(where, str(table["trace"]), base))
+    if "outage" in table:  # a file, relative to the fleet file
+        table["outage"] = str(base / table["outage"])
     if "queue" in table and isinstance(table["queue"], int):
         table["queue"] = str(table["queue"])
     try:
@@ -520,8 +522,8 @@ class _Sender:
         self.compute, self.captures, self.deadline_max = compute, captures, deadline_max
         self.rng = _stream(spec.seed, _SENDER_CHOICES, index)
         access = group.access
-        if group.random_trace_offset and access.trace is not None:
-            access = access.with_(trace_offset_s=float(self.rng.uniform(0, access.trace.period_ms / 1000)))
+        if group.random_trace_offset and access.offset_period_s():  # the trace's period, else the outages'
+            access = access.with_(trace_offset_s=float(self.rng.uniform(0, access.offset_period_s())))
         link_rng, reverse_rng = _link_stream(spec.seed, 2 * index), _link_stream(spec.seed, 2 * index + 1)
         self.access = access.build(env, link_rng)
         self.path = LinkPath(env, [self.access, *(shared[h] for h in group.path)], self._on_forward,

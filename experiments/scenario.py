@@ -19,7 +19,7 @@ overrides, e.g. one protection strategy). Keys and values mirror the ``miscnet``
     pixel = "auto"
     bpp = 0.04
 
-    [link]                    # --rate/--trace, --delay, --jitter, --loss, --queue, --mtu, --reverse-*
+    [link]                    # --rate/--trace, --delay, --jitter, --loss, --outage, --queue, --mtu, --reverse-*
     rate = "64kbit"
     delay = "40ms"
 
@@ -45,7 +45,7 @@ overrides, e.g. one protection strategy). Keys and values mirror the ``miscnet``
     [report]                  # which keys colour the curves of each figure (see experiments/plots.py)
     series = ["link.rate"]
 
-Optional values (budget, bpp, trace, queue, reverse_delay, deadline) are left out, or given as the
+Optional values (budget, bpp, trace, outage, queue, reverse_delay, deadline) are left out, or given as the
 string "none" (which is how a sweep lists "unset"). Every unknown key and every bad value is a
 ScenarioError whose message names the file and the key (``bandwidth.toml: sweep."link.rate"[2]: ...``).
 """
@@ -335,6 +335,8 @@ PARAMS: dict[str, Param] = {
     "link.jitter": Param(_LINK.jitter, _time, "delay jitter (--jitter)"),
     "link.loss": Param(_LINK.loss, _loss, "netem loss model (--loss)"),
     "link.reorder": Param(_LINK.reorder, _reorder, "netem-like reordering 'P [CORR] [gap N]' (--reorder)"),
+    "link.outage": Param(_LINK.outage, _optional(_str), "outage file: START END seconds a line (--outage)",
+                         path=True),
     "link.queue": Param(_LINK.queue, _queue, "drop-tail queue in bytes (--queue)"),
     "link.loss_before_queue": Param(_LINK.loss_before_queue, _bool, "netem's order: loss decided before the queue"),
     "link.mtu": Param(_TRANSPORT.mtu, _int(64, 65000), "packet payload bytes (--mtu)"),
@@ -491,7 +493,7 @@ class Configuration:
                         jitter=p["link.jitter"], loss=p["link.loss"], reorder=p["link.reorder"],
                         queue=p["link.queue"], loss_before_queue=p["link.loss_before_queue"],
                         reverse_rate=p["link.reverse_rate"], reverse_delay=p["link.reverse_delay"],
-                        reverse_loss=p["link.reverse_loss"]).build()
+                        reverse_loss=p["link.reverse_loss"], outage=_outages(p["link.outage"])).build()
 
     def transport_config(self) -> TransportConfig:
         p = self.params
@@ -845,6 +847,20 @@ def _trace(path: str | None):
 
         _TRACES[path] = Trace.load(path)
     return _TRACES[path]
+
+
+_OUTAGES: dict[str, Any] = {}
+
+
+def _outages(path: str | None):
+    """An outage file, parsed once per process."""
+    if path is None:
+        return None
+    if path not in _OUTAGES:
+        from miscnet.channel.loss import Outages
+
+        _OUTAGES[path] = Outages.load(path)
+    return _OUTAGES[path]
 
 
 def _images(settings: dict[str, Any], base_dir: Path, fail) -> tuple[ImageSpec, ...]:

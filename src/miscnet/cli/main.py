@@ -257,7 +257,11 @@ def add_link_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--jitter", default=d.jitter,
                    help=f"delay jitter, uniform +/- (default {d.jitter}); never reorders by itself")
     g.add_argument("--loss", default=d.loss, help="loss model: none, 'random P', 'gemodel P [R [1-H [1-K]]]', "
-                   f"'state P13 [P31 [P32 [P23 [P14]]]]' (default {d.loss})")
+                   "'state P13 [P31 [P32 [P23 [P14]]]]' (per packet, as netem) or 'fade GOOD BAD [LOSS_GOOD "
+                   f"LOSS_BAD]' (states that last seconds, e.g. 'fade 20s 2s') (default {d.loss})")
+    g.add_argument("--outage", metavar="FILE",
+                   help="outage file: 'START END' seconds a line, the link delivers nothing in between (packets "
+                   "sent then are lost); 'period P' repeats it (miscnet outages TRACE makes one)")
     g.add_argument("--reorder", default=d.reorder, metavar="'P [CORR] [gap N]'",
                    help=f"netem-like reordering: a packet picked with probability P skips the delay (default "
                    f"{d.reorder})")
@@ -275,7 +279,7 @@ def link_config(args: argparse.Namespace):
 
     return LinkSpec(rate=args.rate, trace=args.trace, delay=args.delay, jitter=args.jitter, loss=args.loss,
                     reorder=args.reorder, queue=args.queue, reverse_rate=args.reverse_rate,
-                    reverse_delay=args.reverse_delay, reverse_loss=args.reverse_loss).build()
+                    reverse_delay=args.reverse_delay, reverse_loss=args.reverse_loss, outage=args.outage).build()
 
 
 def add_protection_options(p: argparse.ArgumentParser) -> None:
@@ -350,6 +354,16 @@ def cmd_link(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(" ".join(f"{k}={v:.6g}" for k, v in result.items()))
+    return 0
+
+
+def cmd_outages(args: argparse.Namespace) -> int:
+    from miscnet.channel.loss import Outages
+    from miscnet.channel.trace import Trace
+    from miscnet.channel.units import parse_time
+
+    outages = Outages.from_trace(Trace.load(args.trace), parse_time(args.min_gap))
+    sys.stdout.write(outages.to_text())
     return 0
 
 
@@ -562,6 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_link)
+
+    p = sub.add_parser("outages", help="print an outage file from a Mahimahi trace's gaps (for --outage)")
+    p.add_argument("trace", metavar="TRACE", help="Mahimahi trace file")
+    p.add_argument("--min-gap", default="1s", metavar="TIME",
+                   help="a gap between delivery opportunities at least this long is an outage (default 1s)")
+    p.set_defaults(func=cmd_outages)
 
     p = sub.add_parser("receiver", help="run the cloud node: reassemble, decode each stage, serve watchers")
     p.add_argument("--listen", type=_host_port, default="127.0.0.1:50051", metavar="HOST:PORT")
