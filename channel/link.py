@@ -12,7 +12,8 @@ parameters. Everything works on any ``simpy.Environment``, including
 events, and it must be driven from the simulation's thread (SimPy is not thread-safe).
 
 Semantics and the tools they follow are described with each element (``Port``: netem's rate recursion
-and mm-link's traces and drop-tail queue; ``Loss``: netem's loss models; ``Wire``: netem's uniform jitter,
+and mm-link's traces and drop-tail queue; ``Loss``: netem's loss models, a fade in time and an outage
+file, both looked up at the packet's time there; ``Wire``: netem's uniform jitter,
 never reordering; ``Reorder``: netem's ``reorder``). In short, per link:
 
 - a lost packet after the rate limiter has used the bottleneck, as a frame lost on the air has used

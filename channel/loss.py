@@ -21,8 +21,8 @@ Loss in time, which netem does not have: a radio link fades for seconds whatever
 state must change with the clock, not with the packet count.
 
 - ``TimeGilbertElliott(mean_good_s, mean_bad_s, loss_good, loss_bad)`` (``fade GOOD BAD [LG LB]``): Good and
-  Bad hold for exponential durations with the given means (an alternating renewal process starting in Good
-  at time 0); a packet is lost with the probability of the state at its time on the link (``lost_at(t,
+  Bad hold for exponential durations with the given means (an alternating renewal process, started in its
+  stationary law at time 0); a packet is lost with the probability of the state at its time on the link (``lost_at(t,
   rng)``). The state schedule draws from a stream of its own spawned from the link's loss generator, so
   it is the same whatever the traffic: a 2 s fade drops every packet sent in it, one or a thousand.
 - ``Outages``: intervals read from a file during which the link delivers nothing, optionally repeating
@@ -267,8 +267,11 @@ class TimeGilbertElliott:
     """Gilbert-Elliott in time (``fade GOOD BAD [LOSS_GOOD LOSS_BAD]``): states hold for durations, not
     packet counts.
 
-    Good lasts an exponential time of mean ``mean_good_s``, then Bad one of mean ``mean_bad_s``, and so on,
-    starting in Good at time 0. A packet at time t is lost with ``loss_good`` or ``loss_bad`` as the state
+    Good lasts an exponential time of mean ``mean_good_s``, then Bad one of mean ``mean_bad_s``, and so on.
+    Time 0 finds Bad with probability mean_bad / (mean_good + mean_bad), and the state it finds lasts an
+    exponential time of its mean (memoryless: that is the stationary process), so a transfer at time 0
+    meets fades as one at any later time would; netem's per-packet chain starts in Good, but its states
+    last packets, not tens of seconds. A packet at time t is lost with ``loss_good`` or ``loss_bad`` as the state
     at t is (defaults 0 and 1: nothing lost in Good, everything in Bad). The long-run fraction of time in
     Bad is mean_bad / (mean_good + mean_bad), and so is the loss rate of packets sent at a steady pace.
 
@@ -294,8 +297,8 @@ class TimeGilbertElliott:
         self._origin: np.random.Generator | None = None  # the schedule's generator as it was spawned
 
     def segments(self, rng: np.random.Generator) -> Iterator[tuple[float, float, bool]]:
-        """The state schedule drawn from ``rng``: (start, end, bad) forever, from (0, d0, False)."""
-        t, bad = 0.0, False
+        """The state schedule drawn from ``rng``: (start, end, bad) forever, from time 0."""
+        t, bad = 0.0, bool(rng.random() < self.fraction_bad())
         while True:
             end = t + float(rng.exponential(self.mean_bad_s if bad else self.mean_good_s))
             if end > t:  # a zero-length draw is no state at all

@@ -4,7 +4,8 @@ The relay runs the very same SimPy link model as ``simulate`` (channel/link.py),
 thread owns the simulation (SimPy is not thread-safe) and advances it to the wall-clock time whenever an
 event is due or a packet arrives from a gRPC thread through a queue. Each sender stream gets its own
 duplex link (forward: sender -> receiver, reverse: feedback), seeded from the relay's seed and the
-stream's number. Image labels are control-plane and pass unimpaired.
+stream's number. Image labels are control-plane and pass unimpaired. Time-based loss (a fade, an outage
+file) runs on the simulation's clock, which starts with the relay: outage times count from its start.
 
 Bounded like the receiver: the link queues hold at most ``queue_bytes`` unless the link sets its own limit
 (an unlimited queue at 8 kbit/s would hold hundreds of MB for days), open streams are limited, a stream idle

@@ -81,6 +81,14 @@ def test_fade_mean_durations_are_the_given_means():
     assert abs(good.mean() - 0.5) < 4 * 0.5 / math.sqrt(len(good))
 
 
+def test_fade_starts_in_its_stationary_law():
+    # time 0 is in a fade with probability bad / (good + bad), so a short transfer at time 0 meets fades
+    model = parse_loss("fade 18s 2s")
+    n = 4000
+    first_bad = sum(next(model.segments(np.random.default_rng(seed)))[2] for seed in range(n))
+    assert abs(first_bad / n - 0.1) < 4 * math.sqrt(0.1 * 0.9 / n)
+
+
 def test_fade_partial_losses_in_each_state():
     model = parse_loss("fade 1s 1s 10% 60%")
     assert model.mean_loss() == pytest.approx(0.35)
@@ -176,6 +184,34 @@ def test_an_outage_loses_what_the_queue_sends_into_it():
     times = [0.0] * 20  # 20 x 1000 bytes at 64 kbit/s: departures at 0.125 s, 0.25 s, ... 2.5 s
     link, got = run_link(dict(rate=64000.0, outages=out), times, size=1000)
     assert set(range(20)) - got == {7, 8, 9, 10}  # departures at 1.0, 1.125, 1.25, 1.375 s
+
+
+def test_an_outage_on_a_shared_link_takes_every_flow(tmp_path):
+    from miscnet.channel.link import Path as LinkPath
+
+    env = simpy.Environment()
+    rng = np.random.default_rng(0)
+    cell = LinkConfig(rate_bps=1e7, outages=Outages([(1.0, 2.0)]), name="cell").build(env, rng, shared=True)
+    got = {0: [], 1: []}
+    paths = []
+    for flow in (0, 1):
+        access = LinkConfig(rate_bps=1e8, delay_s=0.001 * (flow + 1), name=f"a{flow}").build(env, rng)
+        paths.append(LinkPath(env, [access, cell], lambda p, f=flow: got[f].append(p.seq)))
+
+    def sender():
+        for k in range(300):
+            for path in paths:
+                path.send(Pkt(k))
+            yield env.timeout(0.01)
+
+    env.process(sender())
+    env.run()
+    for flow in (0, 1):  # a packet leaves the cell 8 us + 1 or 2 ms + 80 us after it is sent (no contention)
+        when = [k * 0.01 + 8e-6 + 0.001 * (flow + 1) + 8e-5 for k in range(300)]
+        expected = {k for k, t in enumerate(when) if 1.0 <= t < 2.0}
+        assert len(expected) == 100
+        assert set(range(300)) - set(got[flow]) == expected
+    assert cell.packets_lost_outage == 200
 
 
 def test_outages_keep_the_per_packet_model_pattern():
@@ -365,6 +401,21 @@ def test_fleet_senders_on_one_outage_file_with_random_offsets_do_not_fade_togeth
     random = results["random"]
     assert all(t is not None for t in random)
     assert min(random) < 1.0 < max(random)  # some start in the up half, some in a fade (seed 3 draws both)
+
+
+def test_fleet_shared_links_take_outage_files_and_name_bad_ones(tmp_path):
+    from miscnet.experiments.fleet import FleetError, load_fleet
+
+    (tmp_path / "o.txt").write_text("period 60\n10 12\n")
+    shared = '[[link]]\nname = "cell"\nrate = "2mbit"\noutage = "{}"\n'
+    text = FLEET.format(offset="").replace("path = []", 'path = ["cell"]')
+    (tmp_path / "f.toml").write_text(text + shared.format("o.txt"))
+    spec = load_fleet(tmp_path / "f.toml")
+    assert spec.links["cell"].outages.starts == (10.0,)
+    (tmp_path / "bad.txt").write_text("10 12\n11 13\n")
+    (tmp_path / "g.toml").write_text(text + shared.format("bad.txt"))
+    with pytest.raises(FleetError, match=r"g.toml: link.cell: .*bad.txt:2: outage 11 13 overlaps"):
+        load_fleet(tmp_path / "g.toml")
 
 
 # ---- the live relay -----------------------------------------------------------------------------------------

@@ -444,7 +444,7 @@ def _shared_link(args: argparse.Namespace):
     from miscnet.channel.link import LinkConfig
 
     return LinkConfig.from_strings(rate=args.shared_rate, delay=args.shared_delay, queue=args.shared_queue,
-                                   discipline=args.shared_discipline, name="shared")
+                                   discipline=args.shared_discipline, name="shared", outage=args.shared_outage)
 
 
 def cmd_channel(args: argparse.Namespace) -> int:
@@ -620,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--shared-discipline", default="fifo", choices=["fifo", "drr"],
                    help="drop-tail FIFO, or deficit round robin by stream (default fifo)")
     g.add_argument("--shared-queue", metavar="BYTES", help="its queue limit (per stream under drr; default 256 KiB)")
+    g.add_argument("--shared-outage", metavar="FILE", help="its outage file (as --outage; every stream fades together)")
     g = p.add_argument_group("forward TLS (relay -> receiver)")
     g.add_argument("--forward-tls-cert")
     g.add_argument("--forward-tls-key")
