@@ -1,33 +1,38 @@
 """The diffusion decoder: MISC's decoder on diffusers pipelines, one call per progressive stage.
 
 Same interface as the classical decoder: ``DiffusionDecoder(config).render(stage) -> uint8 (H, W, 3)``.
-Per stage, following MISC (see /work/shared/MISC.md, "Decoder"):
+Per stage, following MISC's notebook (``sr_pipe`` and the cell after it; see /work/shared/MISC.md):
 
-* semantic only: text to image from the caption (``steps`` at ``guidance``, negative prompt);
-* semantic + map: that same picture (same seed), then each object's detail sentence refines it inside
-  the object's mask: ``object_steps`` (3) at ``object_guidance`` (3.5), composited as
-  ``new = gen * mask + prev * (1 - mask)``;
 * with pixels: the pixel reference, up-sampled to the working size, is restored: first one pass per
-  object with its detail prompt, composited by its mask (3 steps at 3.5), then one global pass with the
-  caption (40 steps at 7), all with the negative prompt "Blurry, Low Quality"; a wavelet colour fix
-  takes the low frequencies from the reference; the result is resized back to the original size.
-  Without maps only the global pass runs.
+  object with its detail sentence as prompt, composited by its mask (``new = gen * mask + prev * (1 -
+  mask)``; ``object_steps`` 3 at ``object_guidance`` 3.5), then one global pass with the caption
+  (``steps`` 40 at ``guidance`` 7), every pass with the negative prompt "Blurry, Low Quality" and its own
+  wavelet colour fix (the pass's output keeps its high frequencies over the low frequencies of the
+  picture the pass was conditioned on, as DiffBIR's sampler does for ``color_fix_type="wavelet"``); the
+  result is resized back to the original size. Without maps only the global pass runs.
+* semantic only (MISC never shows this stage; the progressive receiver does): text to image from the
+  caption at the model's native size (SD 2.1-base repeats subjects at twice its size), up-sampled;
+* semantic + map: that same picture, then each object's detail refines it inside the object's mask.
 
-Restoration ("how a pass starts from the current picture") is one of three pipelines:
+Restoration ("how a pass starts from the current picture") is one of four pipelines:
 
-* ``controlnet`` (DiffBIR's way): a ControlNet conditioned on the current picture, sampling from noise
+* ``diffbir`` (MISC's decoder): DiffBIR v1 (receiver/diffbir.py): SwinIR cleans the picture, its latent
+  conditions a ControlNet on SD 2.1, sampling starts from noise; chosen by ``auto`` when a DiffBIR
+  checkpoint is configured;
+* ``controlnet``: a diffusers ControlNet conditioned on the current picture, sampling from noise
   (``control_strength`` 1.0); chosen by ``auto`` when a ControlNet is configured;
 * ``upscale``: a Stable Diffusion upscaler fed the current picture at 1/scale size, ``noise_level``;
-  chosen by ``auto`` when an upscaler is configured and no ControlNet is;
+  chosen by ``auto`` when an upscaler is configured;
 * ``img2img``: noise added to the current picture up to ``strength``, then denoised; the fallback.
   A pass of S steps at strength s runs a schedule of ceil(S / s) steps so that S steps actually run.
 
 The working size keeps the image's aspect ratio (any ratio): the long side is ``size`` (default
 min(1024, 2 x the model's native resolution): MISC's "about 1024" for SD 2.x) and both sides are rounded
-to what the VAE and UNet need. Models are folders or cached ids (miscnet.core.pretrained); every component is
-loaded once per process and shared by all pipelines (``from_pipe``); fp16 on CUDA, fp32 on CPU; optional
-model CPU offload (needs accelerate). Every pass draws its noise from a CPU generator seeded by
-(seed, pass), so a stage renders the same on every run and device.
+to what the VAE and UNet need. Models are folders or cached ids (miscnet.core.pretrained); every component
+is loaded once per process and shared by all pipelines (``from_pipe``); on CUDA bf16 where the GPU has it
+(fp16 where the model's config asks for it, or the GPU lacks bf16), fp32 on CPU; optional model CPU
+offload (needs accelerate). Every pass draws its noise from a CPU generator seeded by (seed, pass), so a
+stage renders the same on every run and device.
 """
 
 from __future__ import annotations
@@ -171,8 +176,8 @@ def _weights(role: str, path: Path, device: str, dtype, load):
 class _Pipelines:
     """The pipelines of one configuration, all over the same shared weights."""
 
-    def __init__(self, base: Path, controlnet: Path | None, upscaler: Path | None, device: str, dtype,
-                 cpu_offload: bool) -> None:
+    def __init__(self, base: Path | None, controlnet: Path | None, upscaler: Path | None, diffbir: Path | None,
+                 device: str, dtype, cpu_offload: bool) -> None:
         from miscnet.core.pretrained import quiet_loading
 
         with quiet_loading():  # importing diffusers logs transformers' advisory warnings
@@ -192,28 +197,38 @@ class _Pipelines:
                     import accelerate  # noqa: F401
                 except ImportError:
                     raise MiscError("--cpu-offload needs the accelerate package: pip install accelerate") from None
-        if "Upscale" in _model_class(base):
-            raise MiscError(f"diffusion model {base} is an upscaler pipeline; give it as --upscaler-model and a "
-                            "text-to-image model as --diffusion-model")
-        extra = {}
-        if _has_component(base, "safety_checker"):  # MISC's decoder runs without one
-            extra = {"safety_checker": None, "requires_safety_checker": False}
-        self.text2img = _weights("diffusion", base, device, dtype, lambda: AutoPipelineForText2Image.from_pretrained(
-            str(base), local_files_only=True, dtype=dtype, **extra))
-        with quiet_loading():
-            self.img2img = AutoPipelineForImage2Image.from_pipe(self.text2img)
-        self.control = None
+        self.img2img = self.control = self.upscale = self.diffbir = None
+        if diffbir is not None:
+            # MISC's decoder: every component comes from the DiffBIR checkpoint (its UNet is SD 2.1's, frozen)
+            from miscnet.receiver.diffbir import load_diffbir
+
+            self.diffbir = _weights("diffbir", diffbir, device, dtype,
+                                    lambda: load_diffbir(diffbir, tokenizer_from=base, dtype=dtype))
+            with quiet_loading():
+                self.text2img = self.diffbir.text_to_image_pipeline()
+        else:
+            if "Upscale" in _model_class(base):
+                raise MiscError(f"diffusion model {base} is an upscaler pipeline; give it as --upscaler-model and "
+                                "a text-to-image model as --diffusion-model")
+            extra = {}
+            if _has_component(base, "safety_checker"):  # MISC's decoder runs without one
+                extra = {"safety_checker": None, "requires_safety_checker": False}
+            self.text2img = _weights("diffusion", base, device, dtype,
+                                     lambda: AutoPipelineForText2Image.from_pretrained(
+                                         str(base), local_files_only=True, dtype=dtype, **extra))
+            with quiet_loading():
+                self.img2img = AutoPipelineForImage2Image.from_pipe(self.text2img)
         if controlnet is not None:
             cn = _weights("controlnet", controlnet, device, dtype, lambda: ControlNetModel.from_pretrained(
                 str(controlnet), local_files_only=True, dtype=dtype))
             with quiet_loading():
                 self.control = AutoPipelineForImage2Image.from_pipe(self.text2img, controlnet=cn)
-        self.upscale = None
         if upscaler is not None:
             self.upscale = _weights("upscaler", upscaler, device, dtype,
                                     lambda: StableDiffusionUpscalePipeline.from_pretrained(
                                         str(upscaler), local_files_only=True, dtype=dtype))
-        self._pipes = [p for p in (self.text2img, self.img2img, self.control, self.upscale) if p is not None]
+        self._pipes = [p for p in (self.text2img, self.img2img, self.control, self.upscale, self.diffbir)
+                       if p is not None]
         for p in self._pipes:
             p.set_progress_bar_config(disable=True)
             if not self.cpu_offload:
@@ -222,6 +237,8 @@ class _Pipelines:
         self.vae_scale = int(getattr(self.text2img, "vae_scale_factor", 8))
         # the VAE and UNet down-sampling must divide the size, and diffusers insists on multiples of 8
         self.multiple = math.lcm(8, self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1))
+        if self.diffbir is not None:  # SwinIR's windows after its pixel unshuffle
+            self.multiple = math.lcm(self.multiple, self.diffbir.multiple)
         sample = unet.config.sample_size
         sample = sample[0] if isinstance(sample, (list, tuple)) else sample
         self.native = int(sample) * self.vae_scale
@@ -239,12 +256,12 @@ class _Pipelines:
         return pipe
 
 
-def _pipelines(base: Path, controlnet: Path | None, upscaler: Path | None, device: str, dtype,
-               cpu_offload: bool) -> _Pipelines:
-    key = (str(base), str(controlnet), str(upscaler), device, str(dtype), cpu_offload)
+def _pipelines(base: Path | None, controlnet: Path | None, upscaler: Path | None, diffbir: Path | None,
+               device: str, dtype, cpu_offload: bool) -> _Pipelines:
+    key = (str(base), str(controlnet), str(upscaler), str(diffbir), device, str(dtype), cpu_offload)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = _Pipelines(base, controlnet, upscaler, device, dtype, cpu_offload)
+            _CACHE[key] = _Pipelines(base, controlnet, upscaler, diffbir, device, dtype, cpu_offload)
         return _CACHE[key]
 
 
@@ -276,15 +293,24 @@ class DiffusionDecoder:
     name = "diffusion"
 
     def __init__(self, config: DiffusionConfig | None = None, **overrides) -> None:
-        from miscnet.core.pretrained import require
+        from miscnet.core.pretrained import configured, require
 
         config = replace(config or DiffusionConfig(), **overrides)
         config.check()
         self.config = config
         # Resolve every path now, so missing weights fail before any work (one clear line each).
-        self.model_path = require("diffusion", config.model)
-        self.controlnet_path = self.upscaler_path = None
+        self.model_path = self.controlnet_path = self.upscaler_path = self.diffbir_path = None
         mode = config.restore
+        if mode == "auto" and (config.diffbir or _env_set("diffbir")):
+            mode = "diffbir"
+        if mode == "diffbir":
+            from miscnet.receiver.diffbir_checkpoint import resolve_checkpoint
+
+            self.diffbir_path = resolve_checkpoint(config.diffbir)
+            if configured("diffusion", config.model)[0] is not None:  # only lends its tokenizer to DiffBIR
+                self.model_path = require("diffusion", config.model)
+        else:
+            self.model_path = require("diffusion", config.model)
         if mode in ("auto", "controlnet") and (config.controlnet or mode == "controlnet" or _env_set("controlnet")):
             self.controlnet_path = require("controlnet", config.controlnet)
         if mode in ("auto", "upscale") and (config.upscaler or mode == "upscale" or _env_set("upscaler")):
@@ -304,12 +330,13 @@ class DiffusionDecoder:
 
     def pipelines(self) -> _Pipelines:
         if self._pipes is None:
-            from miscnet.core.pretrained import pick_device, require_torch
+            from miscnet.core.pretrained import asked_dtype, pick_device, require_torch
 
             require_torch("the diffusion decoder")
-            device, dtype = pick_device(self.config.device)
+            device, dtype = pick_device(self.config.device, asked_dtype(self.model_path))
             self._pipes = _pipelines(self.model_path, self.controlnet_path if self.mode == "controlnet" else None,
-                                     self.upscaler_path if self.mode == "upscale" else None, device, dtype,
+                                     self.upscaler_path if self.mode == "upscale" else None,
+                                     self.diffbir_path if self.mode == "diffbir" else None, device, dtype,
                                      self.config.cpu_offload)
         return self._pipes
 
@@ -317,6 +344,11 @@ class DiffusionDecoder:
         p = self.pipelines()
         long_side = self.config.size or min(1024, 2 * p.native)
         return working_size(width, height, long_side, p.multiple)
+
+    def native_size(self, width: int, height: int) -> tuple[int, int]:
+        """The model's native long side, the image's aspect: where text to image draws."""
+        p = self.pipelines()
+        return working_size(width, height, min(p.native, self.config.size or p.native), p.multiple)
 
     # --- passes
 
@@ -357,24 +389,27 @@ class DiffusionDecoder:
         return out
 
     def text_to_image(self, caption: str, width: int, height: int) -> np.ndarray:
-        """float (height, width, 3) in [0, 1]: the caption drawn from noise (cached for the next stage)."""
+        """float (height, width, 3) in [0, 1]: the caption drawn from noise at the model's native size, then
+        up-sampled to width x height (cached for the next stage)."""
         c = self.config
         key = (caption, width, height, c.seed, c.steps, c.guidance, c.negative_prompt)
         if self._t2i_cache is not None and self._t2i_cache[0] == key:
             return self._t2i_cache[1]
         p = self.pipelines()
         self._check_prompt(caption)
+        nw, nh = self.native_size(width, height)
         pipe = p.ready(p.text2img)
-        out = pipe(prompt=caption, height=height, width=width, num_inference_steps=c.steps,
+        out = pipe(prompt=caption, height=nh, width=nw, num_inference_steps=c.steps,
                    guidance_scale=c.guidance, negative_prompt=c.negative_prompt,
                    generator=self._generator(_SALT_TEXT), output_type="np").images[0]
-        out = np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+        out = _to_float(_resize(_to_uint8(out), width, height))
         self._t2i_cache = (key, out)
         return out
 
     def restore(self, image: np.ndarray, prompt: str, steps: int, guidance: float, strength: float,
                 salt: int) -> np.ndarray:
-        """One restoration pass from ``image`` (float (H, W, 3) in [0, 1]); same size out."""
+        """One restoration pass from ``image`` (float (H, W, 3) in [0, 1]); same size out, colour-fixed
+        against what the pass was conditioned on (DiffBIR: SwinIR's cleaned picture; else ``image``)."""
         c = self.config
         p = self.pipelines()
         self._check_prompt(prompt)
@@ -382,7 +417,11 @@ class DiffusionDecoder:
         pil = Image.fromarray(_to_uint8(image))
         common = dict(prompt=prompt, guidance_scale=guidance, negative_prompt=c.negative_prompt,
                       generator=self._generator(salt), output_type="np")
-        if self.mode == "controlnet":
+        condition = _to_float(np.asarray(pil))
+        if self.mode == "diffbir":
+            result = p.ready(p.diffbir)(image=condition, num_inference_steps=steps, **common)
+            out, condition = result.images[0], result.conditions[0]
+        elif self.mode == "controlnet":
             s = c.control_strength
             out = p.ready(p.control)(image=pil, control_image=pil, strength=s, height=h, width=w,
                                      num_inference_steps=math.ceil(steps / s), **common).images[0]
@@ -394,10 +433,12 @@ class DiffusionDecoder:
         else:
             out = p.ready(p.img2img)(image=pil, strength=strength, num_inference_steps=math.ceil(steps / strength),
                                      **common).images[0]
-        out = np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
+        out = np.asarray(out, dtype=np.float32)
         if out.shape[:2] != (h, w):  # an upscaler whose factor does not divide exactly
             out = _to_float(_resize(_to_uint8(out), w, h))
-        return out
+        if c.color_fix:  # per pass, as DiffBIR's sampler does in MISC's sr_pipe
+            return wavelet_color_fix(out, condition)
+        return np.clip(out, 0.0, 1.0)
 
     # --- stages
 
@@ -424,10 +465,8 @@ class DiffusionDecoder:
             return np.full((stage.height, stage.width, 3), 128, dtype=np.uint8)
         w, h = self.working_size(stage.width, stage.height)
         caption = sem.caption if sem is not None else ""
-        reference = None
         if stage.has_pixels:
-            reference = _to_float(self._timed("reference", decode_pixels, stage.pixel_levels, w, h))
-            current = reference
+            current = _to_float(self._timed("reference", decode_pixels, stage.pixel_levels, w, h))
         else:
             current = self._timed("text-to-image", self.text_to_image, caption, w, h)
         if sem is not None and stage.masks is not None:
@@ -441,8 +480,6 @@ class DiffusionDecoder:
         if stage.has_pixels:
             current = self._timed("global", self.restore, current, caption, c.steps, c.guidance, c.strength,
                                   _SALT_GLOBAL)
-            if c.color_fix:
-                current = self._timed("colour fix", wavelet_color_fix, current, reference)
         out = _resize(_to_uint8(current), stage.width, stage.height)
         timing.seconds = time.perf_counter() - t0
         return out

@@ -367,7 +367,7 @@ def test_encode_clip_decode_diffusion_every_stage(tiny, encoded, clean_env):
     objects = [f"object {k + 1}" for k, m in enumerate(stages[1].masks) if m.any()]
     assert passes["semantic"] == ["text-to-image"]
     assert passes["map"] == ["text-to-image", *objects]
-    assert passes["pixel.0"] == ["reference", *objects, "global", "colour fix"]
+    assert passes["pixel.0"] == ["reference", *objects, "global"]  # each pass colour-fixes its own output
     # the map stage refines the semantic stage's picture only inside the masks
     assert not np.array_equal(images[0], images[1])
     # deterministic under a seed: a fresh decoder gives the same pixels; another seed does not
@@ -503,3 +503,160 @@ def test_bad_settings_are_one_line_errors(tiny, clean_env):
     with pytest.raises(MiscError, match="unknown device"):
         pick_device("tpu")
     assert pick_device("cpu") == ("cpu", torch.float32)
+
+
+# ============================================================================ the schedule, against MISC's notebook
+
+# MISC's notebook (lcysyzxdxc/MISC demo.ipynb, the decoder cell) written out here on purpose, not read from
+# the config: a changed default must fail these tests.
+NOTEBOOK_OBJECT_STEPS, NOTEBOOK_OBJECT_CFG = 3, 3.5  # sr_pipe(image, detail_j, cfg=3.5, steps=3)
+NOTEBOOK_GLOBAL_STEPS, NOTEBOOK_GLOBAL_CFG = 40, 7.0  # sr_pipe(image, detail_all, cfg=7, steps=40)
+NOTEBOOK_NEGATIVE = "Blurry, Low Quality"  # SpacedSampler.sample(negative_prompt=...)
+
+
+class Recorder:
+    """A real pipeline whose calls are logged: the arguments, how many UNet steps ran, what came back."""
+
+    def __init__(self, pipe, log: list):
+        self.pipe, self.log = pipe, log
+
+    def __getattr__(self, name):  # tokenizer, unet, ... of the real pipeline
+        return getattr(self.pipe, name)
+
+    def __call__(self, **kwargs):
+        steps = [0]
+        hook = self.pipe.unet.register_forward_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+        try:
+            out = self.pipe(**kwargs)
+        finally:
+            hook.remove()
+        call = {k: (np.asarray(v) if isinstance(v, Image.Image) else v) for k, v in kwargs.items()}
+        call.update(pipe=self.pipe, unet_steps=steps[0], output=np.asarray(out.images[0], np.float32),
+                    condition=(np.asarray(out.conditions[0], np.float32) if hasattr(out, "conditions") else None))
+        self.log.append(call)
+        return out
+
+
+def recording(decoder, monkeypatch) -> list:
+    """Wrap every pipeline of the decoder in a Recorder (undone after the test); return the shared log."""
+    log: list = []
+    p = decoder.pipelines()
+    for name in ("text2img", "img2img", "control", "upscale", "diffbir"):
+        if getattr(p, name) is not None:
+            monkeypatch.setattr(p, name, Recorder(getattr(p, name), log))
+    return log
+
+
+def schedule_stages():
+    """An 80 x 128 image with three boxed objects (one empty box: no pass), every stage of it."""
+    from miscnet.core.config import EncoderConfig, MapConfig
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.receiver.stages import progressive_stages
+    from miscnet.sender.encoder import encode_image
+
+    sem = Semantics((SemanticObject("box", "a flat red box.", (0.1, 0.2, 0.4, 0.6)),
+                     SemanticObject("sky", "a clear blue sky.", (0.5, 0.0, 1.0, 0.25)),
+                     SemanticObject("tree", "a tall green tree.", (0.6, 0.5, 0.95, 1.0))),
+                    "A red box under a blue sky beside a tree.")
+    enc = encode_image(IMAGE[:80, :128], sem, EncoderConfig(map=MapConfig("boxes"))).encoded
+    return sem, progressive_stages(enc)
+
+
+def _as_float(img):
+    img = np.asarray(img)
+    return img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+
+
+def check_notebook_schedule(decoder, stage, log, sem, reference_of):
+    """Every pass of a pixel stage against the notebook: prompts, steps, guidance, negative prompt, which
+    mask each object pass lands in, and the per-pass wavelet colour fix."""
+    from miscnet.core.map_codec import upsample_mask
+    from miscnet.receiver.diffusion import wavelet_color_fix
+
+    out = decoder.render(stage)
+    objects = [j for j, m in enumerate(stage.masks) if m.any()] if stage.masks is not None else []
+    assert len(log) == len(objects) + 1
+    for call, j in zip(log, objects, strict=False):
+        assert call["prompt"] == sem.objects[j].detail
+        assert call["guidance_scale"] == NOTEBOOK_OBJECT_CFG and call["unet_steps"] == NOTEBOOK_OBJECT_STEPS
+    last = log[-1]
+    assert last["prompt"] == sem.caption
+    assert last["guidance_scale"] == NOTEBOOK_GLOBAL_CFG and last["unet_steps"] == NOTEBOOK_GLOBAL_STEPS
+    assert all(call["negative_prompt"] == NOTEBOOK_NEGATIVE for call in log)
+    # data flow: the first pass starts from the reference; each object pass's colour-fixed output replaces
+    # the picture inside its mask only; the global pass's colour-fixed output, resized, is the stage
+    current = _as_float(log[0]["image"])
+    h, w = current.shape[:2]
+    assert np.abs(current - reference_of(w, h)).max() <= 1 / 255 + 1e-6
+    for k, call in enumerate(log):
+        assert np.abs(_as_float(call["image"]) - current).max() <= 1 / 255 + 1e-6
+        condition = call["condition"] if call["condition"] is not None else _as_float(call["image"])
+        fixed = wavelet_color_fix(call["output"], condition)
+        assert np.abs(fixed - np.clip(call["output"], 0, 1)).max() > 0.01  # the colour fix did something
+        if k < len(objects):
+            inside = upsample_mask(stage.masks[objects[k]], w, h)
+            assert 0 < inside.sum() < inside.size
+            current = np.where(inside[..., None], fixed, current)
+        else:
+            current = fixed
+    expect = np.asarray(Image.fromarray(np.clip(np.rint(current * 255), 0, 255).astype(np.uint8)).resize(
+        (stage.width, stage.height), Image.Resampling.LANCZOS))
+    assert np.abs(out.astype(int) - expect.astype(int)).max() <= 1
+    return out
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return schedule_stages()
+
+
+@pytest.mark.parametrize("mode", ["img2img", "controlnet"])
+def test_schedule_is_the_notebooks(tiny, schedule, mode, monkeypatch, clean_env):
+    """MISC's decoder cell on the pixel stage with maps, every constant at its default (none overridden)."""
+    from miscnet.core.pixel import decode_pixels
+    from miscnet.receiver.diffusion import DiffusionDecoder
+
+    sem, stages = schedule
+    extra = {"controlnet": str(tiny / "controlnet")} if mode == "controlnet" else {}
+    decoder = DiffusionDecoder(model=str(tiny / "diffusion"), device="cpu", restore=mode, **extra)
+    log = recording(decoder, monkeypatch)
+    pixel = stages[2]
+    assert [m.any() for m in pixel.masks] == [True, True, True]
+    check_notebook_schedule(decoder, pixel, log, sem,
+                            lambda w, h: decode_pixels(pixel.pixel_levels, w, h).astype(np.float32) / 255)
+    want = getattr(decoder.pipelines(), {"img2img": "img2img", "controlnet": "control"}[mode]).pipe
+    assert all(call["pipe"] is want for call in log)
+
+
+def test_schedule_without_maps_is_the_global_pass_only(tiny, monkeypatch, clean_env):
+    from miscnet.core.config import EncoderConfig, MapConfig
+    from miscnet.core.pixel import decode_pixels
+    from miscnet.core.semantics import SemanticObject, Semantics
+    from miscnet.receiver.diffusion import DiffusionDecoder
+    from miscnet.receiver.stages import progressive_stages
+    from miscnet.sender.encoder import encode_image
+
+    sem = Semantics((SemanticObject("box", "a flat red box."),), "A red box.")
+    enc = encode_image(IMAGE[:80, :128], sem, EncoderConfig(map=MapConfig("none"))).encoded
+    stages = progressive_stages(enc)
+    assert [s.name for s in stages][:2] == ["semantic", "pixel.0"]
+    decoder = DiffusionDecoder(model=str(tiny / "diffusion"), device="cpu", restore="img2img")
+    log = recording(decoder, monkeypatch)
+    check_notebook_schedule(decoder, stages[1], log, sem,
+                            lambda w, h: decode_pixels(stages[1].pixel_levels, w, h).astype(np.float32) / 255)
+
+
+def test_semantic_stage_draws_at_the_native_size(tiny, schedule, monkeypatch, clean_env):
+    from miscnet.receiver.diffusion import DiffusionDecoder
+
+    sem, stages = schedule
+    decoder = DiffusionDecoder(model=str(tiny / "diffusion"), device="cpu", restore="img2img")
+    log = recording(decoder, monkeypatch)
+    native = decoder.pipelines().native
+    assert decoder.working_size(128, 80)[0] == 2 * native  # working at twice the native size ...
+    out = decoder.render(stages[0])
+    (call,) = log
+    assert (call["width"], call["height"]) == decoder.native_size(128, 80)
+    assert call["width"] == native and call["height"] < native  # ... but drawing at the native size
+    assert call["prompt"] == sem.caption and call["negative_prompt"] == NOTEBOOK_NEGATIVE
+    assert out.shape == (80, 128, 3)

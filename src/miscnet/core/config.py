@@ -27,7 +27,7 @@ SEMANTICS_BACKENDS = ("sidecar", "openai", "hf")
 MAP_BACKENDS = ("none", "boxes", "clip")
 MAX_LEVELS = 4
 DECODERS = ("classical", "diffusion")
-RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale")
+RESTORE_MODES = ("auto", "controlnet", "img2img", "upscale", "diffbir")
 NEGATIVE_PROMPT = "Blurry, Low Quality"
 MAX_WORKING_SIDE = 4096
 MAP_THRESHOLD = 0.35  # MISC's: a cell is in an object's mask when its normalised CLIP score exceeds this
@@ -165,6 +165,7 @@ class DiffusionConfig:
     model: str | None = None  # text-to-image pipeline folder or cached id (MISCNET_DIFFUSION_MODEL)
     controlnet: str | None = None  # MISCNET_CONTROLNET_MODEL
     upscaler: str | None = None  # MISCNET_UPSCALER_MODEL
+    diffbir: str | None = None  # DiffBIR v1 checkpoint file or folder (MISCNET_DIFFBIR_MODEL)
     restore: str = "auto"
     device: str = MODEL_DEVICE
     size: int | None = None  # working long side; None: min(1024, 2 x native)

@@ -53,6 +53,8 @@ ROLES: dict[str, Role] = {r.key: r for r in (
          "CLIP model with its tokenizer and image processor (map encoder)"),
     Role("vlm", "MISCNET_VLM_MODEL", "--vlm-model", "config.json",
          "vision-language chat model with its processor (hf semantic encoder)"),
+    Role("diffbir", "MISCNET_DIFFBIR_MODEL", "--diffbir-model", "general_full_v1.ckpt",
+         "DiffBIR v1 checkpoint (SwinIR + ControlLDM; a file, or a folder holding one; receiver/diffbir.py)"),
 )}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
@@ -167,8 +169,12 @@ def require_torch(feature: str):
     return torch
 
 
-def pick_device(device: str = "auto") -> tuple[str, object]:
-    """(device, dtype) for a device request: fp16 on CUDA, fp32 on CPU."""
+def pick_device(device: str = "auto", asked: str | None = None) -> tuple[str, object]:
+    """(device, dtype) for a device request: fp32 on CPU; on CUDA bf16 where the GPU supports it, else fp16.
+
+    ``asked`` is the dtype a model's own config names (``torch_dtype``): "float16" keeps fp16 on CUDA for
+    models published for it; bf16 otherwise (Gemma 3, Qwen2-VL and SDXL's VAE overflow in fp16).
+    """
     torch = require_torch("this backend")
     if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
         raise MiscError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)")
@@ -176,8 +182,28 @@ def pick_device(device: str = "auto") -> tuple[str, object]:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MiscError(f"device {device} asked for, but torch sees no CUDA GPU (use --device cpu)")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return device, dtype
+    if not device.startswith("cuda"):
+        return device, torch.float32
+    if asked in ("float16", "fp16", "half") or not torch.cuda.is_bf16_supported():
+        return device, torch.float16
+    return device, torch.bfloat16
+
+
+def asked_dtype(folder: Path | None) -> str | None:
+    """The dtype a model folder's config.json names (``torch_dtype`` / ``dtype``), or None."""
+    import json
+
+    if folder is None:
+        return None
+    for name in ("config.json", "text_encoder/config.json", "unet/config.json"):
+        try:
+            config = json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        value = config.get("torch_dtype") or config.get("dtype")
+        if isinstance(value, str):
+            return value
+    return None
 
 
 @contextlib.contextmanager
