@@ -32,6 +32,7 @@ BACKENDS = (
     ("map", "boxes", None, "boxes from the semantics (no model)"),
     ("map", "clip", "clip", ROLES["clip"].what),
     ("decoder", "classical", None, "up-sampling and drawing (no model)"),
+    ("decoder", "diffusion", "diffbir", ROLES["diffbir"].what + "; MISC's decoder (--restore diffbir)"),
     ("decoder", "diffusion", "diffusion", ROLES["diffusion"].what),
     ("decoder", "diffusion", "controlnet", ROLES["controlnet"].what + "; optional"),
     ("decoder", "diffusion", "upscaler", ROLES["upscaler"].what + "; optional"),
@@ -54,18 +55,34 @@ def _openai_row(model: str | None = None, endpoint: str | None = None) -> dict:
             "path": url, "present": problem is None, "remote": True, "api_key_set": key, "problem": problem}
 
 
+def _diffbir_row(value: str | None) -> dict:
+    """A DiffBIR checkpoint is a file (or a folder holding one), not a model folder: located its own way."""
+    from miscnet.core.pretrained import configured
+    from miscnet.receiver.diffbir_checkpoint import resolve_checkpoint
+
+    configured_value, source = configured("diffbir", value)
+    try:
+        path, problem = str(resolve_checkpoint(value)), None
+    except MiscError as e:
+        path, problem = None, str(e)
+    return dict(model=configured_value, source=source, path=path, present=path is not None, problem=problem,
+                env=ROLES["diffbir"].env, option=ROLES["diffbir"].option)
+
+
 def list_models(values: dict[str, str | None] | None = None, *, lmm_model: str | None = None,
                 lmm_endpoint: str | None = None) -> list[dict]:
     """One row per backend (and model role): what it is configured with and whether it is usable here.
 
-    ``values`` maps roles (diffusion, controlnet, upscaler, clip, vlm) to command-line values. A remote
+    ``values`` maps roles (diffusion, diffbir, controlnet, upscaler, clip, vlm) to command-line values. A remote
     endpoint is reported as configured or not; it is never contacted.
     """
     values = values or {}
     rows = []
     for layer, backend, role, note in BACKENDS:
         row = {"layer": layer, "backend": backend, "role": role, "what": note}
-        if role is not None:
+        if role == "diffbir":
+            row.update(_diffbir_row(values.get(role)))
+        elif role is not None:
             found = locate(role, values.get(role))
             row.update(model=found.value, source=found.source, path=str(found.path) if found.path else None,
                        present=found.present, problem=found.problem, env=ROLES[role].env,
@@ -100,7 +117,7 @@ def format_rows(rows: list[dict]) -> str:
 
 # ============================================================================ tiny models
 
-TINY_ROLES = ("diffusion", "controlnet", "upscaler", "clip", "vlm")
+TINY_ROLES = ("diffusion", "controlnet", "upscaler", "clip", "vlm", "diffbir")
 _WORDS = ("a photo of the cat dog red box sky tree person man woman car house road grass water light dark "
           "blue green white black small large left right top bottom with and in on").split()
 
@@ -269,6 +286,245 @@ def write_tiny_clip(dest: Path, tok) -> None:
     CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(dest))
 
 
+# ---------------------------------------------------------------------------- DiffBIR v1, in its own key layout
+
+
+class _LdmWriter:
+    """Random tensors under the names DiffBIR v1's checkpoint uses (LDM / OpenCLIP / SwinIR layouts),
+    written from the architecture, not converted from the loader's modules: a mapping error shows."""
+
+    def __init__(self, seed: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.gen = torch.Generator().manual_seed(seed)
+        self.sd: dict = {}
+
+    def rand(self, name: str, *shape: int, std: float = 0.02) -> None:
+        self.sd[name] = self.torch.randn(*shape, generator=self.gen) * std
+
+    def conv(self, name: str, cin: int, cout: int, k: int, bias: bool = True) -> None:
+        self.rand(f"{name}.weight", cout, cin, k, k, std=(cin * k * k) ** -0.5)
+        if bias:
+            self.rand(f"{name}.bias", cout)
+
+    def linear(self, name: str, cin: int, cout: int, bias: bool = True) -> None:
+        self.rand(f"{name}.weight", cout, cin, std=cin ** -0.5)
+        if bias:
+            self.rand(f"{name}.bias", cout)
+
+    def norm(self, name: str, c: int) -> None:
+        self.sd[f"{name}.weight"] = 1 + self.torch.randn(c, generator=self.gen) * 0.02
+        self.rand(f"{name}.bias", c)
+
+    # --- LDM openaimodel UNet / ControlNet
+
+    def resblock(self, p: str, cin: int, cout: int, emb: int) -> None:
+        self.norm(p + "in_layers.0", cin)
+        self.conv(p + "in_layers.2", cin, cout, 3)
+        self.linear(p + "emb_layers.1", emb, cout)
+        self.norm(p + "out_layers.0", cout)
+        self.conv(p + "out_layers.3", cout, cout, 3)
+        if cin != cout:
+            self.conv(p + "skip_connection", cin, cout, 1)
+
+    def transformer(self, p: str, c: int, context: int) -> None:  # SpatialTransformer, linear proj, depth 1
+        self.norm(p + "norm", c)
+        self.linear(p + "proj_in", c, c)
+        b = p + "transformer_blocks.0."
+        for attn, kv in (("attn1", c), ("attn2", context)):
+            self.linear(f"{b}{attn}.to_q", c, c, bias=False)
+            self.linear(f"{b}{attn}.to_k", kv, c, bias=False)
+            self.linear(f"{b}{attn}.to_v", kv, c, bias=False)
+            self.linear(f"{b}{attn}.to_out.0", c, c)
+        self.linear(b + "ff.net.0.proj", c, 8 * c)  # GEGLU: 4c inner, doubled
+        self.linear(b + "ff.net.2", 4 * c, c)
+        for i in (1, 2, 3):
+            self.norm(f"{b}norm{i}", c)
+        self.linear(p + "proj_out", c, c)
+
+    def unet_encoder(self, p: str, cin: int, mc: int, mults, layers: int, attention, context: int,
+                     zero_convs: bool) -> tuple[list[int], int]:
+        emb = 4 * mc
+        self.linear(p + "time_embed.0", mc, emb)
+        self.linear(p + "time_embed.2", emb, emb)
+        self.conv(p + "input_blocks.0.0", cin, mc, 3)
+        chans, ch, i = [mc], mc, 1
+        for level, m in enumerate(mults):
+            for _ in range(layers):
+                self.resblock(f"{p}input_blocks.{i}.0.", ch, m * mc, emb)
+                ch = m * mc
+                if attention[level]:
+                    self.transformer(f"{p}input_blocks.{i}.1.", ch, context)
+                chans.append(ch)
+                i += 1
+            if level != len(mults) - 1:
+                self.conv(f"{p}input_blocks.{i}.0.op", ch, ch, 3)
+                chans.append(ch)
+                i += 1
+        self.resblock(p + "middle_block.0.", ch, ch, emb)
+        self.transformer(p + "middle_block.1.", ch, context)
+        self.resblock(p + "middle_block.2.", ch, ch, emb)
+        if zero_convs:
+            for k, c in enumerate(chans):
+                self.conv(f"{p}zero_convs.{k}.0", c, c, 1)
+            self.conv(p + "middle_block_out.0", ch, ch, 1)
+        return chans, ch
+
+    def unet(self, p: str, mc: int, mults, layers: int, attention, context: int, latent: int = 4) -> None:
+        chans, ch = self.unet_encoder(p, latent, mc, mults, layers, attention, context, zero_convs=False)
+        emb, i = 4 * mc, 0
+        for level in reversed(range(len(mults))):
+            for r in range(layers + 1):
+                self.resblock(f"{p}output_blocks.{i}.0.", ch + chans.pop(), mults[level] * mc, emb)
+                ch, k = mults[level] * mc, 1
+                if attention[level]:
+                    self.transformer(f"{p}output_blocks.{i}.1.", ch, context)
+                    k = 2
+                if level and r == layers:
+                    self.conv(f"{p}output_blocks.{i}.{k}.conv", ch, ch, 3)
+                i += 1
+        self.norm(p + "out.0", ch)
+        self.conv(p + "out.2", ch, latent, 3)
+
+    # --- LDM autoencoder
+
+    def vae_resnet(self, p: str, cin: int, cout: int) -> None:
+        self.norm(p + "norm1", cin)
+        self.conv(p + "conv1", cin, cout, 3)
+        self.norm(p + "norm2", cout)
+        self.conv(p + "conv2", cout, cout, 3)
+        if cin != cout:
+            self.conv(p + "nin_shortcut", cin, cout, 1)
+
+    def vae_mid(self, p: str, c: int) -> None:
+        self.vae_resnet(p + "mid.block_1.", c, c)
+        self.norm(p + "mid.attn_1.norm", c)
+        for name in ("q", "k", "v", "proj_out"):
+            self.conv(f"{p}mid.attn_1.{name}", c, c, 1)
+        self.vae_resnet(p + "mid.block_2.", c, c)
+
+    def vae_encoder(self, p: str, ch: int, mults, layers: int, z: int) -> None:
+        self.conv(p + "encoder.conv_in", 3, ch, 3)
+        cin = ch
+        for i, m in enumerate(mults):
+            for j in range(layers):
+                self.vae_resnet(f"{p}encoder.down.{i}.block.{j}.", cin, ch * m)
+                cin = ch * m
+            if i != len(mults) - 1:
+                self.conv(f"{p}encoder.down.{i}.downsample.conv", cin, cin, 3)
+        self.vae_mid(p + "encoder.", cin)
+        self.norm(p + "encoder.norm_out", cin)
+        self.conv(p + "encoder.conv_out", cin, 2 * z, 3)
+        self.conv(p + "quant_conv", 2 * z, 2 * z, 1)
+
+    def vae(self, p: str, ch: int, mults, layers: int, z: int = 4) -> None:
+        self.vae_encoder(p, ch, mults, layers, z)
+        cin = ch * mults[-1]
+        self.conv(p + "post_quant_conv", z, z, 1)
+        self.conv(p + "decoder.conv_in", z, cin, 3)
+        self.vae_mid(p + "decoder.", cin)
+        for i in reversed(range(len(mults))):
+            for j in range(layers + 1):
+                self.vae_resnet(f"{p}decoder.up.{i}.block.{j}.", cin, ch * mults[i])
+                cin = ch * mults[i]
+            if i != 0:
+                self.conv(f"{p}decoder.up.{i}.upsample.conv", cin, cin, 3)
+        self.norm(p + "decoder.norm_out", cin)
+        self.conv(p + "decoder.conv_out", cin, 3, 3)
+
+    # --- OpenCLIP text tower
+
+    def open_clip_text(self, p: str, vocab: int, width: int, blocks: int, positions: int = 77) -> None:
+        self.rand(p + "token_embedding.weight", vocab, width)
+        self.rand(p + "positional_embedding", positions, width, std=0.01)
+        for k in range(blocks):
+            b = f"{p}transformer.resblocks.{k}."
+            self.norm(b + "ln_1", width)
+            self.rand(b + "attn.in_proj_weight", 3 * width, width, std=width ** -0.5)
+            self.rand(b + "attn.in_proj_bias", 3 * width)
+            self.linear(b + "attn.out_proj", width, width)
+            self.norm(b + "ln_2", width)
+            self.linear(b + "mlp.c_fc", width, 4 * width)
+            self.linear(b + "mlp.c_proj", 4 * width, width)
+        self.norm(p + "ln_final", width)
+        self.rand(p + "text_projection", width, width)
+        self.sd[p + "logit_scale"] = self.torch.tensor(4.6052)
+
+    # --- SwinIR (DiffBIR v1: pixel unshuffle 8, nearest+conv x8), with the buffers its state dict carries
+
+    def swinir(self, p: str, dim: int, depths, heads, window: int, mlp_ratio: float, unshuffle: int = 8,
+               img_size: int = 64) -> None:
+        from miscnet.receiver.diffbir_swinir import relative_position_index, shift_mask
+
+        self.conv(p + "conv_first.1", 3 * unshuffle ** 2, dim, 3)
+        self.norm(p + "patch_embed.norm", dim)
+        for i, (depth, h) in enumerate(zip(depths, heads, strict=True)):
+            for j in range(depth):
+                b = f"{p}layers.{i}.residual_group.blocks.{j}."
+                self.norm(b + "norm1", dim)
+                self.rand(b + "attn.relative_position_bias_table", (2 * window - 1) ** 2, h)
+                self.sd[b + "attn.relative_position_index"] = relative_position_index(window)
+                self.linear(b + "attn.qkv", dim, 3 * dim)
+                self.linear(b + "attn.proj", dim, dim)
+                self.norm(b + "norm2", dim)
+                self.linear(b + "mlp.fc1", dim, int(dim * mlp_ratio))
+                self.linear(b + "mlp.fc2", int(dim * mlp_ratio), dim)
+                if j % 2:
+                    self.sd[b + "attn_mask"] = shift_mask(img_size, img_size, window, window // 2)
+            self.conv(f"{p}layers.{i}.conv", dim, dim, 3)
+        self.norm(p + "norm", dim)
+        self.conv(p + "conv_after_body", dim, dim, 3)
+        self.conv(p + "conv_before_upsample.0", dim, 64, 3)
+        for k in range(1, 4):
+            self.conv(f"{p}conv_up{k}", 64, 64, 3)
+        self.conv(p + "conv_hr", 64, 64, 3)
+        self.conv(p + "conv_last", 64, 3, 3)
+
+
+# DiffBIR v1's real sizes (its cldm.yaml and swinir.yaml), and the tiny ones the tests use
+DIFFBIR_FULL = dict(mc=320, mults=(1, 2, 4, 4), layers=2, attention=(True, True, True, False), context=1024,
+                    vae_ch=128, vae_mults=(1, 2, 4, 4), vae_layers=2, text_width=1024, text_blocks=24,
+                    vocab=49408, swin_dim=180, swin_depths=(6,) * 8, swin_heads=(6,) * 8, swin_window=8,
+                    swin_mlp=2.0)
+DIFFBIR_TINY = dict(mc=64, mults=(1, 2), layers=1, attention=(False, True), context=64, vae_ch=32,
+                    vae_mults=(1, 2), vae_layers=1, text_width=64, text_blocks=2, vocab=None, swin_dim=16,
+                    swin_depths=(2,), swin_heads=(2,), swin_window=2, swin_mlp=2.0)
+
+
+def diffbir_state_dict(sizes: dict, vocab: int, seed: int = 5) -> dict:
+    """A random-weight DiffBIR v1 ``general_full_v1`` state dict of the given sizes, in its key layout."""
+    import torch
+
+    from miscnet.receiver.diffbir import ddpm_scheduler
+
+    w = _LdmWriter(seed)
+    z = sizes
+    w.unet("model.diffusion_model.", z["mc"], z["mults"], z["layers"], z["attention"], z["context"])
+    w.unet_encoder("control_model.", 8, z["mc"], z["mults"], z["layers"], z["attention"], z["context"],
+                   zero_convs=True)
+    w.vae("first_stage_model.", z["vae_ch"], z["vae_mults"], z["vae_layers"])
+    w.vae_encoder("cond_encoder.", z["vae_ch"], z["vae_mults"], z["vae_layers"], 4)
+    w.open_clip_text("cond_stage_model.model.", vocab, z["text_width"], z["text_blocks"])
+    w.swinir("preprocess_model.", z["swin_dim"], z["swin_depths"], z["swin_heads"], z["swin_window"],
+             z["swin_mlp"])
+    schedule = ddpm_scheduler()  # LatentDiffusion's registered buffers
+    w.sd["betas"] = schedule.betas.clone()
+    w.sd["alphas_cumprod"] = schedule.alphas_cumprod.clone()
+    w.sd["scale_factor"] = torch.tensor(0.18215)
+    return w.sd
+
+
+def write_tiny_diffbir(dest: Path, tok) -> None:
+    """DiffBIR v1's layout at tiny sizes: general_full_v1.ckpt (a Lightning-style {'state_dict': ...} read
+    with weights_only) and the CLIP tokenizer beside it."""
+    import torch
+
+    dest.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": diffbir_state_dict(DIFFBIR_TINY, len(tok))}, str(dest / "general_full_v1.ckpt"))
+    tok.save_pretrained(str(dest / "tokenizer"))
+
+
 # A minimal chat template in the ChatML layout that Qwen-family models use; images become <image>.
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -315,6 +571,7 @@ Their outputs are noise; they only prove that the loading and decoding paths wor
   upscaler/    Stable Diffusion upscaler pipeline                                             --upscaler-model
   clip/        CLIP model + tokenizer + image processor (map encoder)                        --clip-model
   vlm/         LLaVA-style vision-language chat model + processor (hf semantics)             --vlm-model
+  diffbir/     DiffBIR v1 checkpoint in its own key layout (general_full_v1.ckpt) + tokenizer --diffbir-model
 
 Use all of them at once with:  export MISCNET_MODELS_DIR={dest}
 """
@@ -344,7 +601,7 @@ def write_tiny_models(dest: str | os.PathLike[str], *, force: bool = False,
     written: dict[str, Path] = {}
     with tempfile.TemporaryDirectory(dir=root, prefix=".tiny-") as tmp, quiet_loading():
         work = Path(tmp)
-        clip_tok = tiny_clip_tokenizer(work) if set(roles) & {"diffusion", "upscaler", "clip"} else None
+        clip_tok = tiny_clip_tokenizer(work) if set(roles) & {"diffusion", "upscaler", "clip", "diffbir"} else None
         for role in roles:
             stage = work / role
             if role == "diffusion":
@@ -355,6 +612,8 @@ def write_tiny_models(dest: str | os.PathLike[str], *, force: bool = False,
                 write_tiny_upscaler(stage, clip_tok)
             elif role == "clip":
                 write_tiny_clip(stage, clip_tok)
+            elif role == "diffbir":
+                write_tiny_diffbir(stage, clip_tok)
             else:
                 write_tiny_vlm(stage, work)
             final = root / role

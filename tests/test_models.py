@@ -106,7 +106,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture
 def clean_env(monkeypatch):
-    for var in ("MISCNET_MODELS_DIR", "MISCNET_DIFFUSION_MODEL", "MISCNET_CONTROLNET_MODEL",
+    for var in ("MISCNET_MODELS_DIR", "MISCNET_DIFFUSION_MODEL", "MISCNET_CONTROLNET_MODEL", "MISCNET_DIFFBIR_MODEL",
                 "MISCNET_UPSCALER_MODEL", "MISCNET_CLIP_MODEL", "MISCNET_VLM_MODEL", "HF_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     return monkeypatch
@@ -163,9 +163,13 @@ def test_models_listing(tiny, clean_env, capsys):
     clean_env.setenv("MISCNET_MODELS_DIR", str(tiny))
     rows = listing()
     for key in (("diffusion", "diffusion"), ("diffusion", "controlnet"), ("diffusion", "upscaler"),
-                ("clip", "clip"), ("hf", "vlm")):
+                ("diffusion", "diffbir"), ("clip", "clip"), ("hf", "vlm")):
         assert rows[key]["present"], key
         assert rows[key]["source"] == "MISCNET_MODELS_DIR"
+    assert rows[("diffusion", "diffbir")]["path"] == str(tiny / "diffbir" / "general_full_v1.ckpt")
+    rows = listing("--diffbir-model", str(tiny / "missing.ckpt"))
+    assert not rows[("diffusion", "diffbir")]["present"]
+    assert str(tiny / "missing.ckpt") in rows[("diffusion", "diffbir")]["problem"]
     clean_env.setenv("MISCNET_VLM_MODEL", str(tiny / "nowhere"))
     rows = listing()
     assert not rows[("hf", "vlm")]["present"] and rows[("hf", "vlm")]["source"] == "env MISCNET_VLM_MODEL"
@@ -424,8 +428,11 @@ def test_models_dir_configures_every_backend(tiny, encoded, clean_env):
     sem = Semantics((SemanticObject("cat", "a cat"),), "a cat")
     assert map_backend("clip", device="cpu").masks(IMAGE, sem, 8).shape == (1, 8, 8)
     dec = DiffusionDecoder(device="cpu", steps=2, size=64, cpu_offload=True)  # offload: a no-op on CPU
-    assert dec.mode == "controlnet" and dec.model_path == tiny / "diffusion"
+    assert dec.mode == "diffbir" and dec.diffbir_path == tiny / "diffbir" / "general_full_v1.ckpt"  # MISC's first
+    assert dec.model_path == tiny / "diffusion"  # configured: lends its tokenizer if DiffBIR's folder has none
     assert dec.render(progressive_stages(encoded)[2]).shape == (217, 333, 3)
+    dec = DiffusionDecoder(device="cpu", steps=2, size=64, restore="controlnet")
+    assert dec.mode == "controlnet" and dec.controlnet_path == tiny / "controlnet"
 
 
 def test_shared_components(tiny):
@@ -626,6 +633,24 @@ def test_schedule_is_the_notebooks(tiny, schedule, mode, monkeypatch, clean_env)
                             lambda w, h: decode_pixels(pixel.pixel_levels, w, h).astype(np.float32) / 255)
     want = getattr(decoder.pipelines(), {"img2img": "img2img", "controlnet": "control"}[mode]).pipe
     assert all(call["pipe"] is want for call in log)
+
+
+def test_schedule_is_the_notebooks_with_diffbir(tiny, schedule, monkeypatch, clean_env):
+    """The same, on MISC's own decoder: each pass colour-fixed against SwinIR's cleaned picture."""
+    from miscnet.core.pixel import decode_pixels
+    from miscnet.receiver.diffbir import DiffBIRPipeline
+    from miscnet.receiver.diffusion import DiffusionDecoder
+
+    sem, stages = schedule
+    decoder = DiffusionDecoder(diffbir=str(tiny / "diffbir"), device="cpu", size=64)  # auto: diffbir
+    assert decoder.mode == "diffbir" and decoder.model_path is None  # no diffusers pipeline needed
+    log = recording(decoder, monkeypatch)
+    pixel = stages[2]
+    check_notebook_schedule(decoder, pixel, log, sem,
+                            lambda w, h: decode_pixels(pixel.pixel_levels, w, h).astype(np.float32) / 255)
+    assert all(isinstance(call["pipe"], DiffBIRPipeline) for call in log)
+    for call in log:  # the condition the colour fix used is not the pass's input: SwinIR cleaned it
+        assert np.abs(call["condition"] - call["image"]).max() > 0.01
 
 
 def test_schedule_without_maps_is_the_global_pass_only(tiny, monkeypatch, clean_env):

@@ -63,6 +63,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON report")
     g = p.add_argument_group("models (default: environment, then $MISCNET_MODELS_DIR/<role>)")
     g.add_argument("--diffusion-model", metavar="PATH|ID")
+    g.add_argument("--diffbir-model", metavar="PATH")
     g.add_argument("--controlnet-model", metavar="PATH|ID")
     g.add_argument("--upscaler-model", metavar="PATH|ID")
     g.add_argument("--clip-model", metavar="PATH|ID")
@@ -70,7 +71,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lmm-model", metavar="NAME")
     g.add_argument("--lmm-endpoint", metavar="URL")
     sub = p.add_subparsers(dest="models_action", metavar="ACTION")
-    t = sub.add_parser("tiny", help="write tiny random-weight models (diffusion, controlnet, upscaler, clip, vlm)")
+    t = sub.add_parser("tiny", help="write tiny random-weight models (diffusion, controlnet, upscaler, clip, vlm, "
+                       "diffbir)")
     t.add_argument("dest", metavar="DIR")
     t.add_argument("--force", action="store_true", help="replace tiny models already in DIR")
     p.set_defaults(func=cmd_models, models_action=None)
@@ -90,7 +92,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print("tiny random-weight models (outputs are noise); use them with: "
                   f"export MISCNET_MODELS_DIR={args.dest}")
         return 0
-    values = {"diffusion": args.diffusion_model, "controlnet": args.controlnet_model,
+    values = {"diffusion": args.diffusion_model, "diffbir": args.diffbir_model, "controlnet": args.controlnet_model,
               "upscaler": args.upscaler_model, "clip": args.clip_model, "vlm": args.vlm_model}
     rows = list_models(values, lmm_model=args.lmm_model, lmm_endpoint=args.lmm_endpoint)
     report = models_report(rows)
@@ -177,13 +179,16 @@ def add_decoder_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--diffusion-model", metavar="PATH|ID", default=_DIFF.model,
                    help="text-to-image pipeline folder or cached id (default $MISCNET_DIFFUSION_MODEL, else "
                    "$MISCNET_MODELS_DIR/diffusion)")
+    g.add_argument("--diffbir-model", metavar="PATH", default=_DIFF.diffbir,
+                   help="DiffBIR v1 checkpoint (general_full_v1.ckpt, or a folder holding it): MISC's decoder "
+                   "(default $MISCNET_DIFFBIR_MODEL, else $MISCNET_MODELS_DIR/diffbir)")
     g.add_argument("--controlnet-model", metavar="PATH|ID", default=_DIFF.controlnet,
-                   help="ControlNet for DiffBIR-style restoration (default $MISCNET_CONTROLNET_MODEL)")
+                   help="diffusers ControlNet for DiffBIR-style restoration (default $MISCNET_CONTROLNET_MODEL)")
     g.add_argument("--upscaler-model", metavar="PATH|ID", default=_DIFF.upscaler,
                    help="upscaler pipeline for restoration (default $MISCNET_UPSCALER_MODEL)")
     g.add_argument("--restore", choices=RESTORE_MODES, default=_DIFF.restore,
-                   help=f"how pixel stages are restored (auto: controlnet if configured, else upscale if "
-                   f"configured, else img2img; default {_DIFF.restore})")
+                   help=f"how pixel stages are restored (auto: diffbir if configured, else controlnet, else "
+                   f"upscale, else img2img; default {_DIFF.restore})")
     if not _has_option(parser, "--device"):
         g.add_argument("--device", default=_DIFF.device,
                        help=f"auto (CUDA when present), cpu, cuda or cuda:N (default {_DIFF.device})")
@@ -212,6 +217,7 @@ def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
     """The DiffusionConfig the options ask for (a command's own --seed / --device is the decoder's too)."""
     return DiffusionConfig(
         model=args.diffusion_model, controlnet=args.controlnet_model, upscaler=args.upscaler_model,
+        diffbir=args.diffbir_model,
         restore=args.restore, device=args.device, size=args.diffusion_size, steps=args.steps,
         guidance=args.guidance, object_steps=args.object_steps, object_guidance=args.object_guidance,
         negative_prompt=args.negative_prompt, strength=args.strength, seed=args.seed,
