@@ -457,17 +457,36 @@ def test_classical_stays_the_default():
     from miscnet.receiver.decoders import make_decoder
 
     p = argparse.ArgumentParser()
-    p.add_argument("--seed", type=int, default=3)  # a command that already has --seed keeps it
     add_decoder_options(p)
-    args = p.parse_args([])
-    config = decoder_config(args)
-    assert isinstance(make_decoder(config), ClassicalDecoder) and args.seed == 3
-    assert config == DecoderConfig(diffusion=DiffusionConfig(seed=3))  # every other default is the dataclass's
+    config = decoder_config(p.parse_args([]))
+    assert isinstance(make_decoder(config), ClassicalDecoder)
+    assert config == DecoderConfig()  # every default is the dataclass's
     assert isinstance(make_decoder(), ClassicalDecoder)
     with pytest.raises(MiscError, match="unknown decoder"):
         DecoderConfig("magic")
     with pytest.raises(MiscError, match="at least 1"):  # a diffusion decoder's settings are checked when made
         DecoderConfig("diffusion", DiffusionConfig(steps=0))
+
+
+def test_decoder_seed_is_its_own():
+    """decode / receiver: --seed is the decoder's. simulate: --seed drives the link; the decoder's seed is
+    --decoder-seed or, by default, derived from --seed (a different value, documented)."""
+    from miscnet.cli.models import add_decoder_options, decoder_config
+    from miscnet.experiments.simulate import decoder_seed
+
+    own = argparse.ArgumentParser()
+    add_decoder_options(own)
+    assert decoder_config(own.parse_args(["--seed", "5"])).diffusion.seed == 5
+    assert decoder_config(own.parse_args(["--seed", "5", "--decoder-seed", "9"])).diffusion.seed == 9
+    sim = argparse.ArgumentParser()
+    sim.add_argument("--seed", type=int, default=0)  # a command whose --seed is the link's
+    add_decoder_options(sim)
+    args = sim.parse_args(["--seed", "3"])
+    assert args.seed == 3 and decoder_config(args).diffusion.seed == decoder_seed(3)
+    assert decoder_seed(3) == int.from_bytes(__import__("hashlib").sha256(b"miscnet decoder seed 3").digest()[:4],
+                                             "big")
+    assert len({decoder_seed(s) for s in range(100)} | set(range(100))) == 200  # never the link's seed value
+    assert decoder_config(sim.parse_args(["--seed", "3", "--decoder-seed", "3"])).diffusion.seed == 3
 
 
 def test_heavy_imports_stay_lazy():

@@ -207,20 +207,38 @@ def add_decoder_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--negative-prompt", default=_DIFF.negative_prompt, help=f"(default {_DIFF.negative_prompt!r})")
     g.add_argument("--no-color-fix", dest="color_fix", action="store_false", default=_DIFF.color_fix,
                    help="skip the wavelet colour fix")
-    if not _has_option(parser, "--seed"):
+    own_seed = not _has_option(parser, "--seed")
+    if own_seed:
         g.add_argument("--seed", type=int, default=_DIFF.seed, help=f"diffusion noise seed (default {_DIFF.seed})")
+    g.add_argument("--decoder-seed", type=int, metavar="N",
+                   help="diffusion noise seed; default: --seed where --seed is the decoder's, else (simulate, "
+                   "where --seed drives the link) derived from --seed as miscnet.experiments.simulate."
+                   "decoder_seed documents")
+    parser.set_defaults(seed_is_decoders=own_seed)
     g.add_argument("--cpu-offload", action="store_true", default=_DIFF.cpu_offload,
                    help="keep models in CPU memory and move each to the GPU only while it runs (needs accelerate)")
 
 
+def decoder_seed(args: argparse.Namespace) -> int:
+    """--decoder-seed; else --seed when the decoder options added it; else derived from the command's --seed."""
+    if getattr(args, "decoder_seed", None) is not None:
+        return args.decoder_seed
+    if getattr(args, "seed_is_decoders", True):
+        return args.seed
+    from miscnet.experiments.simulate import decoder_seed as derived
+
+    return derived(args.seed)
+
+
 def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
-    """The DiffusionConfig the options ask for (a command's own --seed / --device is the decoder's too)."""
+    """The DiffusionConfig the options ask for (a command's own --device is the decoder's too; its own --seed
+    only through a derived seed, see decoder_seed)."""
     return DiffusionConfig(
         model=args.diffusion_model, controlnet=args.controlnet_model, upscaler=args.upscaler_model,
         diffbir=args.diffbir_model,
         restore=args.restore, device=args.device, size=args.diffusion_size, steps=args.steps,
         guidance=args.guidance, object_steps=args.object_steps, object_guidance=args.object_guidance,
-        negative_prompt=args.negative_prompt, strength=args.strength, seed=args.seed,
+        negative_prompt=args.negative_prompt, strength=args.strength, seed=decoder_seed(args),
         cpu_offload=args.cpu_offload, color_fix=args.color_fix)
 
 
