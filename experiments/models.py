@@ -293,14 +293,18 @@ class _LdmWriter:
     """Random tensors under the names DiffBIR v1's checkpoint uses (LDM / OpenCLIP / SwinIR layouts),
     written from the architecture, not converted from the loader's modules: a mapping error shows."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, meta: bool = False) -> None:
         import torch
 
         self.torch = torch
         self.gen = torch.Generator().manual_seed(seed)
+        self.meta = meta  # shapes only (no memory): for checking the full-size layout loads
         self.sd: dict = {}
 
     def rand(self, name: str, *shape: int, std: float = 0.02) -> None:
+        if self.meta:
+            self.sd[name] = self.torch.empty(*shape, device="meta")
+            return
         self.sd[name] = self.torch.randn(*shape, generator=self.gen) * std
 
     def conv(self, name: str, cin: int, cout: int, k: int, bias: bool = True) -> None:
@@ -314,7 +318,9 @@ class _LdmWriter:
             self.rand(f"{name}.bias", cout)
 
     def norm(self, name: str, c: int) -> None:
-        self.sd[f"{name}.weight"] = 1 + self.torch.randn(c, generator=self.gen) * 0.02
+        self.rand(f"{name}.weight", c)
+        if not self.meta:
+            self.sd[f"{name}.weight"] += 1
         self.rand(f"{name}.bias", c)
 
     # --- LDM openaimodel UNet / ControlNet
@@ -492,13 +498,14 @@ DIFFBIR_TINY = dict(mc=64, mults=(1, 2), layers=1, attention=(False, True), cont
                     swin_depths=(2,), swin_heads=(2,), swin_window=2, swin_mlp=2.0)
 
 
-def diffbir_state_dict(sizes: dict, vocab: int, seed: int = 5) -> dict:
-    """A random-weight DiffBIR v1 ``general_full_v1`` state dict of the given sizes, in its key layout."""
+def diffbir_state_dict(sizes: dict, vocab: int, seed: int = 5, meta: bool = False) -> dict:
+    """A random-weight DiffBIR v1 ``general_full_v1`` state dict of the given sizes, in its key layout
+    (``meta``: shapes only, on torch's meta device)."""
     import torch
 
     from miscnet.receiver.diffbir import ddpm_scheduler
 
-    w = _LdmWriter(seed)
+    w = _LdmWriter(seed, meta)
     z = sizes
     w.unet("model.diffusion_model.", z["mc"], z["mults"], z["layers"], z["attention"], z["context"])
     w.unet_encoder("control_model.", 8, z["mc"], z["mults"], z["layers"], z["attention"], z["context"],

@@ -355,13 +355,17 @@ def _check_schedule(sd: dict, path: Path) -> None:
 
 
 def load_diffbir(path: Path, *, tokenizer_from: Path | None = None, dtype=None) -> DiffBIRPipeline:
-    """Every DiffBIR v1 component from one checkpoint, as a DiffBIRPipeline (on the CPU, in ``dtype``)."""
+    """Every DiffBIR v1 component from one checkpoint file, as a DiffBIRPipeline (on the CPU, in ``dtype``)."""
     path = Path(path)
     sd = read_checkpoint(path)
-    parts = {name: _part(sd, prefix, path) for name, prefix in PREFIXES.items()}
     _check_schedule(sd, path)
+    return diffbir_from_state_dict(sd, _tokenizer(path, tokenizer_from), path, dtype=dtype)
+
+
+def diffbir_from_state_dict(sd: dict, tokenizer, path: Path | str, *, dtype=None) -> DiffBIRPipeline:
+    """The pipeline from a checkpoint's tensors (``path`` only names them in messages)."""
+    parts = {name: _part(sd, prefix, path) for name, prefix in PREFIXES.items()}
     scale = float(sd["scale_factor"]) if "scale_factor" in sd else LATENT_SCALE
-    tokenizer = _tokenizer(path, tokenizer_from)
 
     shape = _unet_shape(parts["unet"], "UNet", path)
     out_channels = int(parts["unet"]["out.2.weight"].shape[0]) if "out.2.weight" in parts["unet"] else 4

@@ -340,3 +340,51 @@ def test_decode_command_with_diffbir(tiny, tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and str(tmp_path / "missing.ckpt") in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+# ============================================================================ the GPU check
+
+
+def test_gpu_check_tiny_runs_every_pass(tiny, capsys):  # (tiny: one torch thread)
+    from miscnet.experiments.gpu_check import main
+
+    assert main(["--tiny", "--sizes", "32", "--steps", "1", "--object-steps", "1", "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    passes = report["sizes"]["32"]["passes"]
+    assert [(r["stage"], r["pass"]) for r in passes] == [
+        ("semantic", "text-to-image"), ("map", "text-to-image"), ("map", "object 1"), ("map", "object 2"),
+        ("map", "object 3"), ("pixel.0", "reference"), ("pixel.0", "object 1"), ("pixel.0", "object 2"),
+        ("pixel.0", "object 3"), ("pixel.0", "global")]
+    assert all(r["seconds"] >= 0 for r in passes) and report["dtype"] == "float32"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the check itself")
+def test_gpu_check_without_cuda_says_so(capsys):
+    from miscnet.experiments.gpu_check import NOT_RUN, main
+
+    assert main([]) == NOT_RUN
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no CUDA GPU" in err
+
+
+def test_full_size_layout_loads_as_sd21(tmp_path):
+    """DiffBIR v1's real sizes, shapes only (torch's meta device): the mapping holds at full size and the
+    components have SD 2.1-base's parameter counts (UNet 865,910,724; VAE 83,653,863)."""
+    from miscnet.experiments.models import DIFFBIR_FULL, diffbir_state_dict, tiny_clip_tokenizer
+    from miscnet.receiver.diffbir import diffbir_from_state_dict
+
+    tok = tiny_clip_tokenizer(tmp_path)
+    sd = diffbir_state_dict(DIFFBIR_FULL, len(tok), meta=True)
+    with torch.device("meta"):
+        p = diffbir_from_state_dict(sd, tok, "full size")
+
+    def count(m):
+        return sum(x.numel() for x in m.parameters())
+
+    assert count(p.unet) == 865_910_724 and count(p.vae) == 83_653_863
+    assert p.unet.config.attention_head_dim == (5, 10, 20, 20) and p.unet.config.cross_attention_dim == 1024
+    assert p.text_encoder.config.num_hidden_layers == 23 and p.text_encoder.config.num_attention_heads == 16
+    assert p.swinir.config.embed_dim == 180 and p.swinir.config.depths == (6,) * 8
+    assert p.multiple == 64  # as MISC's notebook pads: pad(x, scale=64)
