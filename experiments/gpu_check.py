@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny architectures on the CPU (a smoke test of this script)")
     p.add_argument("--steps", type=int, default=40, help="global pass steps (default 40, MISC's)")
     p.add_argument("--object-steps", type=int, default=3, help="steps per object pass (default 3, MISC's)")
-    p.add_argument("--work-dir", metavar="DIR", help="where the random checkpoint is written (full size: ~3.5 GB)")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="where the random checkpoint is written (default: the system's temporary folder)")
     p.add_argument("--json", action="store_true", help="print the report as JSON at the end")
     args = p.parse_args(argv)
     try:
