@@ -4,11 +4,14 @@ and tiny random-weight models for smoke tests.
 Where weights come from (a folder, a cached Hub id, the environment, ``MISCNET_MODELS_DIR``) is decided
 in miscnet.core.pretrained; this module reports it (``miscnet models``) and writes the tiny models
 (``miscnet models tiny DIR``): a Stable Diffusion pipeline, a ControlNet and an upscaler for the
-diffusion decoder, a CLIP model for the map encoder and a LLaVA-style vision-language model for the hf
-semantic encoder. Each is built from a small config with seeded random weights and a tokenizer written
-offline (vocab.json + merges.txt, vocabulary size asserted), saved with save_pretrained (safetensors)
-and loadable with the same ``from_pretrained(path, local_files_only=True)`` calls real weights use. Their
-outputs are noise: they prove the path works, not that the pictures are good.
+diffusion decoder, a CLIP model for the map encoder, a LLaVA-style vision-language model for the hf
+semantic encoder, and a DiffBIR v1 checkpoint (MISC's decoder) written in DiffBIR's own key layout from its
+architecture (``diffbir_state_dict``; ``DIFFBIR_FULL`` holds its real sizes, used by experiments/gpu_check.py).
+Each is built from a small config with seeded random weights and a tokenizer written offline (vocab.json
++ merges.txt, vocabulary size asserted), saved with save_pretrained (safetensors; the DiffBIR checkpoint
+as a torch file, as DiffBIR ships it, read back with weights_only) and loadable with the same
+``from_pretrained(path, local_files_only=True)`` calls real weights use. Their outputs are noise: they
+prove the path works, not that the pictures are good.
 """
 
 from __future__ import annotations

@@ -309,18 +309,19 @@ class DiffBIRPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(timesteps=respaced_timesteps(num_inference_steps), device=device)
         vs = self.vae_scale_factor
         noise_shape = (1, self.unet.config.in_channels, h // vs, w // vs)
-        latents = torch.randn(noise_shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        # the sampler's own arithmetic stays in fp32 (as DiffBIR v1 runs); only the networks take ``dtype``
+        latents = torch.randn(noise_shape, generator=generator, dtype=torch.float32).to(device)
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_in = torch.cat([latents] * len(texts))
+            model_in = torch.cat([latents] * len(texts)).to(dtype)
             downs, mid = self.controlnet(model_in, t, encoder_hidden_states=context, controlnet_cond=hint,
                                          return_dict=False)
             eps = self.unet(model_in, t, encoder_hidden_states=context, down_block_additional_residuals=downs,
-                            mid_block_additional_residual=mid, return_dict=False)[0]
+                            mid_block_additional_residual=mid, return_dict=False)[0].float()
             if guided:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
-        pixels = (self.vae.decode(latents / self.vae.config.scaling_factor).sample + 1) / 2
+        pixels = (self.vae.decode((latents / self.vae.config.scaling_factor).to(dtype)).sample + 1) / 2
 
         def to_np(t: torch.Tensor) -> np.ndarray:
             return t[0].permute(1, 2, 0).float().cpu().numpy()

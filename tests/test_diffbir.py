@@ -388,3 +388,35 @@ def test_full_size_layout_loads_as_sd21(tmp_path):
     assert p.text_encoder.config.num_hidden_layers == 23 and p.text_encoder.config.num_attention_heads == 16
     assert p.swinir.config.embed_dim == 180 and p.swinir.config.depths == (6,) * 8
     assert p.multiple == 64  # as MISC's notebook pads: pad(x, scale=64)
+
+
+def test_bf16_networks_keep_an_fp32_sampler(tiny):
+    """bf16 (what CUDA gets where supported) runs; the sampler's latents stay fp32."""
+    from miscnet.receiver.diffbir import load_diffbir
+
+    p = load_diffbir(tiny / "general_full_v1.ckpt", dtype=torch.bfloat16)
+    p.set_progress_bar_config(disable=True)
+    assert p.unet.dtype == torch.bfloat16 and p.swinir.dtype == torch.bfloat16
+    seen, step = [], p.scheduler.step
+
+    def watched(eps, t, x, **kw):
+        seen.append((eps.dtype, x.dtype))
+        return step(eps, t, x, **kw)
+
+    p.scheduler.step = watched
+    img = np.random.default_rng(3).random((16, 16, 3)).astype(np.float32)
+    out = p(image=img, prompt="a box", negative_prompt="Blurry, Low Quality", num_inference_steps=2, guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(0))
+    assert seen == [(torch.float32, torch.float32)] * 2
+    assert np.isfinite(out.images[0]).all()
+
+
+def test_a_model_asks_for_its_dtype(tmp_path):
+    import json
+
+    from miscnet.core.pretrained import asked_dtype, pick_device
+
+    (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": "float16"}))
+    assert asked_dtype(tmp_path) == "float16" and asked_dtype(None) is None
+    assert asked_dtype(tmp_path / "nowhere") is None
+    assert pick_device("cpu", "float16") == ("cpu", torch.float32)  # the CPU stays fp32 whatever is asked
