@@ -6,9 +6,9 @@ receiver that reassembles layers and reconstructs every new stage with the class
 completes. Everything random draws from generators seeded by the scenario's seed, so the same scenario
 and seed give the same events, byte for byte.
 
-The decoder's noise has its own seed: ``--decoder-seed``, by default ``decoder_seed(--seed)`` (the first
-four bytes, big-endian, of SHA-256 of "miscnet decoder seed " + the seed in decimal), so changing the
-link's seed changes both, while pinning ``--decoder-seed`` varies the link alone.
+The scenario's seed drives the link and the transport alone. A diffusion decoder's noise has its own
+seed, ``--decoder-seed`` (default 0: the DiffusionConfig's, as a scenario's ``decoder.seed``), so runs
+over several link seeds differ by their losses, not by their noise.
 
 Event fields: ``stage``, ``time_s`` (since the image's first packet), ``payload_bytes`` (layer payload
 bytes the stage uses), ``wire_bytes`` (forward bytes of this image delivered so far: packet headers,
@@ -29,13 +29,6 @@ from miscnet.core.container import EncodedImage, layer_name, to_bytes
 from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: its points decode here)
 from miscnet.receiver.assembly import ImageAssembly
 from miscnet.receiver.classical import ClassicalDecoder
-
-
-def decoder_seed(seed: int) -> int:
-    """The diffusion decoder's seed derived from a scenario's (link) seed: a separate stream, documented above."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"miscnet decoder seed {seed}".encode()).digest()[:4], "big")
 
 
 @dataclass(frozen=True)

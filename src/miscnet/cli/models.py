@@ -211,28 +211,27 @@ def add_decoder_options(parser: argparse.ArgumentParser) -> None:
     if own_seed:
         g.add_argument("--seed", type=int, default=_DIFF.seed, help=f"diffusion noise seed (default {_DIFF.seed})")
     g.add_argument("--decoder-seed", type=int, metavar="N",
-                   help="diffusion noise seed; default: --seed where --seed is the decoder's, else (simulate, "
-                   "where --seed drives the link) derived from --seed as miscnet.experiments.simulate."
-                   "decoder_seed documents")
+                   help="diffusion noise seed; default: --seed where --seed is the decoder's (decode, receiver), "
+                   f"else {_DIFF.seed} (simulate, where --seed drives the link alone, as a scenario's "
+                   "decoder.seed)")
     parser.set_defaults(seed_is_decoders=own_seed)
     g.add_argument("--cpu-offload", action="store_true", default=_DIFF.cpu_offload,
                    help="keep models in CPU memory and move each to the GPU only while it runs (needs accelerate)")
 
 
 def decoder_seed(args: argparse.Namespace) -> int:
-    """--decoder-seed; else --seed when the decoder options added it; else derived from the command's --seed."""
+    """--decoder-seed; else --seed when the decoder options added it; else the config's default: a command
+    whose --seed drives the link (simulate) does not change the decoder's noise with it."""
     if getattr(args, "decoder_seed", None) is not None:
         return args.decoder_seed
     if getattr(args, "seed_is_decoders", True):
         return args.seed
-    from miscnet.experiments.simulate import decoder_seed as derived
-
-    return derived(args.seed)
+    return _DIFF.seed
 
 
 def diffusion_config(args: argparse.Namespace) -> DiffusionConfig:
     """The DiffusionConfig the options ask for (a command's own --device is the decoder's too; its own --seed
-    only through a derived seed, see decoder_seed)."""
+    only where the decoder options did not find one already, see decoder_seed)."""
     return DiffusionConfig(
         model=args.diffusion_model, controlnet=args.controlnet_model, upscaler=args.upscaler_model,
         diffbir=args.diffbir_model,
