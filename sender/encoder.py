@@ -69,9 +69,9 @@ def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig)
         encoded = EncodedImage(width, height, layers + [_pixel_layer(lv) for lv in levels])
         return EncodeResult(encoded, to_bytes(encoded), warnings, settings, semantics)
 
-    # Each pixel layer costs a few bytes of protobuf framing; start from a guess, then correct by
-    # the measured excess. Bytes are monotone in the pixel budget, so this converges in a few tries.
-    pixel_max = budget - base_bytes - 12 * config.levels
+    # Each pixel layer costs a few bytes of framing (its record head and size); start from a guess, then
+    # correct by the measured excess. Bytes are monotone in the pixel budget, so this converges in a few tries.
+    pixel_max = budget - base_bytes - 5 * config.levels
     for _ in range(_RATE_CONTROL_TRIES):
         if pixel_max <= 0:
             break
