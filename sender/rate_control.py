@@ -99,6 +99,7 @@ class _Search:
         self.image = image
         self.encoded: dict[PixelSettings, list[PixelLevel]] = {}
         self.scores: dict[PixelSettings, float] = {}
+        self.proxies: dict[str, dict] = {}  # the quick search's proxy encodes, per codec (see _fast)
         # Scoring decodes every candidate at full size. Above SCORE_MAX_SIDE the PSNR is taken at that
         # size instead: rasters stop at 512 px, three times smaller, so what the smaller reference drops
         # is detail that no candidate carries; the ranking stays the same at a fraction of the time.
@@ -250,26 +251,29 @@ def _fast(search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], lev
     ones, so the real peak lies at or above the proxy's. Real encodes then start just below the proxy's
     peak, fit the quality from the predicted one and climb while the real PSNR rises.
     """
-    proxies: dict[tuple[int, int], dict[int, int]] = {}
+    proxies = search.proxies.setdefault(c.name, {})  # raster -> quality -> (payload, size), shared by searches
     predicted: dict[int, int] = {}
 
     def evaluate(i: int):
         raster = ladder[i]
         seen = proxies.setdefault(raster, {})
-        target = to_uint8(search.targets().get(*raster))
-        payloads: dict[int, bytes] = {}
+        target = None
 
         def size(q: int) -> int:
+            nonlocal target
             if q not in seen:
-                payloads[q], seen[q] = c.proxy_thumbnail(target, q)
-            return seen[q]
+                target = to_uint8(search.targets().get(*raster)) if target is None else target
+                seen[q] = c.proxy_thumbnail(target, q)
+            return seen[q][1]
 
         low = size(1)
         if low > max_bytes:
             return None, low
-        q, _ = _fit_quality(size, max_bytes, proxies.get(ladder[i - 1], {}) if i else {})
+        # the nearest smaller raster already tried predicts this one's curve (fewer probes)
+        below = next((proxies[r] for r in reversed(ladder[:i]) if len(proxies.get(r, ())) > 1), {})
+        q, _ = _fit_quality(size, max_bytes, {k: n for k, (_, n) in below.items()})
         predicted[i] = q
-        recon = c.decode_thumbnail(payloads[q], *raster, q)
+        recon = c.decode_thumbnail(seen[q][0], *raster, q)
         score = psnr(np.asarray(Image.fromarray(recon).resize(search.score_size, UP_FILTER)), search.reference)
         return (score, raster), low
 
@@ -283,7 +287,9 @@ def _fast(search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], lev
         if i not in real:
             real[i] = None
             if 0 <= i < len(ladder) and (i in predicted or evaluate(i)[0] is not None):
-                real[i] = _fit_near(search, c.name, ladder[i], levels, max_bytes, predicted[i])
+                # ranking takes the predicted quality when it fits (one encode); the winner is then
+                # pushed up to the largest quality that fits
+                real[i] = _fit_near(search, c.name, ladder[i], levels, max_bytes, predicted[i], upward=False)
         return real[i]
 
     best_i = peak if fit(peak) is not None else None
@@ -291,16 +297,22 @@ def _fast(search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], lev
         return None
     for step in (1, -1):  # the climb goes up first: the proxy undervalues the larger rasters
         moved = False
-        while (r := fit(best_i + step)) is not None and r[0] > real[best_i][0]:
-            best_i, moved = best_i + step, True
+        while True:  # quality steps make the curve bumpy: look two rasters ahead before stopping
+            ahead = [j for j in (best_i + step, best_i + 2 * step) if (r := fit(j)) is not None
+                     and r[0] > real[best_i][0]]
+            if not ahead:
+                break
+            best_i, moved = ahead[0], True
         if moved:
             break
-    return real[best_i]
+    return _fit_near(search, c.name, ladder[best_i], levels, max_bytes, real[best_i][1].quality)
 
 
-def _fit_near(search: _Search, codec: str, raster: tuple[int, int], levels: int, max_bytes: int, guess: int):
-    """(psnr, settings) at the largest quality that fits on this raster, searched from ``guess`` one
-    step at a time (a good guess costs two encodes); None when quality 1 does not fit."""
+def _fit_near(search: _Search, codec: str, raster: tuple[int, int], levels: int, max_bytes: int, guess: int,
+              upward: bool = True):
+    """(psnr, settings) at the largest quality that fits on this raster, searched from ``guess`` (a good
+    guess costs two encodes); None when quality 1 does not fit. Without ``upward``, a guess that fits
+    is taken as it is."""
     def at(q: int) -> PixelSettings:
         return PixelSettings(codec, *raster, quality=q, levels=levels)
 
@@ -308,6 +320,8 @@ def _fit_near(search: _Search, codec: str, raster: tuple[int, int], levels: int,
         return search.size(at(q)) <= max_bytes
 
     q = min(100, max(1, guess))
+    if fits(q) and not upward:
+        return search.score(at(q)), at(q)
     if fits(q):  # gallop up to a quality that does not fit, then bisect
         lo, step = q, 1
         while lo + step <= 100 and fits(lo + step):
@@ -416,8 +430,8 @@ def _best_levels(search: _Search, codec: str, levels: int, max_bytes: int, exhau
 def predicted_codecs(codecs: tuple[str, ...]) -> tuple[str, ...]:
     """The automatic choice without a search over codecs: AVIF where it is registered, else every one.
 
-    Measured by experiments/bench_levels.py (and the exhaustive search it compares with): AVIF had the
-    best PSNR of the thumbnail codecs on every test photo at 600 to 4000 bytes.
+    At these sizes AVIF's intra coding beats WebP's and JPEG's almost everywhere; experiments/bench_levels.py
+    measures what the prediction (with the quick raster search) costs against the exhaustive search.
     """
     return tuple(c for c in codecs if c == "avif") or codecs
 

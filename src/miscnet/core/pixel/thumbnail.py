@@ -9,9 +9,9 @@ with the two halves of that (``encode_thumbnail``, ``decode_thumbnail``) and the
 Several levels make the layer progressive. With ``PixelSettings.previews`` (what rate control picks)
 every level is a thumbnail of its own and replaces the one before: the previews are small (a few
 per cent of the bytes) and the last level is the picture a single level would be, so the progression
-costs little (measured by experiments/bench_levels.py; a residual over an up-sampled preview codes
-worse with these intra codecs than the image itself does). Without previews, every level after the
-first, at twice the resolution, codes the residual over the reconstruction of the levels before it.
+costs little (experiments/bench_levels.py measures it against one level of the same bytes). Without
+previews, every level after the first, at twice the resolution, codes the residual over the
+reconstruction of the levels before it.
 """
 
 from __future__ import annotations
