@@ -84,8 +84,11 @@ def test_layers_the_format_cannot_hold_are_refused_when_writing():
     odd.ParseFromString(odd.SerializeToString() + b"\xa0\x06\x01")  # field 100: unknown to version 1
     with pytest.raises(BitstreamError, match="cannot store"):
         to_bytes(EncodedImage(8, 8, [odd]))
-    with pytest.raises(BitstreamError, match="without gaps"):
+    with pytest.raises(BitstreamError, match="cannot store"):  # a level the record's place cannot say
         to_bytes(EncodedImage(8, 8, [_layer(pb.LAYER_KIND_PIXEL, 1)]))
+    wrong_kind = pb.Layer(kind=pb.LAYER_KIND_MAP, codec=pb.CODEC_PIXEL_WEBP, pixel=pb.PixelParams(), payload=b"x")
+    with pytest.raises(BitstreamError, match="is not a map codec"):  # the codec says the kind
+        to_bytes(EncodedImage(8, 8, [wrong_kind]))
 
 
 @pytest.mark.parametrize(

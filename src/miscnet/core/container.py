@@ -145,9 +145,12 @@ def _record(image: EncodedImage, layer: pb.Layer, last: bool) -> bytes:
 
 
 def to_bytes(image: EncodedImage) -> bytes:
-    """The .misc file of a valid image; BitstreamError for layers the format cannot hold exactly."""
-    validate(image)
+    """The .misc file of an image; BitstreamError for layers the format cannot hold exactly. The image is
+    not validated as a whole (tests write hostile files with this; readers validate), but every layer
+    must be valid on its own: the record says its kind through its codec."""
     layers = stream_order(image.layers)
+    for layer in layers:
+        validate_layer(layer)
     body = bytearray(MAGIC + bytes([CONTAINER_VERSION]))
     body += leb128.encode(image.width) + leb128.encode(image.height)
     for i, layer in enumerate(layers):
@@ -155,7 +158,7 @@ def to_bytes(image: EncodedImage) -> bytes:
     body += struct.pack("<I", zlib.crc32(body))
     data = bytes(body)
     # The file must give back these very layers (digest, transport): anything it cannot say is refused.
-    for written, read in zip(layers, from_bytes(data).layers, strict=True):
+    for written, read in zip(layers, _read(data).layers, strict=True):
         if written.SerializeToString(deterministic=True) != read.SerializeToString(deterministic=True):
             raise BitstreamError(f"{layer_name(written)} layer: holds fields a .misc file cannot store")
     return data
@@ -182,6 +185,13 @@ class _Reader:
 
 def from_bytes(data: bytes) -> EncodedImage:
     """Parse and validate a .misc file; BitstreamError says what is wrong, in one line."""
+    image = _read(data)
+    validate(image)
+    return image
+
+
+def _read(data: bytes) -> EncodedImage:
+    """The image a file's bytes spell out, checked for structure only (validate checks the rest)."""
     if len(data) > MAX_FILE_BYTES:
         raise BitstreamError(f"file is {len(data)} bytes, over the {MAX_FILE_BYTES} byte limit")
     if data[: len(V1_MAGIC)] == V1_MAGIC:
@@ -200,7 +210,8 @@ def from_bytes(data: bytes) -> EncodedImage:
     r = _Reader(data, end)
     r.pos = len(MAGIC) + 1
     width, height = r.varint("image width"), r.varint("image height")
-    validate_header(pb.Header(version=FORMAT_VERSION, width=width, height=height))
+    if not (width and height):
+        raise BitstreamError(f"image size {width}x{height} out of range")
     layers: list[pb.Layer] = []
     level = 0
     while r.pos < end:
@@ -249,9 +260,7 @@ def from_bytes(data: bytes) -> EncodedImage:
         layer.payload = data[r.pos : r.pos + size]
         r.pos += size
         layers.append(layer)
-    image = EncodedImage(width, height, layers)
-    validate(image)
-    return image
+    return EncodedImage(width, height, layers)
 
 
 # ----------------------------------------------------------------------------------------------
