@@ -40,7 +40,10 @@ class EncodeResult:
     semantics: Semantics | None = None
 
 
-def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig) -> EncodeResult:
+def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig, exhaustive: bool = False
+                 ) -> EncodeResult:
+    """The .misc file of an image. ``exhaustive``: rate control's full search over codecs and rasters
+    (what experiments/bench_levels.py compares the default quick search with)."""
     config.check()
     height, width = image.shape[:2]
     check_image_size(width, height, "to encode")  # the size a .misc header holds: never write what no one reads
@@ -65,18 +68,18 @@ def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig)
 
     if budget is None:
         pixel_max = max(MIN_DEFAULT_PIXEL_BYTES, int(DEFAULT_PIXEL_BPP * width * height / 8))
-        settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max)
+        settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max, exhaustive)
         encoded = EncodedImage(width, height, layers + [_pixel_layer(lv) for lv in levels])
         return EncodeResult(encoded, to_bytes(encoded), warnings, settings, semantics)
 
-    # Each pixel layer costs a few bytes of protobuf framing; start from a guess, then correct by
-    # the measured excess. Bytes are monotone in the pixel budget, so this converges in a few tries.
-    pixel_max = budget - base_bytes - 12 * config.levels
+    # Each pixel layer costs a few bytes of framing (its record head and size); start from a guess, then
+    # correct by the measured excess. Bytes are monotone in the pixel budget, so this converges in a few tries.
+    pixel_max = budget - base_bytes - 5 * config.levels
     for _ in range(_RATE_CONTROL_TRIES):
         if pixel_max <= 0:
             break
         try:
-            settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max)
+            settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max, exhaustive)
         except BudgetError as exc:
             raise BudgetError(
                 f"budget of {budget} bytes leaves {pixel_max} for the pixel layer: {exc}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,8 @@ from miscnet.core.pixel import (
 )
 from miscnet.core.pixel.base import check_image, check_settings
 from miscnet.core.pixel.block import MISC_BLOCKS, MISC_STEP
+from miscnet.core.pixel.imaging import UP_FILTER, to_uint8
+from miscnet.core.pixel.thumbnail import ThumbnailCodec, thumbnail_targets
 
 SCORE_MAX_SIDE = 1536  # rate control measures PSNR at full size up to this long side (see _Search)
 _QUALITY_LADDER = (10, 30, 50, 70, 90)  # the coarse grid of candidate_settings for quality-searched codecs
@@ -96,6 +99,7 @@ class _Search:
         self.image = image
         self.encoded: dict[PixelSettings, list[PixelLevel]] = {}
         self.scores: dict[PixelSettings, float] = {}
+        self.proxies: dict[str, dict] = {}  # the quick search's proxy encodes, per codec (see _fast)
         # Scoring decodes every candidate at full size. Above SCORE_MAX_SIDE the PSNR is taken at that
         # size instead: rasters stop at 512 px, three times smaller, so what the smaller reference drops
         # is detail that no candidate carries; the ranking stays the same at a fraction of the time.
@@ -111,6 +115,19 @@ class _Search:
         if s not in self.encoded:
             self.encoded[s] = check_settings(s).encode(self.image, s, self.scratch)
         return self.encoded[s]
+
+    def levels(self, s: PixelSettings) -> list[PixelLevel]:
+        """The levels of ``s``; with previews, made of the single levels already encoded (every level is
+        coded on its own, so the bytes are those ``encode`` would give)."""
+        if not s.previews:
+            return self.encode(s)
+        singles = [PixelSettings(s.codec, w, h, quality=q) for w, h, q in s.previews]
+        singles.append(PixelSettings(s.codec, s.width, s.height, quality=s.quality))
+        return [replace(self.encode(one)[0], level=k) for k, one in enumerate(singles)]
+
+    def targets(self):
+        """The thumbnail codecs' down-sampled targets of this image (shared with their encodes)."""
+        return thumbnail_targets(self.image, self.scratch)
 
     def size(self, s: PixelSettings) -> int:
         n = s.nbytes_hint
@@ -142,8 +159,12 @@ def _search_for(image: np.ndarray) -> _Search:
     return search
 
 
-def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int):
-    """(psnr, settings) of the best point of one codec under the budget, and the smallest size seen."""
+def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int, exhaustive: bool = True):
+    """(psnr, settings) of the best point of one codec under the budget, and the smallest size seen.
+
+    ``exhaustive``: every raster is encoded for real (what rate control always did). Otherwise the rasters
+    are ranked by the codec's quicker proxy encoder and only the winner is encoded for real (``_fast``).
+    """
     h, w = search.image.shape[:2]
     c = lookup(codec)
     best = None
@@ -161,35 +182,51 @@ def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int)
             best = cand if best is None or cand[0] > best[0] else best
         return best, smallest
     ladder = raster_ladder(w, h, smallest=c.ladder_smallest)
-    fitted: dict[int, tuple[float, PixelSettings] | None] = {}
-    prior: dict[int, int] = {}
+    if not exhaustive and isinstance(c, ThumbnailCodec):  # the codecs with a proxy encoder
+        found = _fast(search, c, ladder, levels, max_bytes)
+        if found is not None:
+            return found, None
+    return _ladder_search(ladder, lambda i: _fit_raster(search, codec, ladder[i], levels, max_bytes))
 
-    def evaluate(i: int) -> tuple[float, PixelSettings] | None:
-        nonlocal smallest, prior
+
+def _fit_raster(search: _Search, codec: str, raster: tuple[int, int], levels: int, max_bytes: int,
+                prior: dict[int, int] | None = None):
+    """((psnr, settings) at the best quality that fits on this raster, or None; size at quality 1)."""
+    rw, rh = raster
+
+    def size(q: int) -> int:
+        return search.size(PixelSettings(codec, rw, rh, quality=q, levels=levels))
+
+    low = size(1)
+    if low > max_bytes:
+        return None, low
+    q, _ = _fit_quality(size, max_bytes, prior or {})
+    s = PixelSettings(codec, rw, rh, quality=q, levels=levels)
+    return (search.score(s), s), low
+
+
+def _ladder_search(ladder: list[tuple[int, int]], evaluate: Callable[[int], tuple]):
+    """The best point over a raster ladder: (psnr, settings) or None, and the smallest size seen.
+
+    PSNR against the raster (each at the best quality that fits) rises, peaks and falls: walk every
+    other raster up to the first that cannot fit, then climb from the best one through its neighbours.
+    """
+    fitted: dict[int, tuple | None] = {}
+    smallest = None
+
+    def at(i: int):
+        nonlocal smallest
         if i not in fitted:
-            rw, rh = ladder[i]
-
-            def size(q: int) -> int:
-                return search.size(PixelSettings(codec, rw, rh, quality=q, levels=levels))
-
-            low = size(1)
+            fitted[i], low = evaluate(i)
             smallest = low if smallest is None else min(smallest, low)
-            if low > max_bytes:
-                fitted[i] = None
-            else:
-                q, prior = _fit_quality(size, max_bytes, prior)
-                s = PixelSettings(codec, rw, rh, quality=q, levels=levels)
-                fitted[i] = (search.score(s), s)
         return fitted[i]
 
-    # PSNR against the raster (each at the best quality that fits) rises, peaks and falls: walk every
-    # other raster up to the first that cannot fit, then climb from the best one through its neighbours.
     for i in range(0, len(ladder), 2):
-        if evaluate(i) is None:
+        if at(i) is None:
             break
     scored = {i: r for i, r in fitted.items() if r is not None}
     if not scored:
-        evaluate(1) if len(ladder) > 1 else None
+        at(1) if len(ladder) > 1 else None
         scored = {i: r for i, r in fitted.items() if r is not None}
         if not scored:
             return None, smallest
@@ -198,11 +235,112 @@ def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int)
         moved = False
         for j in (best_i - 1, best_i + 1):
             if 0 <= j < len(ladder):
-                r = evaluate(j)
+                r = at(j)
                 if r is not None and r[0] > fitted[best_i][0]:
                     best_i, moved = j, True
         if not moved:
             return fitted[best_i], smallest
+
+
+def _fast(search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], levels: int, max_bytes: int):
+    """Rate control with few real encodes; None when no raster fits (the exhaustive search then says
+    what the smallest size is).
+
+    The codec's proxy encoder (much quicker) predicts, on every raster, the quality that fits within a
+    step or two, and its PSNR there; it scores large rasters low (it lacks the slow tools) but not small
+    ones, so the real peak lies at or above the proxy's. Real encodes then start just below the proxy's
+    peak, fit the quality from the predicted one and climb while the real PSNR rises.
+    """
+    proxies = search.proxies.setdefault(c.name, {})  # raster -> quality -> (payload, size), shared by searches
+    predicted: dict[int, int] = {}
+
+    def evaluate(i: int):
+        raster = ladder[i]
+        seen = proxies.setdefault(raster, {})
+        target = None
+
+        def size(q: int) -> int:
+            nonlocal target
+            if q not in seen:
+                target = to_uint8(search.targets().get(*raster)) if target is None else target
+                seen[q] = c.proxy_thumbnail(target, q)
+            return seen[q][1]
+
+        low = size(1)
+        if low > max_bytes:
+            return None, low
+        # the nearest smaller raster already tried predicts this one's curve (fewer probes)
+        below = next((proxies[r] for r in reversed(ladder[:i]) if len(proxies.get(r, ())) > 1), {})
+        q, _ = _fit_quality(size, max_bytes, {k: n for k, (_, n) in below.items()})
+        predicted[i] = q
+        recon = c.decode_thumbnail(seen[q][0], *raster, q)
+        score = psnr(np.asarray(Image.fromarray(recon).resize(search.score_size, UP_FILTER)), search.reference)
+        return (score, raster), low
+
+    found, _ = _ladder_search(ladder, evaluate)
+    if found is None:
+        return None
+    peak = ladder.index(found[1])
+    real: dict[int, tuple[float, PixelSettings] | None] = {}
+
+    def fit(i: int):
+        if i not in real:
+            real[i] = None
+            if 0 <= i < len(ladder) and (i in predicted or evaluate(i)[0] is not None):
+                # ranking takes the predicted quality when it fits (one encode); the winner is then
+                # pushed up to the largest quality that fits
+                real[i] = _fit_near(search, c.name, ladder[i], levels, max_bytes, predicted[i], upward=False)
+        return real[i]
+
+    best_i = peak if fit(peak) is not None else None
+    if best_i is None:
+        return None
+    for step in (1, -1):  # the climb goes up first: the proxy undervalues the larger rasters
+        moved = False
+        while True:  # quality steps make the curve bumpy: look two rasters ahead before stopping
+            ahead = [j for j in (best_i + step, best_i + 2 * step) if (r := fit(j)) is not None
+                     and r[0] > real[best_i][0]]
+            if not ahead:
+                break
+            best_i, moved = ahead[0], True
+        if moved:
+            break
+    return _fit_near(search, c.name, ladder[best_i], levels, max_bytes, real[best_i][1].quality)
+
+
+def _fit_near(search: _Search, codec: str, raster: tuple[int, int], levels: int, max_bytes: int, guess: int,
+              upward: bool = True):
+    """(psnr, settings) at the largest quality that fits on this raster, searched from ``guess`` (a good
+    guess costs two encodes); None when quality 1 does not fit. Without ``upward``, a guess that fits
+    is taken as it is."""
+    def at(q: int) -> PixelSettings:
+        return PixelSettings(codec, *raster, quality=q, levels=levels)
+
+    def fits(q: int) -> bool:
+        return search.size(at(q)) <= max_bytes
+
+    q = min(100, max(1, guess))
+    if fits(q) and not upward:
+        return search.score(at(q)), at(q)
+    if fits(q):  # gallop up to a quality that does not fit, then bisect
+        lo, step = q, 1
+        while lo + step <= 100 and fits(lo + step):
+            lo, step = lo + step, step * 2
+        hi = min(101, lo + step)
+    else:
+        hi, step = q, 1
+        while hi - step >= 1 and not fits(hi - step):
+            hi, step = hi - step, step * 2
+        lo = hi - step
+        if lo < 1:
+            if not fits(1):
+                return None
+            lo = 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    q = lo
+    return search.score(at(q)), at(q)
 
 
 def _fit_quality(
@@ -259,23 +397,66 @@ def _fit_quality(
     return lo, seen
 
 
-def choose_settings(image: np.ndarray, codec: str, levels: int, max_bytes: int
+PREVIEW_SHARE = 0.04  # the last preview level's share of the pixel budget; each earlier one has half
+
+
+def preview_budgets(levels: int, max_bytes: int) -> list[int]:
+    """Bytes for each level before the last: small, so that the last level is nearly a single level's."""
+    return [int(max_bytes * PREVIEW_SHARE / 2 ** (levels - 2 - k)) for k in range(levels - 1)]
+
+
+def _best_levels(search: _Search, codec: str, levels: int, max_bytes: int, exhaustive: bool):
+    """Like _best_under_budget, for any number of levels. Thumbnail codecs send small previews first,
+    each a picture of its own (see miscnet.core.pixel.thumbnail); the last level gets what is left."""
+    c = lookup(codec)
+    if levels == 1 or not c.quality_search:
+        return _best_under_budget(search, codec, levels, max_bytes, exhaustive)
+    previews: list[PixelSettings] = []
+    for budget in preview_budgets(levels, max_bytes):
+        found, low = _best_under_budget(search, codec, 1, budget, exhaustive)
+        if found is None:  # too small a share: the smallest preview there is, if it leaves room
+            found, _ = _best_under_budget(search, codec, 1, low or 0, exhaustive) if low else (None, None)
+            if found is None:
+                return None, low
+        previews.append(found[1])
+    used = sum(search.size(p) for p in previews)
+    final, low = _best_under_budget(search, codec, 1, max_bytes - used, exhaustive)
+    if final is None:
+        return None, None if low is None else low + used
+    return (final[0], replace(final[1], levels=levels, previews=tuple((p.width, p.height, p.quality)
+                                                                       for p in previews))), None
+
+
+def predicted_codecs(codecs: tuple[str, ...]) -> tuple[str, ...]:
+    """The automatic choice without a search over codecs: AVIF where it is registered, else every one.
+
+    At these sizes AVIF's intra coding beats WebP's and JPEG's almost everywhere; experiments/bench_levels.py
+    measures what the prediction (with the quick raster search) costs against the exhaustive search.
+    """
+    return tuple(c for c in codecs if c == "avif") or codecs
+
+
+def choose_settings(image: np.ndarray, codec: str, levels: int, max_bytes: int, exhaustive: bool = False
                     ) -> tuple[PixelSettings, list[PixelLevel]]:
     """The settings with the best full-size PSNR whose levels total at most ``max_bytes`` bytes.
 
     For each raster on the ladder, binary-search the largest quality that fits, then keep the raster
-    whose decoded image scores best. ``codec`` may be "auto" (every thumbnail codec).
+    whose decoded image scores best. ``codec`` may be "auto" (the thumbnail codecs). By default the
+    search is quick (the predicted codec; rasters ranked by proxy encodes); ``exhaustive`` tries every
+    auto codec and encodes every raster for real.
     """
     check_image(image)
     codecs = auto_codec_names() if codec == "auto" else (codec,)
     most = min((_selectable(c).max_levels for c in codecs), default=0)
     if not (isinstance(levels, int) and 1 <= levels <= most):
         raise MiscError(f"pixel layer: levels must be 1..{most} for {codec}")
+    if codec == "auto" and not exhaustive:
+        codecs = predicted_codecs(codecs)
     search = _search_for(image)
     best = None
     smallest = None
     for c in codecs:
-        found, low = _best_under_budget(search, c, levels, max_bytes)
+        found, low = _best_levels(search, c, levels, max_bytes, exhaustive)
         if low is not None:
             smallest = low if smallest is None else min(smallest, low)
         if found and (best is None or found[0] > best[0]):
@@ -285,7 +466,7 @@ def choose_settings(image: np.ndarray, codec: str, levels: int, max_bytes: int
         raise BudgetError(
             f"pixel layer: no {codec} setting fits {max_bytes} bytes (the smallest is {smallest} bytes)"
         )
-    return best[1], search.encode(best[1])
+    return best[1], search.levels(best[1])
 
 
 def settings_for_psnr(image: np.ndarray, codec: str, levels: int, min_psnr: float

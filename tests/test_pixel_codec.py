@@ -393,3 +393,62 @@ def test_unregistered_codecs_are_unknown():
         choose_settings(IMAGE, codec.name, 1, 900)
     with pytest.raises(BitstreamError):
         decode_pixels([PixelLevel(0, codec.codec_id, pb.PixelParams(width=2, height=2), b"\0" * 12)], 8, 8)
+
+
+# ---------------------------------------------------------------- preview levels and the quick rate control
+
+PHOTO = make_image(256, 192, seed=5)
+
+
+@pytest.mark.parametrize("codec", ["webp", "avif", "jpeg"])
+def test_preview_levels_are_pictures_of_their_own(codec):
+    s, coded = choose_settings(PHOTO, codec, 2, 1500)
+    assert len(s.previews) == 1 and len(coded) == 2 and payload_bytes(coded) <= 1500
+    assert coded == encode_pixels(PHOTO, s)  # rate control's levels are what the codec writes
+    preview, last = coded
+    assert not preview.params.residual and not last.params.residual
+    assert len(preview.payload) < 0.2 * len(last.payload)  # a small share of the bytes goes first
+    assert (last.params.quality != 0) == (codec == "jpeg")  # quality only where the decoder reads it
+    first, full = decode_pixels(coded[:1], 256, 192), decode_pixels(coded, 256, 192)
+    assert psnr(first, PHOTO) < psnr(full, PHOTO)
+    # the last level is the picture a single level of its settings gives
+    single = encode_pixels(PHOTO, PixelSettings(codec, s.width, s.height, quality=s.quality))
+    np.testing.assert_array_equal(full, decode_pixels(single, 256, 192))
+
+
+def test_preview_levels_cross_the_container():
+    from miscnet.core.container import EncodedImage, from_bytes, to_bytes
+    from miscnet.receiver.classical import ClassicalDecoder
+    from miscnet.receiver.stages import progressive_stages
+
+    _, coded = choose_settings(PHOTO, "avif", 2, 1200)
+    layers = [pb.Layer(kind=pb.LAYER_KIND_PIXEL, level=lv.level, codec=lv.codec, pixel=lv.params,
+                       payload=lv.payload) for lv in coded]
+    back = from_bytes(to_bytes(EncodedImage(256, 192, layers)))
+    assert [ly.SerializeToString() for ly in back.layers] == [ly.SerializeToString() for ly in layers]
+    stages = progressive_stages(back)
+    images = [ClassicalDecoder().render(stage) for stage in stages]
+    assert [stage.name for stage in stages][-2:] == ["pixel.0", "pixel.1"]
+    assert psnr(images[-2], PHOTO) < psnr(images[-1], PHOTO)
+
+
+def test_quick_choice_is_a_valid_deterministic_choice():
+    from miscnet.sender.rate_control import clear_search_cache, raster_ladder
+
+    picks = []
+    for _ in range(2):
+        clear_search_cache()
+        picks.append(choose_settings(PHOTO, "auto", 1, 900))
+    (s, coded), (s2, coded2) = picks
+    assert s == s2 and coded == coded2
+    assert s.codec == "avif"  # the predicted codec
+    assert (s.width, s.height) in raster_ladder(256, 192)
+    # the largest quality that fits on its raster, as the exhaustive search would take there
+    assert payload_bytes(coded) <= 900
+    if s.quality < 100:
+        bigger = encode_pixels(PHOTO, PixelSettings("avif", s.width, s.height, quality=s.quality + 1))
+        assert payload_bytes(bigger) > 900
+    clear_search_cache()
+    s3, coded3 = choose_settings(PHOTO, "auto", 1, 900, exhaustive=True)
+    assert payload_bytes(coded3) <= 900 and coded3 == encode_pixels(PHOTO, s3)
+    assert psnr(decode_pixels(coded, 256, 192), PHOTO) > psnr(decode_pixels(coded3, 256, 192), PHOTO) - 0.5

@@ -340,16 +340,16 @@ def test_symbolisation_pseudocode_is_the_senders(fec):
 def test_misc_vector_parses_and_rebuilds():
     (data,), fields = vector("misc-file")
     image = from_bytes(data)
-    assert len(data) == fields["length"] and data[:4] == b"MISC" == fields["magic"].encode()
+    assert len(data) == fields["length"] and data[:2] == b"MI" == fields["magic"].encode() and data[2] == 2
     assert data[-4:].hex() == fields["crc32_le"] and struct.unpack("<I", data[-4:])[0] == zlib.crc32(data[:-4])
-    assert f"{zlib.crc32(data[:-4]):08x}" == fields["crc32"]
-    assert {"version": 1, "width": image.width, "height": image.height,
-            "layer_count": len(image.layers)} == fields["header"]
+    assert f"{zlib.crc32(data[:-4]):08x}" == fields["crc32"] and fields["version"] == 2
+    assert (image.width, image.height) == (fields["width"], fields["height"])
+    assert fields["framing_bytes"] == len(data) - image.payload_bytes()
     assert [layer_fields(ly) for ly in image.layers] == fields["layers"]
     assert layers_digest(image.layers) == spec_digest(image.layers) == fields["digest"]
     assert fields["digest"] == vector("image-none")[1]["digest"]
     assert to_bytes(image) == data
-    for bad in (data[:-1], b"MISD" + data[4:], data[:10] + bytes([data[10] ^ 1]) + data[11:]):
+    for bad in (data[:-1], b"MJ" + data[2:], data[:10] + bytes([data[10] ^ 1]) + data[11:]):
         with pytest.raises(BitstreamError):
             from_bytes(bad)
 
@@ -397,8 +397,8 @@ def _hostile_stream(images, mode: str, mtu: int, seed: int) -> list[bytes]:
             bit = rng.randrange(len(data) * 8)  # one flipped bit: CRC-32 catches every single-bit error
             extra.append(data[: bit // 8] + bytes([data[bit // 8] ^ (1 << bit % 8)]) + data[bit // 8 + 1 :])
         elif roll < 0.4:
-            extra.append(data[: rng.randrange(len(data))])  # truncated
-    extra += [rng.randbytes(rng.randrange(0, 80)) for _ in range(25)]  # junk
+            extra.append(data[: rng.randrange(1, len(data))])  # truncated (never empty: no line to send)
+    extra += [rng.randbytes(rng.randrange(1, 80)) for _ in range(25)]  # junk (an empty one would be no line)
     stream = packets + extra
     rng.shuffle(stream)
     # the final POLLs go last, so both receivers report complete images
@@ -542,9 +542,9 @@ def test_node_and_python_agree_on_misc_files(tmp_path):
     paths, expected = [], []
     for index in range(80):
         data = rng.choice(originals)
-        if index % 4:  # damage the Bitstream, then fix the CRC so that the parser is what is tested
-            body = _mutate(rng, data[4:-4])
-            data = b"MISC" + body
+        if index % 4:  # damage the records, then fix the CRC so that the parser is what is tested
+            body = _mutate(rng, data[3:-4])
+            data = b"MI\x02" + body
             data += struct.pack("<I", zlib.crc32(data))
         path = tmp_path / f"f{index}.misc"
         path.write_bytes(data)

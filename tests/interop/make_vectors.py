@@ -295,10 +295,12 @@ def _misc_vector(image) -> Vector:
     return Vector(
         "misc-file",
         f"The sample image ({SAMPLE}, {PIXEL} pixel codec, {BUDGET}-byte budget) as a whole .misc file: "
-        "magic, Bitstream, CRC-32 little-endian. The same layers as image-none.",
+        "magic MI, version 2, width and height, one record per layer (the last without its size), CRC-32 "
+        "little-endian. The same layers as image-none.",
         [["# .misc file", *_hexlines(data)]],
-        {"length": len(data), "magic": data[:4].decode(), "crc32_le": data[-4:].hex(),
-         "crc32": f"{int.from_bytes(data[-4:], 'little'):08x}", "header": _header_fields(image.header()),
+        {"length": len(data), "magic": data[:2].decode(), "version": data[2], "crc32_le": data[-4:].hex(),
+         "crc32": f"{int.from_bytes(data[-4:], 'little'):08x}", "width": image.width, "height": image.height,
+         "framing_bytes": len(data) - image.payload_bytes(),
          "layers": [_layer_fields(ly) for ly in image.layers], "digest": layers_digest(image.layers)})
 
 

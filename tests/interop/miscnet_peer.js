@@ -46,7 +46,9 @@ const MAX_SIDE = 16384;
 const MAX_PIXELS = 64 * 1024 * 1024;
 const MAX_LAYERS = 64;
 const MAX_FILE_BYTES = 16 * 1024 * 1024;
-const MAGIC = Buffer.from('MISC', 'ascii');
+const MAGIC = Buffer.from('MI', 'ascii');
+const V1_MAGIC = Buffer.from('MISC', 'ascii');
+const CONTAINER_VERSION = 2;
 
 const KIND_SEMANTIC = 1;
 const KIND_MAP = 2;
@@ -396,25 +398,85 @@ function writeUnits(header, layers) {
 
 // ------------------------------------------------------------------ the .misc container
 
+// Section 10: "MI", version 2, width and height, one record per layer, CRC-32 little-endian.
+const PIXEL_OPTIONAL = ['long_side', 'quality', 'residual', 'residual_gain', 'step', 'plane_shift', 'plane_bits',
+  'colorspace'];
+const FIXED_PARAMS = { 1: ['semantic', ['objects', 'model_version']], 2: ['map', ['grid', 'objects']] };
+
 function readMisc(data) {
   if (data.length > MAX_FILE_BYTES) throw new WireError('file over 16 MiB');
-  if (data.length < MAGIC.length + 4) throw new WireError('file truncated');
-  if (!data.subarray(0, 4).equals(MAGIC)) throw new WireError('bad magic');
-  const body = data.subarray(0, data.length - 4);
-  if (crc32(body) !== data.readUInt32LE(data.length - 4)) throw new WireError('file checksum mismatch');
-  const bits = decodeMessage('Bitstream', body.subarray(4));
-  const header = bits.header || defaults('Header');
-  checkHeader(header);
-  if (header.layer_count !== bits.layers.length) throw new WireError('layer count mismatch');
+  if (data.subarray(0, 4).equals(V1_MAGIC)) throw new WireError('unsupported container version 1');
+  if (data.length < 9) throw new WireError('file truncated');
+  if (!data.subarray(0, 2).equals(MAGIC)) throw new WireError('bad magic');
+  if (data[2] !== CONTAINER_VERSION) throw new WireError(`unsupported container version ${data[2]}`);
+  const end = data.length - 4;
+  if (crc32(data.subarray(0, end)) !== data.readUInt32LE(end)) throw new WireError('file checksum mismatch');
+  const body = data.subarray(0, end);
+  let pos = 3;
+  const u32 = (what) => { // a LEB128 of at most 5 bytes whose value fits 32 bits
+    let value = 0;
+    for (let i = 0; ; i++) {
+      if (pos >= end || i >= 5) throw new WireError(`truncated or oversized ${what}`);
+      const byte = body[pos++];
+      value += (byte & 0x7f) * 2 ** (7 * i);
+      if ((byte & 0x80) === 0) break;
+    }
+    if (value > 0xffffffff) throw new WireError(`${what} over 32 bits`);
+    return value;
+  };
+  const width = u32('width');
+  const height = u32('height');
+  checkHeader({ version: FORMAT_VERSION, width, height, layer_count: 0 });
+  const layers = [];
+  let level = 0;
+  while (pos < end) {
+    if (layers.length >= MAX_LAYERS) throw new WireError(`more than ${MAX_LAYERS} layers`);
+    const head = body[pos++];
+    const codec = head & 0x3f;
+    const kind = Number(Object.keys(CODEC_RANGE_OF_KIND).find((k) => codec >= CODEC_RANGE_OF_KIND[k][0]
+      && codec <= CODEC_RANGE_OF_KIND[k][1]));
+    if (!CODECS.has(codec) || !kind) throw new WireError(`unknown codec ${codec}`);
+    const layer = { ...defaults('Layer'), kind, codec };
+    if (kind === KIND_PIXEL) {
+      layer.level = level++;
+      const p = defaults('PixelParams');
+      const side = u32('raster side');
+      const short = Math.min(width, height);
+      let longSide = Math.max(1, Math.floor((2 * Math.max(width, height) * side + short) / (2 * short)));
+      const mask = head & 0x40 ? u32('params mask') : 0;
+      if (mask >= 1 << PIXEL_OPTIONAL.length) throw new WireError('undefined mask bits');
+      PIXEL_OPTIONAL.forEach((name, bit) => {
+        if (!((mask >> bit) & 1)) return;
+        if (name === 'residual') p.residual = true;
+        else if (name === 'long_side') longSide = u32(name);
+        else p[name] = u32(name);
+      });
+      [p.width, p.height] = width <= height ? [side, longSide] : [longSide, side];
+      layer.pixel = p;
+    } else {
+      if (head & 0x40) throw new WireError('params mask on a non-pixel record');
+      const [field, names] = FIXED_PARAMS[kind];
+      const params = defaults(field === 'semantic' ? 'SemanticParams' : 'MapParams');
+      for (const name of names) params[name] = u32(name);
+      layer[field] = params;
+    }
+    let size;
+    if (head & 0x80) size = end - pos;
+    else {
+      size = u32('payload size');
+      if (pos + size >= end) throw new WireError('payload runs past the last record');
+    }
+    layer.payload = Buffer.from(body.subarray(pos, pos + size));
+    pos += size;
+    layers.push(layer);
+  }
   const names = new Set();
-  for (const layer of bits.layers) {
+  for (const layer of layers) {
     checkLayer(layer);
     if (names.has(layerName(layer))) throw new WireError(`duplicate ${layerName(layer)}`);
     names.add(layerName(layer));
   }
-  const levels = bits.layers.filter((l) => l.kind === KIND_PIXEL).map((l) => l.level).sort((a, b) => a - b);
-  if (levels.some((level, i) => level !== i)) throw new WireError('pixel levels have gaps');
-  return { width: header.width, height: header.height, layers: bits.layers };
+  return { width, height, layers };
 }
 
 // ------------------------------------------------------------------ receiver

@@ -43,6 +43,9 @@ class PixelSettings:
     step: int = 8  # block codec quantisation step
     levels: int = 1
     colorspace: str = "rgb"  # block codec: "rgb" (MISC) or "ycbcr"
+    # thumbnail codecs: (width, height, quality) of each level before the last, every level a picture of
+    # its own (empty: levels after the first are residuals at twice the resolution)
+    previews: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def nbytes_hint(self) -> int | None:

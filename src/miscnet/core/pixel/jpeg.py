@@ -178,6 +178,7 @@ def _jpeg_decode(payload: bytes, width: int, height: int, quality: int) -> np.nd
 class JpegCodec(ThumbnailCodec):
     name = "jpeg"
     codec_id = pb.CODEC_PIXEL_JPEG
+    decoder_needs_quality = True  # the quantisation tables are rebuilt from it
 
     def encode_thumbnail(self, thumb: np.ndarray, quality: int) -> bytes:
         return _jpeg_encode(thumb, quality)

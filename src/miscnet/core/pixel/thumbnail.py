@@ -6,8 +6,12 @@ are stripped on the sender and re-created on the receiver, and the sender checks
 decodes to the same pixels before it lets a payload out. A codec module subclasses ``ThumbnailCodec``
 with the two halves of that (``encode_thumbnail``, ``decode_thumbnail``) and the file form.
 
-Several levels make the layer progressive: level 0 is a small thumbnail and every further level, at
-twice the resolution, codes the residual over the up-sampled reconstruction of the levels before it.
+Several levels make the layer progressive. With ``PixelSettings.previews`` (what rate control picks)
+every level is a thumbnail of its own and replaces the one before: the previews are small (a few
+per cent of the bytes) and the last level is the picture a single level would be, so the progression
+costs little (experiments/bench_levels.py measures it against one level of the same bytes). Without
+previews, every level after the first, at twice the resolution, codes the residual over the
+reconstruction of the levels before it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from miscnet.core.errors import BitstreamError, MiscError
-from miscnet.core.pixel.base import PixelCodec, PixelLevel, PixelSettings, Scratch
+from miscnet.core.pixel.base import MAX_RASTER, PixelCodec, PixelLevel, PixelSettings, Scratch
 from miscnet.core.pixel.imaging import DOWN_FILTER, UP_FILTER, resize, to_uint8
 from miscnet.v1 import bitstream_pb2 as pb
 
@@ -102,6 +106,11 @@ class _Targets:
 _SCRATCH_KEY = "thumbnail.targets"  # one _Targets per image, shared by every thumbnail codec
 
 
+def thumbnail_targets(image: np.ndarray, scratch: Scratch | None) -> _Targets:
+    """The down-sampled targets of ``image`` (``get(width, height)`` as float32), kept in ``scratch``."""
+    return _targets(image, scratch)
+
+
 def _targets(image: np.ndarray, scratch: Scratch | None) -> _Targets:
     if scratch is None:
         return _Targets(image)
@@ -116,6 +125,7 @@ class ThumbnailCodec(PixelCodec):
     max_levels = MAX_THUMBNAIL_LEVELS
     auto = True
     quality_search = True
+    decoder_needs_quality = False  # PixelParams.quality is written only where the decoder reads it (jpeg)
 
     def encode_thumbnail(self, thumb: np.ndarray, quality: int) -> bytes:
         """The payload of one uint8 thumbnail: the encoder's file less what the receiver rebuilds."""
@@ -125,11 +135,22 @@ class ThumbnailCodec(PixelCodec):
         """The uint8 thumbnail of one payload; anything malformed: BitstreamError."""
         raise NotImplementedError
 
+    def proxy_thumbnail(self, thumb: np.ndarray, quality: int) -> tuple[bytes, int]:
+        """A quicker encode that ``decode_thumbnail`` reads, and the size the real encode would about
+        have: rate control predicts the quality that fits with it and encodes only a few for real."""
+        payload = self.encode_thumbnail(thumb, quality)
+        return payload, len(payload)
+
     def check_settings(self, s: PixelSettings) -> None:
         if not 0 <= s.quality <= 100:
             raise MiscError(f"pixel layer: quality {s.quality} is outside 0..100 (0: the default, 50)")
         if not 1 <= s.levels <= MAX_THUMBNAIL_LEVELS:
             raise MiscError(f"pixel layer: levels must be 1..{MAX_THUMBNAIL_LEVELS}")
+        if s.previews and len(s.previews) != s.levels - 1:
+            raise MiscError(f"pixel layer: {len(s.previews)} previews for {s.levels} levels (need levels - 1)")
+        for w, h, q in s.previews:
+            if not (1 <= w <= MAX_RASTER and 1 <= h <= MAX_RASTER and 1 <= q <= 100):
+                raise MiscError(f"pixel layer: preview {w}x{h} quality {q} is outside 1..{MAX_RASTER} or 1..100")
 
     def encode(self, image: np.ndarray, settings: PixelSettings, scratch: Scratch | None = None
                ) -> list[PixelLevel]:
@@ -141,15 +162,22 @@ class ThumbnailCodec(PixelCodec):
 
 def encode_thumbnail_levels(codec: ThumbnailCodec, targets: _Targets, s: PixelSettings) -> list[PixelLevel]:
     quality = s.quality or 50
+    if s.previews:
+        out = []
+        for k, (w, h, q) in enumerate((*s.previews, (s.width, s.height, quality))):
+            params = pb.PixelParams(width=w, height=h, quality=q if codec.decoder_needs_quality else 0)
+            out.append(PixelLevel(k, codec.codec_id, params, codec.encode_thumbnail(to_uint8(targets.get(w, h)), q)))
+        return out
+    stored_quality = quality if codec.decoder_needs_quality else 0
     out: list[PixelLevel] = []
     recon = None
     for k, (w, h) in enumerate(level_rasters(s.width, s.height, s.levels)):
         target = targets.get(w, h)
         if k == 0 or not RESIDUAL_LEVELS:
-            params = pb.PixelParams(width=w, height=h, quality=quality)
+            params = pb.PixelParams(width=w, height=h, quality=stored_quality)
             coded = to_uint8(target)
         else:
-            params = pb.PixelParams(width=w, height=h, quality=quality, residual=True,
+            params = pb.PixelParams(width=w, height=h, quality=stored_quality, residual=True,
                                     residual_gain=RESIDUAL_GAIN)
             pred = resize(recon, w, h, UP_FILTER)
             coded = to_uint8((target - pred) * (RESIDUAL_GAIN / 8.0) + 128.0)
