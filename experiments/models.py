@@ -633,3 +633,62 @@ def write_tiny_models(dest: str | os.PathLike[str], *, force: bool = False,
             written[role] = final
     (root / "README.txt").write_text(_README.format(dest=root))
     return written
+
+
+# ============================================================================ net pixel codec (cheng2020-anchor)
+
+TINY_NET_FILE = "cheng2020-anchor-tiny.pth.tar"
+# The entropy coder tables a CompressAI model saves (empty until its update() runs); net.py rebuilds its own.
+_COMPRESSAI_TABLES = ("entropy_bottleneck._offset", "entropy_bottleneck._quantized_cdf",
+                      "entropy_bottleneck._cdf_length", "gaussian_conditional._offset",
+                      "gaussian_conditional._quantized_cdf", "gaussian_conditional._cdf_length",
+                      "gaussian_conditional.scale_table")
+
+
+def tiny_net_state_dict(width: int = 8, seed: int = 0) -> dict:
+    """A cheng2020-anchor state dict with seeded random weights, keyed exactly as CompressAI's
+    ``Cheng2020Anchor(N=width).state_dict()`` is (its coder tables included, empty as before update())."""
+    import torch
+
+    from miscnet.core.pixel import net
+
+    torch.manual_seed(seed)
+    model = net._modules()["Cheng2020Anchor"](width)
+    with torch.no_grad():  # spread the z prior's quantiles as a trained model's are, not CompressAI's init
+        model.entropy_bottleneck.quantiles.copy_(torch.tensor([-6.0, 0.0, 6.0]).repeat(width, 1, 1))
+    state = dict(model.state_dict())
+    for key in _COMPRESSAI_TABLES:
+        state[key] = torch.tensor([], dtype=torch.float32 if key.endswith("scale_table") else torch.int32)
+    return state
+
+
+def write_tiny_net(dest: str | os.PathLike[str], *, force: bool = False, width: int = 8, seed: int = 0) -> Path:
+    """Write dest/cheng2020-anchor-tiny.pth.tar (torch.save of a plain state dict, as CompressAI's zoo
+    files are); return its path. Outputs are noise: it proves the net codec's paths, not its pictures."""
+    from miscnet.core.pixel.net import require_stack
+
+    torch, _ = require_stack()
+    folder = Path(dest).expanduser()
+    path = folder / TINY_NET_FILE
+    if path.exists() and not force:
+        raise MiscError(f"{path} already exists (use --force to replace it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(tiny_net_state_dict(width, seed), tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def net_row(value: str | None = None) -> dict:
+    """The `miscnet models` row of the net pixel codec: which weights file it would load, and whether it is there."""
+    from miscnet.core.pixel.net import NET_MODEL_ENV, model_path
+
+    row = {"layer": "pixel", "backend": "net", "role": "net", "env": NET_MODEL_ENV, "option": "--net-model",
+           "what": "cheng2020-anchor learned codec (CompressAI-format state dict)"}
+    try:
+        path = model_path(value)
+        row.update(model=str(path), source="option" if value else "configured", path=str(path), present=True,
+                   problem=None)
+    except MiscError as exc:
+        row.update(model=value, source="option" if value else "unset", path=None, present=False, problem=str(exc))
+    return row

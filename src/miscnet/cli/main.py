@@ -42,6 +42,7 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
                    help=f"map grid N (N x N cells, default {_ENC.map.grid})")
     g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(pixel_codec_choices()),
                    help=f"pixel layer codec (default {_ENC.pixel_codec})")
+    g.add_argument("--net-model", metavar="PATH", help="--pixel net: its weights (default $MISCNET_NET_MODEL)")
     g.add_argument("--levels", type=_positive_int, default=_ENC.levels,
                    help=f"pixel levels, coarse first (default {_ENC.levels})")
     budget = g.add_mutually_exclusive_group()
@@ -551,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", metavar="DIR", help="write one PNG per progressive stage")
     p.add_argument("--reference", metavar="IMAGE", help="original image: report PSNR / MS-SSIM per stage")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--net-model", metavar="PATH", help="net pixel layers: their weights (default $MISCNET_NET_MODEL)")
     cli_models.add_decoder_options(p)
     p.set_defaults(func=cmd_decode)
 
@@ -665,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args = build_parser().parse_args(argv)
+            if getattr(args, "net_model", None):  # the net pixel codec's weights, for encode and decode alike
+                from miscnet.core.pixel import net
+                net.use_model(args.net_model)
             return args.func(args)
         finally:
             # Flush here, not at exit: a reader that closed the pipe (| head) is then caught below, instead

@@ -70,6 +70,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--vlm-model", metavar="PATH|ID")
     g.add_argument("--lmm-model", metavar="NAME")
     g.add_argument("--lmm-endpoint", metavar="URL")
+    g.add_argument("--net-model", metavar="PATH")
     sub = p.add_subparsers(dest="models_action", metavar="ACTION")
     t = sub.add_parser("tiny", help="write tiny random-weight models (diffusion, controlnet, upscaler, clip, vlm, "
                        "diffbir)")
@@ -80,10 +81,18 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from miscnet.experiments.models import format_rows, list_models, models_report, write_tiny_models
+    from miscnet.experiments.models import (  # the net pixel codec
+        format_rows,
+        list_models,
+        models_report,
+        net_row,
+        write_tiny_models,
+        write_tiny_net,
+    )
 
     if args.models_action == "tiny":
         written = write_tiny_models(args.dest, force=args.force)
+        written["net"] = write_tiny_net(Path(args.dest) / "net", force=args.force)  # the net pixel codec
         if args.json:
             print(json.dumps({"dest": str(Path(args.dest)), "models": {k: str(v) for k, v in written.items()}}))
         else:
@@ -95,6 +104,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     values = {"diffusion": args.diffusion_model, "diffbir": args.diffbir_model, "controlnet": args.controlnet_model,
               "upscaler": args.upscaler_model, "clip": args.clip_model, "vlm": args.vlm_model}
     rows = list_models(values, lmm_model=args.lmm_model, lmm_endpoint=args.lmm_endpoint)
+    rows.append(net_row(args.net_model))
     report = models_report(rows)
     if args.json:
         print(json.dumps(report))

@@ -45,6 +45,7 @@ CODEC_NAMES = {
     pb.CODEC_PIXEL_AVIF: "avif",
     pb.CODEC_PIXEL_JPEG: "jpeg",
     pb.CODEC_PIXEL_JPEG_PROGRESSIVE: "jpeg-progressive",  # baselines only (experiments/baselines.py)
+    pb.CODEC_PIXEL_NET: "net",
 }
 # Codec numbers by kind (bitstream.proto): 1-15 semantic, 16-31 map, 32-63 pixel.
 _CODEC_RANGE = {pb.LAYER_KIND_SEMANTIC: (1, 15), pb.LAYER_KIND_MAP: (16, 31), pb.LAYER_KIND_PIXEL: (32, 63)}

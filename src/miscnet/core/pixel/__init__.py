@@ -7,7 +7,7 @@ Codecs share one interface (``base.PixelCodec``) and are found through a registr
 (api.py) dispatch through the registry; the sender's rate control lives in miscnet.sender.rate_control.
 """
 
-from miscnet.core.pixel import avif, block, jpeg, webp  # noqa: F401  (they register themselves)
+from miscnet.core.pixel import avif, block, jpeg, net, webp  # noqa: F401  (they register themselves)
 from miscnet.core.pixel.api import decode_pixels, decode_raster, encode_pixels, payload_bytes, thumbnail_file
 from miscnet.core.pixel.base import (
     MAX_OUTPUT,
