@@ -5,7 +5,6 @@ and nothing else; cut, corrupted and oversized payloads fail in one line; weight
 key names; missing weights and a missing torch say what to do.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from miscnet.cli.main import main
 from miscnet.core.errors import BitstreamError, MiscError
 from miscnet.core.pixel import PixelLevel, PixelSettings, decode_pixels, decode_raster, encode_pixels, net
 from miscnet.experiments.models import tiny_net_state_dict, write_tiny_net
@@ -224,17 +224,14 @@ def test_wrong_or_unsafe_weights_fail_in_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def test_missing_weights_name_the_path(tmp_path):
+def test_missing_weights_name_the_path(tmp_path, monkeypatch, capsys):
     gone = tmp_path / "nowhere" / "cheng.pth.tar"
     with pytest.raises(MiscError, match=f"no weights at {gone}"):
         net.model_path(gone)
-    net.use_model(None)
-    env = {k: v for k, v in os.environ.items() if k not in (net.NET_MODEL_ENV, net.MODELS_DIR_ENV)}
-    proc = subprocess.run([sys.executable, "-m", "miscnet", "encode", "sample:astronaut", "-o",
-                           str(tmp_path / "a.misc"), "--pixel", "net", "--levels", "1", "--net-model", str(gone)],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.strip() == \
-        f"miscnet: net pixel codec: no weights at {gone} (give --net-model PATH or set {net.NET_MODEL_ENV})"
+    rc = main(["encode", "sample:astronaut", "-o", str(tmp_path / "a.misc"), "--pixel", "net", "--levels", "1",
+               "--net-model", str(gone)])
+    assert rc == 2 and capsys.readouterr().err == \
+        f"miscnet: net pixel codec: no weights at {gone} (give --net-model PATH or set {net.NET_MODEL_ENV})\n"
 
 
 def test_without_torch_net_names_the_extra(tmp_path):
@@ -256,23 +253,22 @@ def test_without_torch_net_names_the_extra(tmp_path):
 # ---------------------------------------------------------------------------- the command line
 
 
-def test_encode_and_the_classical_decoder_round_trip_a_net_layer(weights, tmp_path):
+def test_encode_and_the_classical_decoder_round_trip_a_net_layer(weights, tmp_path, monkeypatch, capsys):
     from skimage import data
 
     Image.fromarray(data.astronaut()).resize((128, 128)).save(tmp_path / "astro.png")
     (tmp_path / "astro.json").write_text((ROOT / "src/miscnet/core/samples/astronaut.json").read_text())
-    run = [sys.executable, "-m", "miscnet"]
-    enc = subprocess.run(run + ["encode", str(tmp_path / "astro.png"), "-o", str(tmp_path / "a.misc"), "--pixel",
-                                "net", "--levels", "1", "--net-model", str(weights), "--json"],
-                         capture_output=True, text=True, timeout=600)
-    assert enc.returncode == 0, enc.stderr
-    info = subprocess.run(run + ["info", str(tmp_path / "a.misc")], capture_output=True, text=True, timeout=300)
-    assert " net " in info.stdout, info.stdout
-    dec = subprocess.run(run + ["decode", str(tmp_path / "a.misc"), "-o", str(tmp_path / "a.png"), "--net-model",
-                                str(weights)], capture_output=True, text=True, timeout=600)
-    assert dec.returncode == 0, dec.stderr
-    assert Image.open(tmp_path / "a.png").size == (128, 128)
-    env = {k: v for k, v in os.environ.items() if k not in (net.NET_MODEL_ENV, net.MODELS_DIR_ENV)}
-    bare = subprocess.run(run + ["decode", str(tmp_path / "a.misc"), "-o", str(tmp_path / "b.png")],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert bare.returncode == 2 and "no weights configured" in bare.stderr and bare.stderr.count("\n") == 1
+    misc, png = str(tmp_path / "a.misc"), str(tmp_path / "a.png")
+    assert main(["encode", str(tmp_path / "astro.png"), "-o", misc, "--pixel", "net", "--levels", "1",
+                 "--net-model", str(weights)]) == 0
+    assert main(["info", misc]) == 0
+    assert " net " in capsys.readouterr().out
+    assert main(["decode", misc, "-o", png, "--net-model", str(weights)]) == 0
+    assert Image.open(png).size == (128, 128)
+    net.use_model(None)
+    for var in (net.NET_MODEL_ENV, net.MODELS_DIR_ENV):
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    assert main(["decode", misc, "-o", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert "no weights configured" in err and err.count("\n") == 1

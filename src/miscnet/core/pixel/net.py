@@ -557,6 +557,9 @@ class NetCodec(PixelCodec):
     quality_search = True
     ladder_smallest = 64
 
+    def __init__(self) -> None:
+        self._decoded: dict[tuple, np.ndarray] = {}  # a few recent decodes (deterministic, so safe to reuse)
+
     def check_settings(self, settings: PixelSettings) -> None:
         if settings.levels != 1:
             raise MiscError("pixel layer: the net codec codes one level")
@@ -588,7 +591,13 @@ class NetCodec(PixelCodec):
         p = levels[0].params
         if max(p.width, p.height) > NET_MAX_RASTER:
             raise BitstreamError(f"net level: raster {p.width}x{p.height} is over {NET_MAX_RASTER} on a side")
-        return decode_payload(load_model(), bytes(levels[0].payload), p.width, p.height)
+        model = load_model()
+        key = (model.digest, bytes(levels[0].payload), p.width, p.height)
+        if key not in self._decoded:  # rate control decodes one raster's level once per quality it probes
+            if len(self._decoded) >= 8:
+                self._decoded.pop(next(iter(self._decoded)))
+            self._decoded[key] = decode_payload(model, key[1], p.width, p.height)
+        return self._decoded[key].copy()
 
 
 register(NetCodec())
