@@ -134,7 +134,7 @@ class Port:
     """
 
     __slots__ = ("env", "name", "trace", "rate_bps", "queue_bytes", "_prev_send", "_opp", "_left", "_pending",
-                 "_queued", "packets_in", "bytes_in", "packets_dropped", "bytes_dropped")
+                 "_queued", "packets_in", "bytes_in", "packets_dropped", "bytes_dropped", "sojourns")
 
     def __init__(self, env: simpy.Environment, rate: float | Trace, queue_bytes: int | None = None,
                  name: str = "port"):
@@ -150,6 +150,8 @@ class Port:
         self.bytes_in = 0
         self.packets_dropped = 0
         self.bytes_dropped = 0
+        # set to a list to record each accepted packet's wait before its serialisation starts (seconds)
+        self.sojourns: list[float] | None = None
 
     def put(self, packet: Any, t: float, route: tuple, i: int) -> bool:
         size = packet.size
@@ -189,6 +191,8 @@ class Port:
                 return False
             pending.append((start, size))
             self._queued += size
+        if self.sojourns is not None:
+            self.sojourns.append(start - t if start > t else 0.0)
         if trace is None:
             self._prev_send = depart
         else:
@@ -234,10 +238,11 @@ class Port:
 class _Flow:
     """One flow's state in a ``DrrPort``: its FIFO of (packet, route, i), DRR deficit and byte counts."""
 
-    __slots__ = ("queue", "deficit", "queued", "delivered")
+    __slots__ = ("queue", "arrivals", "deficit", "queued", "delivered")
 
     def __init__(self):
         self.queue: deque[tuple[Any, tuple, int]] = deque()
+        self.arrivals: deque[float] = deque()  # when each queued packet arrived (for sojourn times)
         self.deficit = 0
         self.queued = 0  # bytes waiting (not the packet in service)
         self.delivered = 0  # bytes handed on
@@ -266,7 +271,7 @@ class DrrPort:
 
     __slots__ = ("env", "name", "trace", "rate_bps", "queue_bytes", "quantum", "_flows", "_active", "_fresh",
                  "_cur", "_cur_flow", "_event", "_due", "_opp", "_left", "_queued", "_npackets",
-                 "packets_in", "bytes_in", "packets_dropped", "bytes_dropped")
+                 "packets_in", "bytes_in", "packets_dropped", "bytes_dropped", "sojourns")
 
     def __init__(self, env: simpy.Environment, rate: float | Trace, queue_bytes: int | None = None,
                  name: str = "port", quantum: int = 1500):
@@ -290,6 +295,7 @@ class DrrPort:
         self.bytes_in = 0
         self.packets_dropped = 0
         self.bytes_dropped = 0
+        self.sojourns: list[float] | None = None  # as Port's: each packet's wait before it starts to leave
 
     def put(self, packet: Any, t: float, route: tuple, i: int) -> bool:
         env = self.env
@@ -306,6 +312,8 @@ class DrrPort:
         if flow is None:
             flow = self._flows[key] = _Flow()
         if self._event is None and self.trace is None:  # idle constant rate: serialise at once
+            if self.sojourns is not None:
+                self.sojourns.append(0.0)
             self._start((packet, route, i), flow, size, now)
             return True
         limit = self.queue_bytes
@@ -316,6 +324,7 @@ class DrrPort:
         if not flow.queue:
             self._active.append(flow)
         flow.queue.append((packet, route, i))
+        flow.arrivals.append(now)
         flow.queued += size
         self._queued += size
         self._npackets += 1
@@ -348,6 +357,9 @@ class DrrPort:
             size = entry[0].size
             if size <= flow.deficit:
                 flow.queue.popleft()
+                arrived = flow.arrivals.popleft()
+                if self.sojourns is not None:
+                    self.sojourns.append(self.env.now - arrived)
                 flow.deficit -= size
                 flow.queued -= size
                 self._queued -= size

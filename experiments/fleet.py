@@ -19,6 +19,7 @@ A fleet scenario (TOML) names groups of senders, the shared links their paths cr
                                               # and trace_rate = "64kbit" (scaled to that mean, fades kept)
     path = ["cell", "backhaul"]               # shared links, in order
     protection = { mode = "arq" }
+    pacing = "aimd"                           # each sender paces to its path (channel/pacing.py); or "off"
     radio = "cellular"                        # transmit energy: cellular 438.4 nJ/bit, wifi 283.17 (PureEdgeSim)
 
     [[link]]
@@ -66,6 +67,7 @@ import simpy
 
 from miscnet.channel.link import LinkConfig
 from miscnet.channel.link import Path as LinkPath
+from miscnet.channel.pacing import PacingConfig, PacingError, SimPacer, pacing_config
 from miscnet.channel.packet import Datagram, PacketError
 from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.channel.units import parse_time
@@ -116,6 +118,7 @@ class Group:
     path: tuple[str, ...]
     transport: TransportConfig
     nj_per_bit: float
+    pacing: PacingConfig | None = field(default_factory=PacingConfig)  # None: datagrams go out at once
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class FleetSpec:
 
 _TOP = {"name", "description", "duration", "drain", "seed", "encoder", "group", "link", "receiver", "reverse",
         "report", "sweep"}
-_GROUP = {"name", "count", "images", "arrival", "start", "access", "path", "protection", "radio"}
+_GROUP = {"name", "count", "images", "arrival", "start", "access", "path", "protection", "radio", "pacing"}
 _LINK_KEYS = {"rate", "trace", "delay", "jitter", "loss", "queue", "reorder", "discipline", "trace_offset",
               "trace_rate", "outage"}
 _RECEIVER = {"workers", "policy", "profile", "queue_limit", "max_batch", "max_wait", "busy_power", "idle_power"}
@@ -279,9 +282,14 @@ def parse_fleet(raw: dict, source: str, base: Path) -> FleetSpec:
             raise FleetError(f"{where}.radio: {radio!r} is not cellular, wifi or a number of nJ/bit")
         start = table.get("start", "random")
         start = start if start == "random" else _time(f"{where}.start", start)
+        try:
+            pacing = pacing_config(table.get("pacing", "aimd"))
+        except PacingError as exc:
+            raise FleetError(f"{where}.pacing: {exc}") from None
         groups.append(Group(name, count, tuple(images), _arrivals(f"{where}.arrival", table.get("arrival", "every 10s"),
                                                                    base),
-                            start, access, random_offset, tuple(table.get("path", [])), transport, float(nj)))
+                            start, access, random_offset, tuple(table.get("path", [])), transport, float(nj),
+                            pacing))
     if not groups:
         raise FleetError(f"{source}: no [[group]] of senders")
     rx = _check_keys(f"{source}: receiver", raw.get("receiver", {}), _RECEIVER)
@@ -536,6 +544,8 @@ class _Sender:
         self.inboxes: dict[int, simpy.Store] = {}
         self.in_flight: dict[int, _Capture] = {}  # by image id, until the receiver has the whole image
         self.bytes_sent = 0
+        # one pacer per sender, across all its images in flight (None: straight to the path)
+        self.pacer = None if group.pacing is None else SimPacer(env, group.pacing, self._to_path)
         start = group.start if group.start != "random" else float(self.rng.uniform(0, group.arrivals.period or 1.0))
         self.times = group.arrivals.capture_times(self.rng, start, spec.duration_s)
         self.names = [group.images[(index + k) % len(group.images)] for k in range(len(self.times))]
@@ -569,11 +579,19 @@ class _Sender:
         cap.state, cap.failure = sender.state, sender.failure
 
     def _out(self, cap: _Capture, datagrams) -> None:
+        datagrams = list(datagrams)
         for dg in datagrams:
-            dg.flow = self.index
             cap.wire_bytes += dg.size
-            self.bytes_sent += dg.size
-            self.path.send(dg)
+        if self.pacer is None:
+            for dg in datagrams:
+                self._to_path(dg)
+        else:
+            self.pacer.send(datagrams)
+
+    def _to_path(self, dg: Datagram) -> None:
+        dg.flow = self.index
+        self.bytes_sent += dg.size  # the pacer's probes included
+        self.path.send(dg)
 
     def _on_forward(self, dg: Datagram) -> None:
         received = self.receiver.on_datagram(dg.data)
@@ -608,6 +626,8 @@ class _Sender:
                                     deadline=deadline, has_pixels=stage.has_pixels, payload=cap))
 
     def _on_reverse(self, dg: Datagram) -> None:
+        if self.pacer is not None and self.pacer.on_feedback(dg.data):
+            return  # the answer to a pacing probe
         try:
             image_id, feedback = parse_feedback(dg.data)
         except PacketError:

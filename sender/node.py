@@ -2,8 +2,10 @@
 
 The transport's sender state machine (channel/transport.py) runs on the wall clock here: packets go out
 as one gRPC message each, feedback comes back on the same bidirectional stream, and the retransmission
-timer is the loop's wait timeout. A broken stream (receiver or relay restarted) fails with a clear
-message, or is retried from the current image with ``retries``.
+timer is the loop's wait timeout. Packets leave through the stream's pacer (channel/pacing.py: one per
+stream, at the rate its answers say the path carries; ``pacing=None`` sends at once). A broken stream
+(receiver or relay restarted) fails with a clear message, or is retried from the current image with
+``retries``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from miscnet.channel.grpc_util import TlsFiles, diagnose_connection, open_channel, token_metadata
-from miscnet.channel.packet import POLL, Packet, PacketError
+from miscnet.channel.pacing import PacingConfig, ThreadPacer
+from miscnet.channel.packet import POLL, Datagram, Packet, PacketError
 from miscnet.channel.transport import FINAL_TOKEN, POLL_ASK, ImageSender, TransportConfig, parse_feedback
 from miscnet.core.container import EncodedImage, layers_digest
 from miscnet.core.errors import MiscError
@@ -37,6 +40,7 @@ class SenderOptions:
     connect_timeout_s: float = 10.0
     retries: int = 0  # reconnect this many times after a broken stream
     linger_s: float = 5.0  # none / fec: wait this long for the receiver's final report
+    pacing: PacingConfig | None = field(default_factory=PacingConfig)  # None: packets go out at once
 
 
 @dataclass
@@ -65,6 +69,7 @@ class _Stream:
         self.inbox: queue.Queue = queue.Queue()
         self.error: grpc.RpcError | None = None
         self.replied = False  # a reply came: the connection was accepted, not refused after the handshake
+        self.pacer = None if options.pacing is None else ThreadPacer(options.pacing, self._emit)
         stub = sgrpc.LinkStub(self.channel)
         self.call = stub.Exchange(self._requests(), metadata=token_metadata(options.token))
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -82,17 +87,27 @@ class _Stream:
             for message in self.call:
                 self.replied = True
                 if message.WhichOneof("body") == "packet":
+                    if self.pacer is not None and self.pacer.on_feedback(message.packet):
+                        continue  # the answer to a pacing probe: timing only
                     self.inbox.put(message.packet)
         except grpc.RpcError as exc:
             self.error = exc
         finally:
             self.inbox.put(_END)
 
+    def _emit(self, d: Datagram) -> None:
+        self.outbox.put(spb.LinkMessage(packet=d.data))
+
     def send(self, datagrams) -> None:
+        if self.pacer is not None:
+            self.pacer.send(datagrams)
+            return
         for d in datagrams:
-            self.outbox.put(spb.LinkMessage(packet=d.data))
+            self._emit(d)
 
     def close(self, wait_s: float = 5.0) -> None:
+        if self.pacer is not None:
+            self.pacer.close(wait_s)
         self.outbox.put(_END)
         self.reader.join(timeout=wait_s)
         self.call.cancel()
@@ -130,7 +145,8 @@ def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, op
     final_poll_at = None
     if not options.transport.uses_feedback:
         # nothing was promised, but ask the receiver what it got, for the report
-        stream.outbox.put(spb.LinkMessage(packet=Packet(POLL, image_id, 0, FINAL_TOKEN, POLL_ASK).encode()))
+        # (through the pacer, behind the image's packets)
+        stream.send([Datagram(Packet(POLL, image_id, 0, FINAL_TOKEN, POLL_ASK).encode(), "poll", image_id)])
         final_poll_at = time.monotonic() + options.linger_s
     while True:
         if sender.finished and final_poll_at is None:

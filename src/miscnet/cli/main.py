@@ -477,6 +477,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_sender(args: argparse.Namespace) -> int:
+    from miscnet.channel.pacing import pacing_config
     from miscnet.sender.encoder import encode_image
     from miscnet.sender.node import SenderOptions, send_images
 
@@ -487,7 +488,7 @@ def cmd_sender(args: argparse.Namespace) -> int:
         items.append((path.stem, encode_image(image, semantics, with_map_for(config, semantics, args, arg)).encoded))
     options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
                             server_name=args.server_name, token=args.token, retries=args.retry,
-                            connect_timeout_s=args.connect_timeout)
+                            connect_timeout_s=args.connect_timeout, pacing=pacing_config(args.pacing))
     results = send_images(items, options)
     failed = [r for r in results if not r.delivered]
     if args.json:
@@ -639,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"packet payload bytes (default {_TRANSPORT.mtu})")
     p.add_argument("--retry", type=int, default=0, metavar="N", help="reconnect N times after a broken stream")
     p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS")
+    p.add_argument("--pacing", choices=("aimd", "off"), default="aimd",
+                   help="pace packets to the rate the path delivers (channel/pacing.py; default aimd) or not")
     p.add_argument("--server-name", help="TLS name expected of the peer")
     add_node_options(p, server=False)
     p.add_argument("--json", action="store_true")
