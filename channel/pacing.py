@@ -8,32 +8,42 @@ paced rate; the path's queues stay short and the backlog waits at the sender, wh
 Signals (no new protocol field). Every POLL that leaves the pacer is timed, and the FEEDBACK that answers
 it (same image id and token) gives an RTT sample that excludes the time spent in the pacer. Because a
 flow's packets stay in order on the path, the answer to a POLL also says that every byte released before
-it has arrived (or was lost on the way): consecutive answers give a delivery-rate sample, BBR's
-``bytes / max(send interval, ack interval)``. The transport's own POLLs (``arq``, ``hybrid``) are used as
-they are; where they are too sparse (``none`` and ``fec`` send none; a long image sends one per round),
-the pacer adds a **probe**: a POLL with token 0, which no round uses, for an image id counted down from
-0xFFFF that the stream has not used, so the receiver answers ``{token 0, complete false}`` and keeps no
-state (proto/PROTOCOL.md 3.2). A probe goes after at least ``probe_bytes`` of data (about 1 % overhead at
-the default) and when the queue empties after data no POLL followed, so the tail is measured too.
+it has arrived (or was lost on the way): answers about two min RTTs apart give a delivery-rate sample,
+BBR's ``bytes / max(send interval, ack interval)`` (spans under a quarter of min_rtt are a burst's spacing
+and are not used). The transport's own POLLs (``arq``, ``hybrid``) are used as they are; where they are too
+sparse (``none`` and ``fec`` send none; a long image sends one per round), the pacer adds a **probe**: a
+POLL with token 0, which no round uses, for an image id counted down from 0xFFFF that the stream has not
+used, so the receiver answers ``{token 0, complete false}`` and keeps no state (proto/PROTOCOL.md 3.2). A
+probe follows every ``probe_bytes`` of data with no POLL among them, and the tail of a burst; at the
+default about 0.4 % of the bytes (``bench_pacing`` measures it). Loss: the share of a round's bytes the
+transport asked to resend (counted when it asks, so a backlog of old resends is not new loss).
 
-Control: AIMD on the queueing delay (``rtt - min_rtt``), in the manner of Swift (Kumar et al., SIGCOMM
-2020), on the rate; BBR's model gives the start. Why this and not BBR's gain cycle or LEDBAT:
+Control: AIMD on the queueing delay (``rtt - min_rtt``) on the rate, in the manner of Swift (Kumar et al.,
+SIGCOMM 2020); BBR's model (delivery rate, min RTT, its startup) gives the start and the base of a
+decrease. Why this and not BBR's gain cycle or LEDBAT:
 
 - fairness: senders on one bottleneck see the same queueing delay, so they decrease together, by the same
   factor, and increase by the same amount: Chiu and Jain's AIMD argument, the differences between their
-  rates shrink by the decrease factor at every decrease. LEDBAT's controller is additive both ways and
-  keeps whatever unfairness it starts with; BBR v1's max filter over-estimates each flow's share when many
-  probe at once and leans on a window of 2 BDP (a minimum of 4 packets: with 32 small flows that alone is
-  more than the pipe) to bound the queue.
-- delay: the decrease starts at ``target_delay_s`` of queueing (default 25 ms) and is proportional to how
-  far above it the delay is (at most ``max_decrease`` per RTT), so the queue hovers near the target
-  whatever the number of senders, well under the 100 ms of the target.
-- utilisation: a decrease is small when the overshoot is, at most once per RTT, so the queue seldom drains.
+  rates shrink at every decrease. LEDBAT's controller is additive both ways and keeps whatever unfairness
+  it starts with; BBR v1's max filter over-estimates each flow's share when many probe at once and leans on
+  a window of 2 BDP (at least 4 packets: with 32 small flows that alone is more than the pipe) to bound
+  the queue.
+- delay: above ``target_delay_s`` of queueing (25 ms) the rate becomes the delivered rate times
+  ``1 - beta (q - target) / q`` (at most ``max_decrease`` off), once per round trip of what left after the
+  previous decrease and not while the queue is already draining; below it the rate grows by
+  ``increase_packets`` per RTT per RTT, less as the delay nears the target, so 32 senders together do not
+  overshoot. The queue hovers near the target whatever the number of senders.
+- utilisation: decreases are small when the overshoot is, so the queue seldom drains.
+- a drop-tail queue that is full shows no delay to a sender that started behind it (its min_rtt includes
+  the queue): a round with more than ``loss_threshold`` of resends cuts by ``max_decrease``; on a link
+  with random loss below that threshold the pacer does not react to loss at all.
 
-Startup: from ``initial_rate_bps`` the rate follows twice the highest delivery rate seen (BBR's startup,
-doubling per round trip) until the queueing delay passes half the target, then it drops to what was
-delivered and the AIMD phase begins. A sender with nothing waiting (app-limited) does not increase. With
-no answer for ``silence_s`` (and at least 4 RTTs) while data was sent, the rate halves, once per period.
+Startup: from ``initial_rate_bps`` (after ``initial_burst`` packets at once) the rate follows twice the
+highest delivery rate seen, at most doubling per round trip (BBR's startup), until the queueing delay
+passes half the target, the RTT grows by a quarter of the target within a round trip, the delivery rate
+stops growing (by 25 % in 3 rounds) or a round is lossy; then it drops to what was delivered and the AIMD
+phase begins. A sender with nothing waiting (app-limited) does not increase. With no answer for
+``silence_s`` (and at least 4 RTTs) while data was sent, the rate halves, once per period.
 
 Sans I/O like the transport: ``push`` datagrams, ``release(now)`` takes the ones due, ``next_release_at``
 says when to call again, ``on_feedback(data, now)`` takes every FEEDBACK packet of the stream (before the
@@ -55,6 +65,7 @@ from miscnet.core.errors import MiscError
 PACING_MODES = ("aimd", "off")  # "aimd": this module's pacer; "off": datagrams go to the path at once
 PROBE_TOKEN = 0  # round tokens are 1..0xFFFE and the final POLL's is 0xFFFF: 0 is free for probes
 PROBE_IDS = 4096  # probes use image ids 0xFFFF, 0xFFFE, ... (this many, cycled): far above a stream's own
+SAMPLE_RTTS = 2  # a delivery-rate sample spans this many min RTTs (fewer: too few packets of a slow flow)
 DRAINING_S = 0.001  # a queueing delay this much under the one that caused the last decrease: it drains
 MAX_TIMED_POLLS = 1024  # POLLs awaiting an answer the pacer remembers (the oldest are forgotten)
 
@@ -174,8 +185,9 @@ class Pacer:
         return self.rate * 8
 
     def push(self, datagrams: Iterable[Datagram], now: float) -> None:
-        was_empty = not self.queue and self._released > 0  # idle after sending (the first push keeps the
-        for dg in datagrams:                                # initial burst)
+        # idle after sending (not the first push: that one keeps the initial burst)
+        was_empty = not self.queue and self._released > 0
+        for dg in datagrams:
             self.queue.append(dg)
             self.backlog_bytes += dg.size
             if dg.role == "retransmit":  # counted when the transport asks (it just learnt of a loss), not
@@ -271,7 +283,7 @@ class Pacer:
         # delivery rate over about one round trip of answers (consecutive answers are a few packets apart:
         # too short a span to average out other flows' packets between them)
         answers = self._answers
-        while len(answers) > 1 and answers[1][2] <= now - self.min_rtt:
+        while len(answers) > 1 and answers[1][2] <= now - SAMPLE_RTTS * self.min_rtt:
             answers.popleft()
         app_limited, rising = True, 0.0
         if answers:
