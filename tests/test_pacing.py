@@ -171,3 +171,53 @@ def test_live_paced_senders_leave_the_shared_queue_without_drops(tmp_path):
     # a start below the 170 kbit/s share (the default 1 Mbit/s would overshoot this small queue for a
     # round trip before the first answers came back)
     assert run(PacingConfig(initial_rate_bps=128e3, initial_burst=2), tmp_path / "paced") == 0
+
+
+# ---- fleets: the group key, and a fleet sharing one FIFO cell --------------------------------------------------
+
+FLEET = """
+name = "paced"
+duration = "12s"
+seed = 2
+[encoder]
+budget = 6000
+[[group]]
+name = "cams"
+count = 8
+images = ["astronaut", "coffee"]
+arrival = "every 0.25s"
+start = "random"
+access = {{ rate = "4mbit", delay = "10ms" }}
+path = ["cell"]
+protection = {{ mode = "arq" }}
+{pacing}
+[[link]]
+name = "cell"
+rate = "1mbit"
+delay = "10ms"
+queue = "30000"
+[receiver]
+workers = 4
+profile = "classical-cpu"
+"""
+
+
+def test_fleet_senders_pace_by_default_and_keep_the_shared_queue(tmp_path):
+    """Eight cameras offering about 1.4 Mbit/s to a 1 Mbit/s FIFO cell: unpaced, their images overflow its
+    30 kB queue; paced (the default), the backlog waits at the cameras and the cell drops far less."""
+    from miscnet.experiments.fleet import load_fleet, prepare_images, run_fleet
+
+    images = prepare_images({"astronaut", "coffee"}, 6000)
+    results = {}
+    for name, line in (("default", ""), ("off", 'pacing = "off"')):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(FLEET.format(pacing=line))
+        spec = load_fleet(path)
+        assert (spec.groups[0].pacing is None) == (name == "off")
+        results[name] = run_fleet(spec, images, drain_s=20)
+    paced, unpaced = (results[k]["links"]["cell"] for k in ("default", "off"))
+    assert unpaced["packets_dropped_queue"] > 100
+    assert paced["packets_dropped_queue"] < unpaced["packets_dropped_queue"] / 10
+    assert paced["utilization"] > unpaced["utilization"]  # fewer bytes wasted on drops and their resends
+    done = {k: results[k]["summary"]["complete"] for k in results}
+    assert done["default"] > done["off"]
