@@ -12,7 +12,7 @@ packets waited in its queue (the port's sojourn counter), Jain's fairness index 
 had delivered, and images completed. Printed paced and unpaced side by side, for FIFO and DRR.
 
 Targets (paced, every N and both disciplines): utilisation >= 0.9, p95 queueing delay < 100 ms, Jain's
-index >= 0.95; exit status 1 when one is missed.
+index >= 0.95; exit status 1 when one is missed. ``probes %``: the pacer's probe bytes among all sent.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from miscnet.channel.pacing import PacingConfig, SimPacer
 from miscnet.channel.packet import Datagram, PacketError
 from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.channel.units import parse_rate
+from miscnet.core.errors import MiscError
 
 WINDOW = 8  # images each sender keeps unfinished
 BUDGET = 12000  # bytes per image: 10 packets of 1200 bytes
@@ -218,22 +219,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    rate = parse_rate(args.rate)
+    try:
+        counts = [int(v) for v in args.senders.split(",")]
+        rate = parse_rate(args.rate)
+    except (ValueError, MiscError) as exc:
+        parser.error(str(exc))
+    if args.duration <= WARMUP_S or min(counts) < 1:
+        parser.error(f"--duration must be over the {WARMUP_S:g} s warm-up and --senders >= 1")
+    if set(args.disciplines.split(",")) - {"fifo", "drr"}:
+        parser.error("--disciplines: fifo, drr or both")
     image = bench_image()
     rows, failed = [], []
     print(f"bottleneck {args.rate}, {args.duration:g} s simulated (the first {WARMUP_S:g} s not measured), "
           f"{WINDOW} images of {image.payload_bytes()} bytes unfinished per sender, ARQ")
     print(f"{'N':>3} {'queue':5} {'pacing':7} {'util':>6} {'q p50 ms':>9} {'q p95 ms':>9} {'jain':>6} "
-          f"{'drops':>6} {'images':>7} {'failed':>6}")
+          f"{'drops':>6} {'images':>7} {'failed':>6} {'probes %':>8}")
     for discipline in args.disciplines.split(","):
-        for n in (int(v) for v in args.senders.split(",")):
+        for n in counts:
             for paced in (True, False):
                 row = run_bottleneck(n, paced=paced, discipline=discipline, rate_bps=rate,
                                      duration_s=args.duration, seed=args.seed, image=image)
                 rows.append(row)
                 print(f"{n:>3} {discipline:5} {'aimd' if paced else 'off':7} {row['utilization']:6.3f} "
                       f"{row['queue_p50_s'] * 1e3:9.1f} {row['queue_p95_s'] * 1e3:9.1f} {row['jain']:6.3f} "
-                      f"{row['dropped_queue']:6d} {row['images_done']:7d} {row['images_failed']:6d}", flush=True)
+                      f"{row['dropped_queue']:6d} {row['images_done']:7d} {row['images_failed']:6d} "
+                      f"{100 * row['probe_bytes'] / row['sent_bytes']:8.2f}", flush=True)
                 if paced:
                     failed += [f"N={n} {discipline}: {m}" for m in misses(row)]
     if args.json:
