@@ -32,7 +32,9 @@ decrease. Why this and not BBR's gain cycle or LEDBAT:
   ``1 - beta (q - target) / q`` (at most ``max_decrease`` off), once per round trip of what left after the
   previous decrease and not while the queue is already draining; below it the rate grows by
   ``increase_packets`` per RTT per RTT, less as the delay nears the target, so 32 senders together do not
-  overshoot. The queue hovers near the target whatever the number of senders.
+  overshoot. The queue hovers near the target whatever the number of senders. On a slow flow the target
+  is at least 1.5 of its own packet times (at 16 kbit/s a 1212-byte packet alone takes 600 ms): senders
+  sharing a slow bottleneck cannot queue less than a packet each, and the slower ones tolerate more.
 - utilisation: decreases are small when the overshoot is, so the queue seldom drains.
 - a drop-tail queue that is full shows no delay to a sender that started behind it (its min_rtt includes
   the queue): a round with more than ``loss_threshold`` of resends cuts by ``max_decrease``; on a link
@@ -66,6 +68,7 @@ PACING_MODES = ("aimd", "off")  # "aimd": this module's pacer; "off": datagrams 
 PROBE_TOKEN = 0  # round tokens are 1..0xFFFE and the final POLL's is 0xFFFF: 0 is free for probes
 PROBE_IDS = 4096  # probes use image ids 0xFFFF, 0xFFFE, ... (this many, cycled): far above a stream's own
 SAMPLE_RTTS = 2  # a delivery-rate sample spans this many min RTTs (fewer: too few packets of a slow flow)
+TARGET_PACKETS = 1.5  # the target is at least this many of the flow's own packet times
 DRAINING_S = 0.001  # a queueing delay this much under the one that caused the last decrease: it drains
 MAX_TIMED_POLLS = 1024  # POLLs awaiting an answer the pacer remembers (the oldest are forgotten)
 
@@ -300,9 +303,16 @@ class Pacer:
             self._last_answer_at = now
         self._control(rtt - self.min_rtt, rising, app_limited, poll.released, now)
 
+    def target_delay(self) -> float:
+        """The queueing delay held to: ``target_delay_s``, or more on a slow flow, where a packet of each
+        sender sharing the bottleneck takes longer than that to drain (about this flow's own packet time
+        at its rate; Swift scales its target for small windows likewise, and it pulls slow flows up)."""
+        return max(self.config.target_delay_s, TARGET_PACKETS * self.config.packet_bytes / self.rate)
+
     def _control(self, queueing: float, rising: float, app_limited: bool, released: int, now: float) -> None:
         cfg = self.config
         srtt = max(self.srtt or 0.0, 1e-3)
+        target = self.target_delay()
         lossy = False
         if released > self._loss_mark[0]:  # a round trip since the mark: the resends it caused have left
             total = self._released - self._loss_mark[0]
@@ -322,7 +332,7 @@ class Pacer:
                         self._full_delivery, self._flat_rounds = self.max_delivery, 0
                     else:
                         self._flat_rounds += 1
-            if (queueing > cfg.target_delay_s / 2 or rising > cfg.target_delay_s / 4 or self._flat_rounds >= 3
+            if (queueing > target / 2 or rising > target / 4 or self._flat_rounds >= 3
                     or lossy):
                 self.state = "steady"
                 self.rate = max(self.delivery_rate or self.rate, cfg.min_rate_bps / 8)
@@ -332,24 +342,24 @@ class Pacer:
             self.rate = min(self.rate, self.delivery_rate or self.rate) * (1 - cfg.max_decrease)
             self._decrease_mark = self._released
             self.stats.decreases += 1
-        elif queueing > cfg.target_delay_s:
+        elif queueing > target:
             # from what was delivered (the share this flow had), not from what was sent; once per round
             # trip of what left after the last decrease, and not while the queue drains after one (a second
             # decrease would take it below the target: idle link)
             draining = self._cut_queueing is not None and queueing < self._cut_queueing - DRAINING_S
             if released > self._decrease_mark and not draining:
                 base = min(self.rate, self.delivery_rate or self.rate)
-                self.rate = base * max(1 - cfg.beta * (queueing - cfg.target_delay_s) / queueing,
+                self.rate = base * max(1 - cfg.beta * (queueing - target) / queueing,
                                        1 - cfg.max_decrease)
                 self._decrease_mark = self._released
                 self._cut_queueing = queueing
                 self.stats.decreases += 1
         else:
             self._cut_queueing = None
-        if self.state == "steady" and queueing <= cfg.target_delay_s and not app_limited \
+        if self.state == "steady" and queueing <= target and not app_limited \
                 and self._last_increase is not None:
             # bytes/s per RTT, less as the delay nears the target: many senders together do not overshoot
-            step = cfg.increase_packets * cfg.packet_bytes / srtt * (1 - max(queueing, 0.0) / cfg.target_delay_s)
+            step = cfg.increase_packets * cfg.packet_bytes / srtt * (1 - max(queueing, 0.0) / target)
             self.rate += step * min(now - self._last_increase, srtt) / srtt
         self._last_increase = now
         self.rate = min(max(self.rate, cfg.min_rate_bps / 8), cfg.max_rate_bps / 8)
