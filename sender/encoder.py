@@ -21,7 +21,7 @@ from miscnet.core.pixel import PixelSettings
 from miscnet.core.semantic_codec import encode_semantic_layer
 from miscnet.core.semantics import Semantics, check_limits
 from miscnet.sender.map_layer import map_backend_for
-from miscnet.sender.rate_control import choose_settings
+from miscnet.sender.rate_control import choose_for_config
 from miscnet.v1 import bitstream_pb2 as pb
 
 # Without --budget / --bpp the pixel reference gets this much (MISC's operating point is
@@ -66,9 +66,23 @@ def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig,
     if config.pixel_codec == "none":
         return EncodeResult(base, to_bytes(base), warnings, None, semantics)
 
+    if config.pixel_codec == "ref" or config.block_rule == "misc":
+        # A fixed pixel layer (the external file, the notebook's grid): nothing to trade for bytes, so the
+        # whole file is measured against the budget as it is.
+        settings, levels = choose_for_config(image, config, None, exhaustive)
+        encoded = EncodedImage(width, height, layers + [_pixel_layer(lv) for lv in levels])
+        data = to_bytes(encoded)
+        if budget is not None and len(data) > budget:
+            what = f"the ref file {config.ref}" if config.pixel_codec == "ref" else "the notebook's block rule"
+            raise BudgetError(
+                f"budget of {budget} bytes is too small: {what} takes {sum(len(lv.payload) for lv in levels)} "
+                f"bytes, {len(data)} in all with the semantic and map layers; raise it to at least {len(data)}"
+            )
+        return EncodeResult(encoded, data, warnings, settings, semantics)
+
     if budget is None:
         pixel_max = max(MIN_DEFAULT_PIXEL_BYTES, int(DEFAULT_PIXEL_BPP * width * height / 8))
-        settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max, exhaustive)
+        settings, levels = choose_for_config(image, config, pixel_max, exhaustive)
         encoded = EncodedImage(width, height, layers + [_pixel_layer(lv) for lv in levels])
         return EncodeResult(encoded, to_bytes(encoded), warnings, settings, semantics)
 
@@ -79,7 +93,7 @@ def encode_image(image: np.ndarray, semantics: Semantics, config: EncoderConfig,
         if pixel_max <= 0:
             break
         try:
-            settings, levels = choose_settings(image, config.pixel_codec, config.levels, pixel_max, exhaustive)
+            settings, levels = choose_for_config(image, config, pixel_max, exhaustive)
         except BudgetError as exc:
             raise BudgetError(
                 f"budget of {budget} bytes leaves {pixel_max} for the pixel layer: {exc}"

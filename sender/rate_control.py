@@ -31,8 +31,9 @@ from miscnet.core.pixel import (
     psnr,
 )
 from miscnet.core.pixel.base import check_image, check_settings
-from miscnet.core.pixel.block import MISC_BLOCKS, MISC_STEP
+from miscnet.core.pixel.block import MISC_BLOCKS, MISC_STEP, misc_rule_settings
 from miscnet.core.pixel.imaging import UP_FILTER, to_uint8
+from miscnet.core.pixel.ref import read_ref_file
 from miscnet.core.pixel.thumbnail import ThumbnailCodec, thumbnail_targets
 
 SCORE_MAX_SIDE = 1536  # rate control measures PSNR at full size up to this long side (see _Search)
@@ -510,3 +511,34 @@ def settings_for_psnr(image: np.ndarray, codec: str, levels: int, min_psnr: floa
     if best is None:
         return None
     return best[1], search.encode(best[1]), search.score(best[1])
+
+
+def choose_for_config(image: np.ndarray, config, max_bytes: int | None, exhaustive: bool = False
+                      ) -> tuple[PixelSettings, list[PixelLevel]]:
+    """The pixel levels an EncoderConfig asks for, in at most ``max_bytes`` bytes (None: no budget).
+
+    ``--pixel ref``: the external codec's file as its one level, counted in full; ``--pixel block
+    --block-rule misc``: the notebook's fixed grid and step. Neither has anything to trade for bytes, so
+    a budget they miss is a BudgetError; everything else is ``choose_settings``'s search (which needs
+    ``max_bytes``)."""
+    check_image(image)
+    h, w = image.shape[:2]
+    if config.pixel_codec == "ref":
+        levels = read_ref_file(config.ref, w, h)
+        n = payload_bytes(levels)
+        if max_bytes is not None and n > max_bytes:
+            raise BudgetError(f"pixel layer: the ref file {config.ref} is {n} bytes, over the {max_bytes} "
+                              "bytes left for it")
+        p = levels[0].params
+        return PixelSettings("ref", p.width, p.height), levels
+    if config.pixel_codec == "block" and config.block_rule == "misc":
+        s = misc_rule_settings(w, h, config.levels)
+        check_settings(s)
+        n = s.nbytes_hint
+        if max_bytes is not None and n > max_bytes:
+            raise BudgetError(f"pixel layer: the notebook's block rule needs {n} bytes ({s.width}x{s.height} "
+                              f"blocks, step {s.step}), over the {max_bytes} bytes left for it")
+        return s, check_settings(s).encode(image, s)
+    if max_bytes is None:
+        raise MiscError("pixel layer: rate control needs a byte budget")
+    return choose_settings(image, config.pixel_codec, config.levels, max_bytes, exhaustive)

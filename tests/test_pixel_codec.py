@@ -358,9 +358,9 @@ def toy(request):
 
 
 def test_builtin_codecs_are_registered():
-    assert pc.codec_names() == (*CODECS, "net")  # net: the learned codec, tests/test_net_codec.py
+    assert pc.codec_names() == (*CODECS, "ref", "net")  # ref: tests/test_pixel_modes.py; net: tests/test_net_codec.py
     assert pc.auto_codec_names() == ("webp", "avif", "jpeg")
-    for name in CODECS:
+    for name in (*CODECS, "ref"):
         assert pc.lookup_id(lookup(name).codec_id) is lookup(name)
     assert lookup("png") is None and pc.lookup_id(999) is None
 

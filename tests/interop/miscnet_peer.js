@@ -55,7 +55,7 @@ const KIND_MAP = 2;
 const KIND_PIXEL = 3;
 const KIND_LABEL = { 1: 'semantic', 2: 'map', 3: 'pixel' };
 const PARAMS_OF_KIND = { 1: 'semantic', 2: 'map', 3: 'pixel' };
-const CODECS = new Set([1, 2, 3, 16, 17, 32, 33, 34, 35, 36, 40]);
+const CODECS = new Set([1, 2, 3, 16, 17, 32, 33, 34, 35, 36, 37, 40]);
 
 // ------------------------------------------------------------------ CRC-32 (IEEE 802.3, as zlib)
 

@@ -24,6 +24,7 @@ from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
 from miscnet.core.config import MAP_BACKENDS, EncoderConfig, SemanticsConfig, pixel_codec_choices
 from miscnet.core.errors import MiscError
+from miscnet.core.pixel.block import BLOCK_RULES
 from miscnet.receiver.stages import MAX_RENDER_PIXELS
 
 _ENC = EncoderConfig()  # the defaults
@@ -44,7 +45,13 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
                    help=f"pixel layer codec (default {_ENC.pixel_codec})")
     g.add_argument("--net-model", metavar="PATH", help="--pixel net: its weights (default $MISCNET_NET_MODEL)")
     g.add_argument("--levels", type=_positive_int, default=_ENC.levels,
-                   help=f"pixel levels, coarse first (default {_ENC.levels})")
+                   help=f"pixel levels, coarse first (default {_ENC.levels}; ref sends one)")
+    g.add_argument("--ref", default=_ENC.ref, metavar="FILE",
+                   help="--pixel ref: an external codec's output (JPEG, PNG, WebP, AVIF, JPEG 2000) sent byte for "
+                   "byte as the pixel layer; it counts in full against the budget")
+    g.add_argument("--block-rule", default=_ENC.block_rule, choices=list(BLOCK_RULES),
+                   help=f"--pixel block: search (the best grid and step for the budget) or misc (the notebook's "
+                   f"rule: blocks of max(long side / 16, 32) px, step 8) (default {_ENC.block_rule})")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=_positive_int, default=_ENC.budget_bytes, metavar="BYTES",
                         help="whole-file byte budget")
@@ -57,7 +64,8 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The EncoderConfig the encoder options ask for (with its SemanticsConfig and MapConfig)."""
     return EncoderConfig(pixel_codec=args.pixel_codec, levels=args.levels, budget_bytes=args.budget, bpp=args.bpp,
-                         map=cli_models.map_config(args), semantics=cli_models.semantics_config(args))
+                         block_rule=args.block_rule, ref=args.ref, map=cli_models.map_config(args),
+                         semantics=cli_models.semantics_config(args))
 
 
 def with_map_for(config: EncoderConfig, semantics, args: argparse.Namespace, image_arg: str) -> EncoderConfig:

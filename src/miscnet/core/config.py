@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.map_codec import DEFAULT_GRID, MAX_GRID
 from miscnet.core.pixel import codec_names
+from miscnet.core.pixel.block import BLOCK_RULES
 from miscnet.core.semantics import SemanticLimits
 
 SEMANTICS_BACKENDS = ("sidecar", "openai", "hf")
@@ -122,6 +123,8 @@ class EncoderConfig:
     levels: int = 2  # pixel levels, coarse first
     budget_bytes: int | None = None  # whole-file byte budget ...
     bpp: float | None = None  # ... or the same in bits per pixel (give one, or neither)
+    block_rule: str = "search"  # block codec: "search" (rate control) or "misc" (the notebook's fixed rule)
+    ref: str | None = None  # ref codec: the external codec's file whose bytes are the pixel layer (one level)
     map: MapConfig = field(default_factory=MapConfig)
     semantics: SemanticsConfig = field(default_factory=SemanticsConfig)
 
@@ -132,6 +135,14 @@ class EncoderConfig:
         if self.pixel_codec not in (choices := pixel_codec_choices()):
             raise MiscError(f"unknown pixel codec '{self.pixel_codec}' (use {', '.join(choices)})")
         self.map.check()
+        if self.block_rule not in BLOCK_RULES:
+            raise MiscError(f"unknown block rule {self.block_rule!r} (use {', '.join(BLOCK_RULES)})")
+        if self.block_rule != "search" and self.pixel_codec != "block":
+            raise MiscError(f"--block-rule {self.block_rule} applies to --pixel block, not {self.pixel_codec}")
+        if self.pixel_codec == "ref" and not self.ref:
+            raise MiscError("--pixel ref needs --ref FILE (the external codec's output)")
+        if self.ref and self.pixel_codec != "ref":
+            raise MiscError(f"--ref FILE goes with --pixel ref, not --pixel {self.pixel_codec}")
         if not 1 <= self.levels <= MAX_LEVELS:
             raise MiscError(f"--levels must be 1..{MAX_LEVELS}, not {self.levels}")
         if self.budget_bytes is not None and self.bpp is not None:

@@ -45,6 +45,7 @@ CODEC_NAMES = {
     pb.CODEC_PIXEL_AVIF: "avif",
     pb.CODEC_PIXEL_JPEG: "jpeg",
     pb.CODEC_PIXEL_JPEG_PROGRESSIVE: "jpeg-progressive",  # baselines only (experiments/baselines.py)
+    pb.CODEC_PIXEL_REF: "ref",  # MISC's ref mode: an external codec's file (core/pixel/ref.py)
     pb.CODEC_PIXEL_NET: "net",
 }
 # Codec numbers by kind (bitstream.proto): 1-15 semantic, 16-31 map, 32-63 pixel.

@@ -16,8 +16,15 @@ from miscnet.core.pixel.base import PixelCodec, PixelLevel, PixelSettings, Scrat
 from miscnet.v1 import bitstream_pb2 as pb
 
 COLORSPACES = {"rgb": 0, "ycbcr": 1}
-MISC_BLOCKS = 32  # MISC's pixel mode: at least 32 blocks on the short side
-MISC_STEP = 8
+MISC_BLOCKS = 32  # experiments/bench_pixel.py's fixed block baseline: 32 cells on the short side
+MISC_STEP = 8  # the notebook's 2 ** block_level, block_level = 3
+# The notebook's rule (``--block-rule misc``): the block is ``max(long side // 16, 32)`` pixels, the grid
+# floor(side / block) cells each way (at least 1), values floor-quantised with step 8.
+MISC_BLOCK_MIN_PIXELS = 32
+MISC_BLOCKS_LONG = 16
+# How the encoder picks the block codec's settings: "search" (rate control: the best grid and step
+# that fit the budget) or "misc" (the notebook's fixed rule, checked against the budget).
+BLOCK_RULES = ("search", "misc")
 BLOCK_STEPS = (4, 8, 16, 32, 64)  # the quantisation steps rate control tries on each grid
 
 
@@ -90,6 +97,24 @@ def _unpack(data: bytes, count: int, bits: int) -> np.ndarray:
         raise BitstreamError("block level: padding bits are not zero")
     planes = flat[: count * bits].reshape(count, bits).astype(np.uint16)
     return planes @ (1 << np.arange(bits - 1, -1, -1, dtype=np.uint16))
+
+
+def misc_block_pixels(width: int, height: int) -> int:
+    """The notebook's block size in pixels: about 16 blocks on the long side, never under 32 pixels."""
+    return max(max(width, height) // MISC_BLOCKS_LONG, MISC_BLOCK_MIN_PIXELS)
+
+
+def misc_block_grid(width: int, height: int) -> tuple[int, int]:
+    """The notebook's block grid for an image: floor(side / block) cells each way, at least 1 (the
+    notebook's ``int(side / block)`` is 0 for a side under the block size, which it cannot code)."""
+    block = misc_block_pixels(width, height)
+    return max(1, width // block), max(1, height // block)
+
+
+def misc_rule_settings(width: int, height: int, levels: int = 1) -> PixelSettings:
+    """The block settings of the notebook's rule for an image of this size: RGB, step 8."""
+    w, h = misc_block_grid(width, height)
+    return PixelSettings("block", w, h, step=MISC_STEP, levels=levels)
 
 
 def encode_block(image: np.ndarray, s: PixelSettings) -> list[PixelLevel]:
