@@ -93,6 +93,9 @@ def _open_checked(data: bytes, what: str, error: type[MiscError], width: int | N
                 arr = _to_rgb(im, what)
     except MiscError as e:
         raise error(str(e)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise error(f"{what}: the {name} file claims more than Pillow's limit of {Image.MAX_IMAGE_PIXELS} "
+                    "pixels (a decompression bomb?)") from None
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, EOFError, ... on garbage
         raise error(f"{what}: undecodable {name} file ({type(e).__name__})") from None
     if arr.shape != (h, w, 3):
