@@ -51,7 +51,7 @@ needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js >= 20) is no
 VECTOR_NAMES = {"packet-data", "packet-poll", "packet-poll-final", "packet-feedback", "reject-payload-bit",
                 "reject-header-bit", "reject-crc-field", "reject-version-stale-crc", "reject-version",
                 "reject-reserved", "reject-kind", "reject-short", "reject-fields", "block-units", "image-none",
-                "image-fec-block0", "misc-file"}
+                "image-fec-block0", "misc-file", "misc-file-ref"}
 
 
 def _generator():
@@ -354,6 +354,22 @@ def test_misc_vector_parses_and_rebuilds():
             from_bytes(bad)
 
 
+def test_ref_vector_holds_the_png_byte_for_byte():
+    (data,), fields = vector("misc-file-ref")
+    image = from_bytes(data)
+    assert len(data) == fields["length"] and to_bytes(image) == data
+    assert [layer_fields(ly) for ly in image.layers] == fields["layers"]
+    assert layers_digest(image.layers) == spec_digest(image.layers) == fields["digest"]
+    ref = image.layers[-1]
+    assert ref.codec == pb.CODEC_PIXEL_REF == 37 and (ref.pixel.width, ref.pixel.height) == (4, 4)
+    assert ref.payload == make_vectors.ref_png() and ref.payload.startswith(b"\x89PNG\r\n\x1a\n")
+    assert data[fields["ref"]["offset"]:][: len(ref.payload)] == ref.payload  # the file itself, unchanged
+    assert hashlib.sha256(ref.payload).hexdigest() == fields["ref"]["payload_sha256"]
+    # The semantic and map layers are misc-file's, byte for byte.
+    assert [ly.SerializeToString() for ly in image.layers[:-1]] == [
+        ly.SerializeToString() for ly in doc_image().layers if ly.kind != pb.LAYER_KIND_PIXEL]
+
+
 def test_drop_reasons_are_the_documented_ones():
     """Section 13 names every reason the receiver counts, and no other."""
     table = DOC_TEXT[DOC_TEXT.index("| Reason | Counted per | When |") :].split("\n\n", 1)[0]
@@ -374,7 +390,7 @@ def node_receive(packets: list[bytes]) -> dict:
 
 
 def images_under_test():
-    return [doc_image(), *(from_bytes(p.read_bytes()) for p in GOLDEN)]
+    return [doc_image(), from_bytes(vector("misc-file-ref")[0][0]), *(from_bytes(p.read_bytes()) for p in GOLDEN)]
 
 
 def _layer_hashes(layers) -> list[tuple[str, str]]:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -304,6 +306,49 @@ def _misc_vector(image) -> Vector:
          "layers": [_layer_fields(ly) for ly in image.layers], "digest": layers_digest(image.layers)})
 
 
+def ref_png(size: int = 4) -> bytes:
+    """A size x size RGB PNG built by hand with stored (level 0) deflate: the same bytes with any zlib."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\0" + bytes((40 * x + 20 * y) % 256 for x in range(size) for _ in range(3))
+                    for y in range(size))
+    ihdr = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows, 0))
+            + chunk(b"IEND", b""))
+
+
+def _ref_image(image):
+    """The image's semantic and map layers with a ref pixel layer: ref_png as the external codec's file."""
+    from miscnet.core.container import EncodedImage
+    from miscnet.core.pixel.ref import ref_levels
+    from miscnet.v1 import bitstream_pb2 as pb
+
+    (level,) = ref_levels(ref_png(), image.width, image.height)
+    layers = [ly for ly in image.layers if ly.kind != pb.LAYER_KIND_PIXEL]
+    layers.append(pb.Layer(kind=pb.LAYER_KIND_PIXEL, level=0, codec=level.codec, pixel=level.params,
+                           payload=level.payload))
+    return EncodedImage(image.width, image.height, layers)
+
+
+def _ref_vector(image) -> Vector:
+    from miscnet.core.container import layers_digest, to_bytes
+
+    ref = _ref_image(image)
+    data = to_bytes(ref)
+    payload = ref.layers[-1].payload
+    return Vector(
+        "misc-file-ref",
+        "The same semantic and map layers with a ref pixel layer (codec 37, section 12): its payload is a 4 x 4 "
+        "PNG file exactly as an external codec wrote it (stored deflate), its params the file's size.",
+        [["# .misc file with a ref layer", *_hexlines(data)]],
+        {"length": len(data), "width": ref.width, "height": ref.height,
+         "framing_bytes": len(data) - ref.payload_bytes(),
+         "layers": [_layer_fields(ly) for ly in ref.layers], "digest": layers_digest(ref.layers),
+         "ref": {"format": "png", "width": 4, "height": 4, "payload_sha256": hashlib.sha256(payload).hexdigest(),
+                 "offset": data.index(payload)}})
+
+
 def generate(image=None) -> str:
     """The vectors section of PROTOCOL.md (between and including the BEGIN / END markers)."""
     from miscnet.channel.packet import DATA, Packet
@@ -311,11 +356,11 @@ def generate(image=None) -> str:
     if image is None:
         image = encode_sample()
     good = Packet(DATA, 0x0102, 3, 5, 9, b"hello, miscnet").encode()
-    vectors = [*_single_packets(), *_image_vectors(image), *_rejects(good), _misc_vector(image)]
+    vectors = [*_single_packets(), *_image_vectors(image), *_rejects(good), _misc_vector(image), _ref_vector(image)]
     order = ["packet-data", "packet-poll", "packet-poll-final", "packet-feedback", "reject-payload-bit",
              "reject-header-bit", "reject-crc-field", "reject-version-stale-crc", "reject-version",
              "reject-reserved", "reject-kind", "reject-short", "reject-fields", "block-units", "image-none",
-             "image-fec-block0", "misc-file"]
+             "image-fec-block0", "misc-file", "misc-file-ref"]
     by_name = {v.name: v for v in vectors}
     assert sorted(by_name) == sorted(order)
     body = "\n".join(by_name[name].render() for name in order)
