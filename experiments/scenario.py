@@ -81,6 +81,7 @@ from miscnet.core.config import (
     pixel_codec_choices,
 )
 from miscnet.core.errors import MiscError
+from miscnet.core.pixel.block import BLOCK_RULES
 
 
 class ScenarioError(MiscError):
@@ -324,6 +325,8 @@ PARAMS: dict[str, Param] = {
     "encoder.grid": Param(_MAP.grid, _grid, "map grid N (--grid)"),
     "encoder.pixel": Param(_ENC.pixel_codec, _pixel_codec, "pixel layer codec (--pixel)"),
     "encoder.levels": Param(_ENC.levels, _int(1, MAX_LEVELS), "pixel levels (--levels)"),
+    "encoder.block_rule": Param(_ENC.block_rule, _choice(BLOCK_RULES),
+                                "block codec: search (rate control) or misc (the notebook's rule; --block-rule)"),
     "encoder.budget": Param(_ENC.budget_bytes, _optional(_int(1)), "whole-file byte budget (--budget)"),
     "encoder.bpp": Param(_ENC.bpp, _optional(_float(0.0, lo_open=True)), "whole-file budget in bpp (--bpp)"),
     "encoder.strict": Param(_SEM.strict, _bool, "MISC's text limits as errors (--strict)"),
@@ -448,7 +451,8 @@ class Configuration:
     def encoder_config(self) -> EncoderConfig:
         p = self.params
         return EncoderConfig(pixel_codec=p["encoder.pixel"], levels=p["encoder.levels"],
-                             budget_bytes=p["encoder.budget"], bpp=p["encoder.bpp"], map=self.map_config(),
+                             block_rule=p["encoder.block_rule"], budget_bytes=p["encoder.budget"],
+                             bpp=p["encoder.bpp"], map=self.map_config(),
                              semantics=self.semantics_config())
 
     def identity(self) -> dict[str, Any]:

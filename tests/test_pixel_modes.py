@@ -287,3 +287,18 @@ def test_block_rule_search_is_still_the_default(sample):
     assert len(searched.data) <= 900 and searched.pixel_settings.width != misc_block_grid(512, 512)[0]
     with pytest.raises(MiscError, match="unknown block rule"):
         EncoderConfig(pixel_codec="block", block_rule="nearest")
+
+
+def test_scenarios_take_the_block_rule(tmp_path):
+    from miscnet.experiments.scenario import ScenarioError, load_scenario
+
+    image = tmp_path / "img.png"
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(image)
+    (tmp_path / "img.json").write_text('{"objects": [], "caption": "a green field"}')
+    path = _write(tmp_path, "s.toml", f'[images]\npaths = ["{image}"]\n[encoder]\npixel = "block"\n'
+                  f'block_rule = "misc"\n'.encode())
+    (config,) = load_scenario(path).configs
+    assert config.encoder_config().block_rule == "misc"
+    bad = _write(tmp_path, "bad.toml", f'[images]\npaths = ["{image}"]\n[encoder]\nblock_rule = "round"\n'.encode())
+    with pytest.raises(ScenarioError, match="block_rule"):
+        load_scenario(bad)
