@@ -16,6 +16,7 @@ from pathlib import Path
 from miscnet.channel.transport import MODES as PROTECTION_MODES
 from miscnet.channel.transport import TransportConfig
 from miscnet.cli import fleet as cli_fleet
+from miscnet.cli import loadgen as cli_loadgen
 from miscnet.cli import models as cli_models
 from miscnet.cli import profile as cli_profile
 from miscnet.cli import sweep as cli_sweep
@@ -664,6 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_profile.register(sub)
     cli_sweep.register(sub)
     cli_fleet.register(sub)
+    cli_loadgen.register(sub, add_link_options, link_config, add_protection_options, transport_config, add_node_options)
 
     p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
     p.add_argument("dest", metavar="DIR")
