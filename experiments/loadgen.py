@@ -82,7 +82,19 @@ def simple_spec(senders: int, images: list[str], arrival: str, duration: str | f
     raw = {"name": "loadgen", "duration": duration, "seed": seed, "encoder": {"budget": budget_bytes},
            "group": [{"name": "senders", "count": senders, "images": list(images), "arrival": arrival,
                       "start": start}]}
-    return parse_fleet(raw, "loadgen", base or Path.cwd())
+    try:
+        return parse_fleet(raw, "loadgen", base or Path.cwd())
+    except FleetError as exc:  # name the option, not the scenario key it became
+        text = str(exc).removeprefix("loadgen: ")
+        for key, option in _OPTION_OF.items():
+            if text.startswith(key):
+                text = option + text[len(key):]
+                break
+        raise LoadgenError(text) from None
+
+
+_OPTION_OF = {"group.senders.arrival": "--every / --poisson / --times", "group.senders.start": "--start",
+              "group.senders.count": "--senders", "group.senders.images": "--images", "duration": "--duration"}
 
 
 def encode_images(names, budget_bytes: int) -> dict[str, Any]:
@@ -124,7 +136,7 @@ def topology_of(spec: FleetSpec) -> Topology:
     first = spec.groups[0]
     for g in spec.groups:
         where = f"{spec.source}: group.{g.name}"
-        if g.access != first.access:
+        if g.access.with_(name=first.access.name) != first.access:  # each group names its own access link
             raise FleetError(f"{where}.access: live, every stream has the same access link (the relay's); "
                              f"group {first.name!r} has another")
         if g.path != first.path:
@@ -368,7 +380,7 @@ class _Quality:
             reference = self.references[sample]
             if image.shape == reference.shape:  # a stage drawn scaled down is not comparable
                 value = (psnr(reference, image), ms_ssim(reference, image))
-        except MiscError:
+        except (MiscError, OSError):
             pass  # not on this machine (a remote receiver) or unreadable: no quality
         self.cache[path] = value
         return value
@@ -505,12 +517,14 @@ class LoadgenResult:
 def run_loadgen(spec: FleetSpec, out: Path, *, target: str | None = None, topology: Topology | None = None,
                 watch: str | None = None, tls=None, token: str | None = None, server_name: str | None = None,
                 connect_timeout_s: float = 10.0, transport=None, listen: str = "127.0.0.1:0",
-                drain_s: float = 10.0, lead_s: float = LEAD_S, quality: bool = True) -> LoadgenResult:
+                drain_s: float = 10.0, lead_s: float = LEAD_S, quality: bool = True,
+                images: dict[str, Any] | None = None) -> LoadgenResult:
     """Run ``spec``'s senders live and write results.csv and summary.json to ``out``.
 
     With ``topology`` (and no ``target``) the receiver and relay are started here (LocalNodes; the receiver
     writes under ``out/receiver``). With ``target`` the senders stream there; ``watch`` names the receiver
-    whose Watch RPC gives the stage times (without it the rows have no stage times).
+    whose Watch RPC gives the stage times (without it the rows have no stage times). ``images`` ({sample
+    name: EncodedImage}, e.g. what a simulation of the same scenario sends) skips the encoding.
     """
     if (target is None) == (topology is None):
         raise LoadgenError("give a target or a local topology, not both or neither")
@@ -531,22 +545,22 @@ def run_loadgen(spec: FleetSpec, out: Path, *, target: str | None = None, topolo
             shutil.rmtree(rx_dir)
         nodes = LocalNodes(rx_dir, topology, streams=senders, token=token, listen=listen, seed=spec.seed)
         try:
-            images = encode_images(names, spec.budget_bytes)  # before the streams open: they would idle meanwhile
+            images = images or encode_images(names, spec.budget_bytes)  # before the streams open (they would idle)
             before: dict = {}
             sent, t0 = run_senders(spec, images, nodes.target, token=token, connect_timeout_s=connect_timeout_s,
                                    lead_s=lead_s, on_open=lambda: before.update(stats_of(nodes.target, token=token)))
             _settle(nodes.events, sent, drain_s)
+            run_s = time.time() - t0
             after = stats_of(nodes.target, token=token)
             rx = stats_of(nodes.receiver_target, token=token)
             flows = nodes.relay_node.shared.flow_bytes() if (topology.shared is not None and
                                                              topology.shared.discipline == "drr") else None
         finally:
             nodes.stop()
-        run_s = time.time() - t0
         events = nodes.events()
         links = link_report(before, after, run_s, topology.shared, flows)
     else:
-        images = encode_images(names, spec.budget_bytes)
+        images = images or encode_images(names, spec.budget_bytes)
         watcher = EventWatcher(watch, tls, token, server_name) if watch else None
         try:
             before = {}
@@ -555,11 +569,11 @@ def run_loadgen(spec: FleetSpec, out: Path, *, target: str | None = None, topolo
                                    on_open=lambda: before.update(stats_of(target, tls, token, server_name)))
             if watcher is not None:
                 _settle(watcher.events, sent, drain_s)
+            run_s = time.time() - t0
             after = stats_of(target, tls, token, server_name)
         finally:
             if watcher is not None:
                 watcher.close()
-        run_s = time.time() - t0
         events = watcher.events() if watcher is not None else []
         rx = {}
         links = link_report(before, after, run_s)

@@ -132,7 +132,8 @@ def test_remote_target_with_watch(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--local", "--senders", "0"], "--senders: give 1 or more"),
     (["--local", "--senders", "2", "--images", "nosuch"], "unknown sample 'nosuch'"),
-    (["--local", "--senders", "2", "--every", "soon"], "arrival"),
+    (["--local", "--senders", "2", "--every", "soon"], "--every / --poisson / --times: bad time 'soon'"),
+    (["--local", "--senders", "2", "--poisson", "-1"], "--every / --poisson / --times: 'poisson -1/s' is not"),
     (["--to", "127.0.0.1:9", "--senders", "1", "--shared-rate", "1mbit"], "--shared-rate is for --local"),
     (["--local", "--fleet", "capacity", "--images", "coffee"], "--fleet: the scenario sets"),
     (["--local", "--senders", "1", "--tls-ca", "ca.pem"], "drop --tls-ca"),

@@ -40,8 +40,8 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.fleet is None:
         if args.senders is None:
             raise MiscError("give --senders N (or --fleet SCENARIO)")
-        arrival = (f"poisson {args.poisson}" if args.poisson else f"file {args.times}" if args.times
-                   else f"every {args.every}")
+        rate = args.poisson if args.poisson is None or args.poisson.endswith("/s") else f"{args.poisson}/s"
+        arrival = f"poisson {rate}" if rate else f"file {args.times}" if args.times else f"every {args.every}"
         images = [n.strip() for n in args.images.split(",") if n.strip()]
         return simple_spec(args.senders, images, arrival, args.duration or "60s", args.seed or 0, start=args.start,
                            budget_bytes=args.budget)
@@ -75,7 +75,8 @@ def cmd_loadgen(args: argparse.Namespace, parser: argparse.ArgumentParser, link_
     if args.local:
         given = _given(args, parser, _TLS)
         if given:
-            raise MiscError(f"--local runs its nodes on loopback without TLS; drop {given[0]}")
+            raise MiscError(f"{given[0]} is for --to (a node elsewhere): --local runs its own, on loopback without "
+                            f"TLS; drop {given[0]}")
         if args.fleet:
             given = _given(args, parser, _LINK + _SHARED[:-1])
             if given:
