@@ -137,11 +137,11 @@ def topology_of(spec: FleetSpec) -> Topology:
     for g in spec.groups:
         where = f"{spec.source}: group.{g.name}"
         if g.access.with_(name=first.access.name) != first.access:  # each group names its own access link
-            raise FleetError(f"{where}.access: live, every stream has the same access link (the relay's); "
-                             f"group {first.name!r} has another")
+            raise FleetError(f"{where}.access: differs from group {first.name!r}'s; live, every stream has the "
+                             "same access link (the relay's)")
         if g.path != first.path:
-            raise FleetError(f"{where}.path: live, every stream crosses the same bottleneck; group "
-                             f"{first.name!r} has another path")
+            raise FleetError(f"{where}.path: differs from group {first.name!r}'s; live, every stream crosses "
+                             "the same bottleneck")
         if g.random_trace_offset:
             raise FleetError(f"{where}.access.trace_offset: 'random' is not supported live (one trace start "
                              "for every stream at the relay)")
