@@ -34,7 +34,7 @@ import numpy as np
 
 from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.core.errors import MiscError
-from miscnet.experiments.fleet import FleetError, FleetSpec, _csv, parse_fleet
+from miscnet.experiments.fleet import _SENDER_CHOICES, FleetError, FleetSpec, _csv, _stream, parse_fleet
 
 LEAD_S = 1.0  # every stream is open this long before the first capture can fall due
 PIXEL_PREFIX = "pixel"  # stage names: semantic, map, pixel.0, pixel.1, ...
@@ -59,15 +59,16 @@ class Capture:
 
 
 def capture_plan(spec: FleetSpec) -> list[list[Capture]]:
-    """Per sender, its captures, drawn as the fleet simulator (fleet._Sender) draws them for ``spec``: the
-    same seeds, start offsets, arrival draws and image order. tests/test_loadgen.py checks the two agree."""
-    _, sender_seeds = np.random.SeedSequence(spec.seed).spawn(2)
-    seeds = sender_seeds.spawn(sum(g.count for g in spec.groups))
+    """Per sender, its captures, drawn as the fleet simulator (fleet._Sender) draws them for ``spec``: its
+    random stream, in its order (a random trace offset, then the start, then Poisson gaps), the same image
+    order. tests/test_loadgen.py checks the two agree."""
     plan: list[list[Capture]] = []
     for group in spec.groups:
         for _ in range(group.count):
             index = len(plan)
-            rng = np.random.default_rng(seeds[index]).spawn(3)[2]  # (link, reverse, captures), as the simulator
+            rng = _stream(spec.seed, _SENDER_CHOICES, index)
+            if group.random_trace_offset and group.access.trace is not None:
+                rng.uniform(0, group.access.trace.period_ms / 1000)  # drawn first by the simulator: keep the order
             start = group.start if group.start != "random" else float(rng.uniform(0, group.arrivals.period or 1.0))
             times = group.arrivals.capture_times(rng, start, spec.duration_s)
             names = [group.images[(index + k) % len(group.images)] for k in range(len(times))]

@@ -3,6 +3,7 @@
 import csv
 import json
 import socket
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -65,12 +66,14 @@ def test_local_fleet_through_one_shared_bottleneck(tmp_path, capsys):
     assert point["first_picture_p50_s"] is not None and "8 complete" in stdout
 
 
-def test_capture_plan_is_the_simulators_schedule():
+def test_capture_plan_is_the_simulators_schedule(tmp_path):
     """Same scenario and seed: the live senders capture at the simulator's times, the same images."""
+    (tmp_path / "flat.up").write_text("".join(f"{ms}\n" for ms in range(1, 2001, 4)))  # a Mahimahi trace, 2 s
     raw = {"name": "t", "duration": "30s", "seed": 11, "encoder": {"budget": BUDGET}, "group": [
         {"name": "a", "count": 2, "images": ["astronaut", "chelsea"], "arrival": "poisson 0.3/s"},
-        {"name": "b", "count": 2, "images": ["chelsea"], "arrival": "every 7s", "start": "random"}]}
-    spec = parse_fleet(raw, "t", Path("."))
+        {"name": "b", "count": 2, "images": ["chelsea"], "arrival": "every 7s", "start": "random",
+         "access": {"trace": "flat.up", "trace_offset": "random"}}]}
+    spec = parse_fleet(raw, "t", tmp_path)
     images = {n: FleetImage(n, e, {}) for n, e in encode_images(SMALL, BUDGET).items()}  # no quality needed here
     rows = run_fleet(spec, images, drain_s=5)["rows"]
     simulated = sorted((r["sender"], round(r["captured_s"], 6), r["image"], r["group"]) for r in rows)
@@ -102,13 +105,17 @@ discipline = "drr"
 [report]
 deadlines = ["5s"]
 """)
-    topology = topology_of(parse_fleet(__import__("tomllib").loads(scenario.read_text()), "s.toml", tmp_path))
+    raw = tomllib.loads(scenario.read_text())
+    topology = topology_of(parse_fleet(raw, "s.toml", tmp_path))
     assert topology.shared.rate_bps == 300e3 and topology.link.forward.rate_bps == 512e3
+    raw["group"][0]["count"] = 3
+    expected = sum(len(p) for p in capture_plan(parse_fleet(raw, "s.toml", tmp_path)))
     out = tmp_path / "o"
     code, stdout, err = run(capsys, "loadgen", "--local", "--fleet", scenario, "--senders", 3, "-o", out)
     assert code == 0, err
     rows, point = outputs(out)
-    assert point["senders"] == 3 and point["images"] == len(rows) == 6 and point["complete"] == 6
+    assert point["senders"] == 3 and point["images"] == len(rows) == expected and point["complete"] == expected
+    assert expected >= 3 and {r["sender"] for r in rows} == {"0", "1", "2"}
     assert "psnr_at_5s" in rows[0] and all(r["psnr_at_5s"] for r in rows)  # measured on the PNGs it wrote
     assert len(point["links"]["shared"]["flow_bytes"]) == 3
 
@@ -138,6 +145,8 @@ def test_remote_target_with_watch(tmp_path, capsys):
     (["--local", "--fleet", "capacity", "--images", "coffee"], "--fleet: the scenario sets"),
     (["--local", "--senders", "1", "--tls-ca", "ca.pem"], "drop --tls-ca"),
     (["--local", "--fleet", "no-such-scenario"], "no fleet scenario"),
+    (["--local", "--fleet", "capacity", "--senders", "2"], "trace_offset: 'random' is not supported live"),
+    (["--local", "--senders", "2", "--set", "seed=1"], "--set changes a --fleet scenario"),
 ])
 def test_bad_input_is_one_line(capsys, tmp_path, argv, message):
     code, out, err = run(capsys, "loadgen", *argv, "-o", tmp_path / "o")

@@ -38,6 +38,8 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.senders is not None and args.senders < 1:
         raise MiscError(f"--senders: give 1 or more, not {args.senders}")
     if args.fleet is None:
+        if args.set:
+            raise MiscError("--set changes a --fleet scenario; give --fleet SCENARIO")
         if args.senders is None:
             raise MiscError("give --senders N (or --fleet SCENARIO)")
         rate = args.poisson if args.poisson is None or args.poisson.endswith("/s") else f"{args.poisson}/s"
@@ -45,7 +47,7 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser):
         images = [n.strip() for n in args.images.split(",") if n.strip()]
         return simple_spec(args.senders, images, arrival, args.duration or "60s", args.seed or 0, start=args.start,
                            budget_bytes=args.budget)
-    from miscnet.cli.fleet import _scenario_path
+    from miscnet.cli.fleet import _scenario_path, _value
 
     given = _given(args, parser, _SENDERS + _PROTECTION)
     if given:
@@ -53,6 +55,11 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser):
     path = _scenario_path(args.fleet)
     spec = load_fleet(path)
     overrides = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MiscError(f"--set {item!r}: give KEY=VALUE (e.g. group.cameras.access.trace_offset=0s)")
+        overrides[key] = _value(value)
     if args.senders is not None:
         if len(spec.groups) != 1:
             raise MiscError(f"{path.name}: --senders sets one group's count; this scenario has {len(spec.groups)} "
@@ -148,6 +155,8 @@ def register(subparsers, add_link_options, link_config, add_protection_options, 
     p.add_argument("--fleet", metavar="SCENARIO",
                    help="a fleet scenario (.toml, or a committed one by name): its groups, arrivals, protection, "
                    "and with --local its links and receiver; its [sweep] is not run")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="with --fleet: fix one key of the scenario (as miscnet fleet --set); repeatable")
     p.add_argument("--images", default="astronaut,coffee,chelsea,rocket", metavar="NAMES",
                    help="bundled samples, comma-separated, cycled (default astronaut,coffee,chelsea,rocket)")
     arrival = p.add_mutually_exclusive_group()
