@@ -163,7 +163,7 @@ class LocalNodes:
     receiver's events.jsonl is whole."""
 
     def __init__(self, out_dir: Path, topology: Topology, streams: int = 48, token: str | None = None,
-                 listen: str = "127.0.0.1:0", seed: int = 0):
+                 listen: str = "127.0.0.1:0", seed: int = 0, idle_timeout_s: float = 30.0):
         from miscnet.channel.relay import RelayOptions, serve_relay
         from miscnet.receiver.classical import ClassicalDecoder
         from miscnet.receiver.node import ReceiverOptions, serve_receiver
@@ -174,13 +174,13 @@ class LocalNodes:
         self.receiver_options = ReceiverOptions(out_dir=Path(out_dir), listen="127.0.0.1:0", token=token,
                                                 decode_workers=topology.decode_workers, policy=topology.policy,
                                                 queue_limit=topology.queue_limit, max_streams=streams + 8,
-                                                grpc_workers=workers)
+                                                grpc_workers=workers, idle_timeout_s=idle_timeout_s)
         self.receiver, self.receiver_node, rx_port = serve_receiver(self.receiver_options, ClassicalDecoder())
         self.receiver_target = f"127.0.0.1:{rx_port}"
         try:
             self.relay, self.relay_node, port = serve_relay(RelayOptions(
                 listen=listen, forward=self.receiver_target, link=topology.link, shared=topology.shared, seed=seed,
-                token=token, max_streams=streams + 8, grpc_workers=workers))
+                token=token, max_streams=streams + 8, grpc_workers=workers, idle_timeout_s=idle_timeout_s))
         except BaseException:
             self._stop_receiver()
             raise
@@ -271,7 +271,8 @@ class Sent:
 
 def _sender_loop(stream, plan: list[Capture], images: dict[str, Any], options, t0: float, out: list[Sent]) -> None:
     """One sender: capture on the plan's schedule, send each image on its stream with the sender node's code;
-    a broken stream fails the image it was sending and is opened again for the next capture."""
+    a broken stream fails the image it was sending, and a stream found ended (a node's idle timeout between
+    sparse captures) or broken is opened again for the next capture."""
     from miscnet.sender.node import _Broken, _send_one, _Stream
 
     image_id = 0
@@ -281,6 +282,9 @@ def _sender_loop(stream, plan: list[Capture], images: dict[str, Any], options, t
             time.sleep(max(0.0, at - time.time()))
             sent = Sent(cap, at)
             out.append(sent)
+            if stream is not None and not stream.reader.is_alive():  # ended meanwhile (the target's idle timeout)
+                stream.close(wait_s=0.5)
+                stream = None
             if stream is None:
                 try:
                     stream = _Stream(options)
