@@ -67,8 +67,9 @@ def capture_plan(spec: FleetSpec) -> list[list[Capture]]:
         for _ in range(group.count):
             index = len(plan)
             rng = _stream(spec.seed, _SENDER_CHOICES, index)
-            if group.random_trace_offset and group.access.trace is not None:
-                rng.uniform(0, group.access.trace.period_ms / 1000)  # drawn first by the simulator: keep the order
+            period = group.access.offset_period_s()  # the trace's period, else the outages'
+            if group.random_trace_offset and period:
+                rng.uniform(0, period)  # the simulator draws the offset first: keep its order
             start = group.start if group.start != "random" else float(rng.uniform(0, group.arrivals.period or 1.0))
             times = group.arrivals.capture_times(rng, start, spec.duration_s)
             names = [group.images[(index + k) % len(group.images)] for k in range(len(times))]

@@ -137,17 +137,18 @@ def test_remote_target_with_watch(tmp_path, capsys):
 
 
 def test_a_stream_ended_between_captures_is_opened_again(tmp_path, capsys):
-    """Nodes that end idle streams (here after 1 s) between sparse captures: the next capture reconnects."""
+    """Nodes that end idle streams (here after 2 s) between sparse captures: the next capture reconnects."""
     link = __import__("miscnet.channel.link", fromlist=["DuplexConfig"])
     topology = Topology(link.DuplexConfig(link.LinkConfig.from_strings(rate="1mbit", delay="5ms")))
-    with LocalNodes(tmp_path / "rx", topology, idle_timeout_s=1.0) as nodes:
+    with LocalNodes(tmp_path / "rx", topology, idle_timeout_s=2.0) as nodes:  # more than the 1 s lead
         code, _, err = run(capsys, "loadgen", "--to", nodes.target, "--watch", nodes.receiver_target, "--senders", 1,
-                           "--images", "chelsea", "--every", "3s", "--start", "0s", "--duration", "4s",
+                           "--images", "chelsea", "--every", "5s", "--start", "0s", "--duration", "6s",
                            "--budget", BUDGET, "-o", tmp_path / "o")
         idle_ends = sum(node.counters.value("streams_idle_total") for node in (nodes.relay_node, nodes.receiver_node))
     assert code == 0, err
     rows, point = outputs(tmp_path / "o")
-    assert len(rows) == 2 and all(r["complete"] == "True" and not r["failure"] for r in rows)
+    assert len(rows) == 2 and all(r["complete"] == "True" and not r["failure"] for r in rows), \
+        [(r["failure"], r["stream"]) for r in rows]
     assert idle_ends >= 1 and len({r["stream"] for r in rows}) == 2  # the second image came on a new stream
 
 
