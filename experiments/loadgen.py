@@ -79,11 +79,11 @@ def capture_plan(spec: FleetSpec) -> list[list[Capture]]:
 
 
 def simple_spec(senders: int, images: list[str], arrival: str, duration: str | float, seed: int, start: str = "random",
-                budget_bytes: int = 1500, base: Path | None = None) -> FleetSpec:
+                budget_bytes: int = 1500, base: Path | None = None, pacing: str = "aimd") -> FleetSpec:
     """A one-group fleet scenario from command-line values, parsed (and checked) as a scenario file is."""
     raw = {"name": "loadgen", "duration": duration, "seed": seed, "encoder": {"budget": budget_bytes},
            "group": [{"name": "senders", "count": senders, "images": list(images), "arrival": arrival,
-                      "start": start}]}
+                      "start": start, "pacing": pacing}]}
     try:
         return parse_fleet(raw, "loadgen", base or Path.cwd())
     except FleetError as exc:  # name the option, not the scenario key it became
@@ -96,7 +96,8 @@ def simple_spec(senders: int, images: list[str], arrival: str, duration: str | f
 
 
 _OPTION_OF = {"group.senders.arrival": "--every / --poisson / --times", "group.senders.start": "--start",
-              "group.senders.count": "--senders", "group.senders.images": "--images", "duration": "--duration"}
+              "group.senders.count": "--senders", "group.senders.images": "--images", "duration": "--duration",
+              "group.senders.pacing": "--pacing"}
 
 
 def encode_images(names, budget_bytes: int) -> dict[str, Any]:
@@ -319,7 +320,7 @@ def run_senders(spec: FleetSpec, images: dict[str, Any], target: str, *, tls=Non
 
     plan = capture_plan(spec)
     groups = [g for g in spec.groups for _ in range(g.count)]
-    options = [SenderOptions(target=target, transport=g.transport, tls=tls or TlsFiles(),
+    options = [SenderOptions(target=target, transport=g.transport, pacing=g.pacing, tls=tls or TlsFiles(),
                              server_name=server_name, token=token, connect_timeout_s=connect_timeout_s)
                for g in groups]
     streams: list = []

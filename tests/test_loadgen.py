@@ -128,7 +128,7 @@ def test_remote_target_with_watch(tmp_path, capsys):
     with LocalNodes(tmp_path / "rx", topology) as nodes:
         code, stdout, err = run(capsys, "loadgen", "--to", nodes.target, "--watch", nodes.receiver_target,
                                 "--senders", 2, "--images", "chelsea", "--every", "5s", "--start", "0s",
-                                "--duration", "1s", "--budget", BUDGET, "-o", tmp_path / "o")
+                                "--duration", "1s", "--budget", BUDGET, "--pacing", "off", "-o", tmp_path / "o")
     assert code == 0, err
     rows, point = outputs(tmp_path / "o")
     assert len(rows) == 2 and all(r["complete"] == "True" and r["first_picture_s"] for r in rows)

@@ -19,7 +19,7 @@ _LINK = ("rate", "trace", "delay", "jitter", "loss", "reorder", "queue", "revers
          "reverse_loss")
 _SHARED = ("shared_rate", "shared_delay", "shared_discipline", "shared_queue", "decode_workers", "policy", "listen")
 _PROTECTION = ("protect", "fec_strong_rate", "fec_pixel_rate", "fec_symbols", "max_rounds", "deadline", "mtu")
-_SENDERS = ("images", "every", "poisson", "times", "start", "budget")
+_SENDERS = ("images", "every", "poisson", "times", "start", "budget", "pacing")
 _TLS = ("tls_cert", "tls_key", "tls_ca", "server_name", "watch")
 
 
@@ -46,7 +46,7 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser):
         arrival = f"poisson {rate}" if rate else f"file {args.times}" if args.times else f"every {args.every}"
         images = [n.strip() for n in args.images.split(",") if n.strip()]
         return simple_spec(args.senders, images, arrival, args.duration or "60s", args.seed or 0, start=args.start,
-                           budget_bytes=args.budget)
+                           budget_bytes=args.budget, pacing=args.pacing)
     from miscnet.cli.fleet import _scenario_path, _value
 
     given = _given(args, parser, _SENDERS + _PROTECTION)
@@ -170,6 +170,9 @@ def register(subparsers, add_link_options, link_config, add_protection_options, 
     p.add_argument("--seed", type=int, help="seed of the start offsets and arrival draws (default 0, or the "
                    "scenario's)")
     p.add_argument("--budget", type=positive_int, default=1500, metavar="BYTES", help="bytes per image (default 1500)")
+    p.add_argument("--pacing", choices=("aimd", "off"), default="aimd",
+                   help="each sender paces its packets to the rate its path delivers (as miscnet sender; default "
+                   "aimd) or not")
     p.add_argument("--drain", type=positive_float, default=10.0, metavar="SECONDS",
                    help="after the last send, wait this long at most for the last stages to be decoded (default 10)")
     p.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="SECONDS")
