@@ -245,7 +245,7 @@ def _handler_for(viewer: Viewer):
         def do_GET(self):  # noqa: N802 (http.server's name)
             url = urlsplit(self.path)
             query = parse_qs(url.query)
-            if not self._authorised(query):
+            if url.path not in ("/view.js", "/view.css") and not self._authorised(query):  # code, not data
                 self._send(HTTPStatus.UNAUTHORIZED, b"missing or wrong token (open the URL the viewer printed)\n",
                            "text/plain; charset=utf-8")
                 return
@@ -356,16 +356,22 @@ def watch_grpc(viewer: Viewer, target: str, stop: threading.Event, tls=None, tok
     was_connected = False
     while not stop.is_set():
         channel = open_channel(target, tls, server_name=server_name)
+        try:  # an idle receiver sends nothing: say "connected" once the channel is up
+            grpc.channel_ready_future(channel).result(timeout=max(retry_s, 3.0))
+        except grpc.FutureTimeoutError:
+            channel.close()
+            what = "is gone" if was_connected else "is not reachable"
+            viewer.set_status("gone", f"the receiver at {target} {what} (no connection); retrying")
+            stop.wait(retry_s)
+            continue
+        viewer.set_status("connected", target)
+        was_connected = True
         call = sgrpc.WatchStub(channel).Events(spb.WatchRequest(include_png=True),
                                                metadata=token_metadata(token), wait_for_ready=False)
         stopper = threading.Thread(target=lambda c=call: (stop.wait(), c.cancel()), daemon=True)
         stopper.start()
         try:
-            first = True
             for event in call:
-                if first:
-                    viewer.set_status("connected", target)
-                    first = was_connected = True
                 viewer.on_event(event)
             if not stop.is_set():  # the receiver ended the call: it is shutting down
                 viewer.set_status("gone", f"the receiver at {target} ended the stream (stopped?); retrying")
@@ -376,8 +382,7 @@ def watch_grpc(viewer: Viewer, target: str, stop: threading.Event, tls=None, tok
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 viewer.set_status("refused", f"the receiver at {target} refused the watcher: {exc.details()}")
             else:
-                what = "is gone" if was_connected else "is not reachable"
-                viewer.set_status("gone", f"the receiver at {target} {what} ({code.name.lower()}: "
+                viewer.set_status("gone", f"the receiver at {target} is gone ({code.name.lower()}: "
                                   f"{(exc.details() or '').strip()[:160]}); retrying")
         finally:
             channel.close()

@@ -157,8 +157,9 @@ function ticks(lo, hi, n = 4) {
   const span = hi - lo || 1;
   const step = Math.pow(10, Math.floor(Math.log10(span / n)));
   const nice = [1, 2, 5, 10].map((m) => m * step).find((s) => span / s <= n) || step * 10;
+  const digits = Math.max(0, -Math.floor(Math.log10(nice) + 1e-9));  // as many decimals as the step needs
   const out = [];
-  for (let v = Math.ceil(lo / nice) * nice; v <= hi + 1e-9; v += nice) out.push(v);
+  for (let v = Math.ceil(lo / nice) * nice; v <= hi + 1e-9; v += nice) out.push([v, v.toFixed(digits)]);
   return out;
 }
 
@@ -187,16 +188,16 @@ function drawChart(svg, xKey, xLabel, metric) {
   const sx = (x) => L + (x - x0) / (x1 - x0) * (W - L - R);
   const sy = (y) => H - B - (y - y0) / (y1 - y0) * (H - T - B);
   svg.append(svgEl("rect", {x: L, y: T, width: W - L - R, height: H - T - B, "class": "frame"}));
-  for (const t of ticks(x0, x1)) {
+  for (const [t, text] of ticks(x0, x1)) {
     svg.append(svgEl("line", {x1: sx(t), x2: sx(t), y1: T, y2: H - B, "class": "grid"}));
     const label = svgEl("text", {x: sx(t), y: H - B + 14, "text-anchor": "middle"});
-    label.textContent = xKey === "time" ? t.toFixed(t < 1 ? 2 : 1) : String(Math.round(t));
+    label.textContent = text;
     svg.append(label);
   }
-  for (const t of ticks(y0, y1)) {
+  for (const [t, text] of ticks(y0, y1)) {
     svg.append(svgEl("line", {x1: L, x2: W - R, y1: sy(t), y2: sy(t), "class": "grid"}));
     const label = svgEl("text", {x: L - 4, y: sy(t) + 4, "text-anchor": "end"});
-    label.textContent = Math.abs(t) < 10 ? t.toFixed(2) : t.toFixed(0);
+    label.textContent = text;
     svg.append(label);
   }
   const xl = svgEl("text", {x: (L + W - R) / 2, y: H - 6, "text-anchor": "middle", "class": "axis"});
