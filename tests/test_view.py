@@ -256,3 +256,107 @@ def test_page_shows_each_stage_in_order_during_a_live_transfer(tmp_path):
                 _stop(proc)
         rx_log.close()
         view_log.close()
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return reply.status, reply.headers.get("Content-Type"), reply.read()
+
+
+def test_receiver_web_serves_its_stages_and_prints_one_line_per_stage(tmp_path):
+    """`miscnet receiver --web`: the view inside the receiver, fed from its event log; its token guards it."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    out = (logs / "receiver.log").open("w")
+    receiver = _miscnet("receiver", "--listen", "127.0.0.1:0", "--port-file", str(logs / "rx.port"), "--out",
+                        str(tmp_path / "rx"), "--token", TOKEN, "--policy", "fifo", "--web", "127.0.0.1:0",
+                        "--web-port-file",
+                        str(logs / "web.port"), log=out)
+    try:
+        rx_port = _port(logs / "rx.port", receiver)
+        web = f"http://127.0.0.1:{_port(logs / 'web.port', receiver)}"
+        for path in ("/", "/state.json", "/events", "/png/0.png"):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(web + path, timeout=10)
+            assert refused.value.code == 401, path
+        status, kind, body = _get(f"{web}/?token={TOKEN}")
+        assert status == 200 and kind.startswith("text/html") and b"view.js" in body
+        assert b"EventSource" in _get(f"{web}/view.js")[2]  # code, not data: no token needed, nothing from a CDN
+        assert b"http" not in _get(f"{web}/view.js")[2].replace(b"http://www.w3.org/2000/svg", b"")
+
+        (name, encoded), = encoded_samples(["chelsea"], 900)
+        results = send_images([(name, encoded)], SenderOptions(target=f"127.0.0.1:{rx_port}", token=TOKEN,
+                                                               transport=TransportConfig(mode="arq")))
+        assert results[0].delivered
+
+        def stages():
+            state = json.loads(_get(f"{web}/state.json?token={TOKEN}")[2])
+            return state, [e for e in state["events"] if e["status"] == "stage"]
+
+        assert wait_for(lambda: len(stages()[1]) == len(encoded.layers) - 1, 30)
+        state, events = stages()
+        assert state["status"]["state"] == "connected"
+        assert [e["label"] for e in events] == ["semantic+map", "pixel.0", "pixel.1"]
+        assert all(e["logged_at"] and e["image"] == name for e in events)
+        status, kind, png = _get(f"{web}/png/{events[-1]['png']}.png?token={TOKEN}")
+        assert kind == "image/png" and Image.open(io.BytesIO(png)).size == (encoded.width, encoded.height)
+        # quality against the bundled sample, once measured (after the picture, never before it)
+        assert wait_for(lambda: all("quality" in e for e in stages()[1][1:]), 60)
+        assert stages()[1][-1]["quality"]["psnr"] > stages()[1][1]["quality"]["psnr"]
+    finally:
+        _stop(receiver)
+        out.close()
+    lines = (logs / "receiver.log").read_text().splitlines()
+    stage_lines = [ln for ln in lines if " stage " in ln]
+    assert len(stage_lines) == 3 and "semantic+map" in stage_lines[0] and "(complete)" in stage_lines[2]
+    assert all(": decoded in" in ln for ln in stage_lines)
+
+
+def test_view_says_when_the_receiver_is_not_there(tmp_path):
+    """`miscnet view` against a port nobody listens on: the page's state says so (and it keeps retrying)."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "view.log").open("w")
+    view = _miscnet("view", "--watch", f"127.0.0.1:{port}", "--web", "127.0.0.1:0", "--web-port-file",
+                    str(tmp_path / "web.port"), log=log)
+    try:
+        web = f"http://127.0.0.1:{_port(tmp_path / 'web.port', view)}"
+
+        def state():
+            return json.loads(_get(f"{web}/state.json")[2])["status"]
+
+        assert wait_for(lambda: state()["state"] == "gone", 30)
+        assert "is not reachable" in state()["detail"]
+    finally:
+        _stop(view)
+        log.close()
+
+
+def test_demo_plots_and_lines_mark_stages_that_were_not_decoded(tmp_path):
+    """A superseded stage is still reported: a receiver line, a row of the demo's table, a hollow mark."""
+    from miscnet.experiments.demo import format_live_table
+    from miscnet.experiments.plots_demo import write_demo_plots
+    from miscnet.receiver.node import stage_line
+
+    base = {"image": "coffee", "complete": False, "decode_latency_s": None, "psnr": None, "ms_ssim": None,
+            "ssimulacra2": None, "flip": None, "logged_at": 0.0}
+    rows = [{**base, "stage": "map", "label": "semantic+map", "status": "stage", "time_s": 0.1, "wire_bytes": 216,
+             "payload_bytes": 145, "decode_latency_s": 0.02},
+            {**base, "stage": "pixel.0", "label": "pixel.0", "status": "superseded", "time_s": 0.4, "wire_bytes": 584,
+             "payload_bytes": 437},
+            {**base, "stage": "pixel.1", "label": "pixel.1", "status": "stage", "time_s": 1.0, "wire_bytes": 1112,
+             "payload_bytes": 863, "complete": True, "decode_latency_s": 0.3, "psnr": 22.9, "ms_ssim": 0.77,
+             "ssimulacra2": -61.6, "flip": 0.24}]
+    table = format_live_table(rows)
+    assert "semantic+map" in table and "superseded" in table and "-61.6" in table
+    paths = write_demo_plots(rows, tmp_path)
+    assert [p.name for p in paths] == ["quality_vs_bytes.png", "quality_vs_time.png"]
+    assert all(Image.open(p).size[0] > 600 for p in paths)
+    line = stage_line({"key": "s0001/1/1", "stream": "s0001", "image": "coffee", "stage": "pixel.0",
+                       "status": "superseded", "wire_bytes": 584, "time_s": 0.4})
+    assert "stage 1 pixel.0" in line and "superseded" in line and "not decoded" in line
+    assert stage_line({"key": "s0001/1/stored", "status": "stored"}) is None
+    assert "semantic+map" in stage_line({"key": "s/1/0", "stage": "map", "status": "stage", "decode_latency_s": 0.01})
