@@ -221,6 +221,7 @@ def _handler_for(viewer: Viewer):
     class Handler(BaseHTTPRequestHandler):
         server_version = "miscnet-view"
         protocol_version = "HTTP/1.1"
+        timeout = 60  # seconds a read or write may block: a silent or stalled client lets go of its thread
 
         def log_message(self, format, *args):  # noqa: A002 - quiet: the page polls nothing, errors show in it
             pass
@@ -331,7 +332,8 @@ def serve_view(viewer: Viewer) -> tuple[ThreadingHTTPServer, str]:
         except (OSError, ssl.SSLError) as exc:
             server.server_close()
             raise MiscError(f"cannot load the web view's certificate {viewer.options.tls_cert}: {exc}") from None
-        server.socket = context.wrap_socket(server.socket, server_side=True)
+        # the handshake in the request's thread, not in the accept loop a silent client would stall
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
         scheme = "https"
     threading.Thread(target=server.serve_forever, daemon=True, name="view-http").start()
     shown = host if host and host != "0.0.0.0" else "127.0.0.1"
@@ -368,8 +370,12 @@ def watch_grpc(viewer: Viewer, target: str, stop: threading.Event, tls=None, tok
         was_connected = True
         call = sgrpc.WatchStub(channel).Events(spb.WatchRequest(include_png=True),
                                                metadata=token_metadata(token), wait_for_ready=False)
-        stopper = threading.Thread(target=lambda c=call: (stop.wait(), c.cancel()), daemon=True)
-        stopper.start()
+        def cancel_on_stop(call=call):  # ends with its call: no thread left behind per reconnection
+            while call.is_active() and not stop.wait(0.5):
+                pass
+            call.cancel()
+
+        threading.Thread(target=cancel_on_stop, daemon=True, name="view-cancel").start()
         try:
             for event in call:
                 viewer.on_event(event)

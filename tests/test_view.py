@@ -360,3 +360,32 @@ def test_demo_plots_and_lines_mark_stages_that_were_not_decoded(tmp_path):
     assert "stage 1 pixel.0" in line and "superseded" in line and "not decoded" in line
     assert stage_line({"key": "s0001/1/stored", "status": "stored"}) is None
     assert "semantic+map" in stage_line({"key": "s/1/0", "stage": "map", "status": "stage", "decode_latency_s": 0.01})
+
+
+def test_view_honours_the_receivers_tls_and_serves_https(tmp_path, certs):
+    """A TLS receiver: the view reaches it with the CA, and serves its own page over HTTPS."""
+    import ssl
+
+    from live_nodes import Receiver
+
+    files, ca = certs
+    cert, key = files["server"]
+    rx = Receiver(tmp_path, tls=TlsFiles(cert, key))
+    log = (tmp_path / "view.log").open("w")
+    view = _miscnet("view", "--watch", rx.target, "--tls-ca", ca, "--web", "127.0.0.1:0", "--web-port-file",
+                    str(tmp_path / "web.port"), "--web-tls-cert", cert, "--web-tls-key", key, log=log)
+    try:
+        web = f"https://127.0.0.1:{_port(tmp_path / 'web.port', view)}/state.json"
+        context = ssl.create_default_context(cafile=ca)
+
+        def state():
+            with urllib.request.urlopen(web, timeout=10, context=context) as reply:
+                return json.loads(reply.read())["status"]["state"]
+
+        assert wait_for(lambda: state() == "connected", 30)
+        with pytest.raises(OSError):  # plain HTTP is not answered (reset, or a URLError)
+            urllib.request.urlopen(web.replace("https", "http"), timeout=10)
+    finally:
+        _stop(view)
+        log.close()
+        rx.stop()

@@ -319,10 +319,12 @@ def transport_config(args: argparse.Namespace) -> TransportConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from miscnet.core.image_io import atomic_write_bytes, png_bytes
+    from miscnet.experiments.metrics import QUALITY_METRICS
     from miscnet.experiments.simulate import Scenario, SimImage, simulate
     from miscnet.sender.encoder import encode_image
 
-    scenario = Scenario(link=link_config(args), transport=transport_config(args), seed=args.seed)
+    scenario = Scenario(link=link_config(args), transport=transport_config(args), seed=args.seed,
+                        metrics=QUALITY_METRICS)
     config = encoder_config(args)
     items = []
     for arg in args.images:
