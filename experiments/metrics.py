@@ -1,7 +1,10 @@
-"""Full-reference quality metrics: PSNR, SSIM and MS-SSIM, numpy + scipy only, no learned weights.
+"""Full-reference quality metrics, none with learned weights: PSNR, SSIM and MS-SSIM (here, numpy + scipy),
+SSIMULACRA2 (the ``ssimulacra2`` package) and FLIP (``flip-evaluator``, NVIDIA's own implementation).
 
-All three take two arrays of the same shape, HxWx3 (RGB) or HxW (grey), normally uint8 with
-``data_range`` 255; a shape mismatch raises ValueError. Arithmetic is float64.
+All take two arrays of the same shape, HxWx3 (RGB) or HxW (grey), normally uint8 with ``data_range``
+255; a shape mismatch raises ValueError. Arithmetic is float64. ``quality_report`` gives every metric
+reported beside a stage (QUALITY_METRICS); ``learned_metrics_status`` says, for LPIPS, DISTS, FID/KID and
+CLIP-score, why each is skipped (their weights are never downloaded: they count only when configured).
 
 Definitions
 -----------
@@ -38,7 +41,17 @@ Small images
     renormalised to sum to 1 (at 5 scales the published weights are used unchanged). If the short
     side is below 11 px, SSIM and MS-SSIM shrink the window to the largest odd size that fits (the
     same sigma-1.5 Gaussian, truncated and renormalised), down to a single pixel. Empty images raise
-    ValueError.
+    ValueError. From 161 px up the values equal pytorch_msssim's ``ms_ssim(X, Y, data_range=255)``
+    (tests/test_samples_metrics.py checks it on the bundled samples); below, they are this module's own.
+
+SSIMULACRA2 (Cloudinary / JPEG XL, 2022)
+    ``ssimulacra2.compute_ssimulacra2`` on the two images (RGB, sRGB); 100 is identical, about 90 is
+    visually lossless, 70 high quality, 50 medium, 30 low; it can go negative. Grey images are given as
+    RGB. Images under 8 px on a side have no scale to measure: None.
+
+FLIP (Andersson et al. 2020, LDR-FLIP)
+    The mean of ``flip_evaluator.evaluate(ref, test, "LDR")``'s error map at its default viewing
+    conditions (67 pixels per degree); 0 is identical, 1 is the largest error. Lower is better.
 """
 
 from __future__ import annotations
@@ -48,8 +61,11 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim", "psnr", "quality", "ssim"]
+__all__ = ["MS_SSIM_WEIGHTS", "QUALITY_METRICS", "flip", "learned_metrics_status", "ms_ssim", "psnr", "quality",
+           "quality_report", "ssim", "ssimulacra2"]
 
+# Reported beside every stage (simulate, sweeps, fleets, the demo, the live view), in this order.
+QUALITY_METRICS = ("psnr", "ms_ssim", "ssimulacra2", "flip")
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 WIN_SIZE = 11
 SIGMA = 1.5
@@ -179,6 +195,46 @@ def ms_ssim(a, b, data_range: float = 255) -> float:
     return float(per_channel.mean())
 
 
+def _rgb_uint8(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    return np.ascontiguousarray(a, dtype=np.uint8)
+
+
+def ssimulacra2(a, b) -> float | None:
+    """SSIMULACRA2 score of ``b`` against the reference ``a`` (uint8); None below 8 px on a side."""
+    import io
+
+    from PIL import Image
+    from ssimulacra2 import compute_ssimulacra2
+
+    x, y = _rgb_uint8(a), _rgb_uint8(b)
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
+    if min(x.shape[:2]) < 8:
+        return None
+    files = []
+    for image in (x, y):  # the package reads files: hand it in-memory PNGs (lossless)
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG", compress_level=0)
+        buf.seek(0)
+        files.append(buf)
+    return float(compute_ssimulacra2(*files))
+
+
+def flip(a, b) -> float:
+    """Mean LDR-FLIP error of ``b`` against the reference ``a`` (uint8, sRGB); 0 is identical."""
+    import flip_evaluator
+
+    x, y = _rgb_uint8(a), _rgb_uint8(b)
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch: {x.shape} vs {y.shape}")
+    _, mean, _ = flip_evaluator.evaluate((x / 255.0).astype(np.float32), (y / 255.0).astype(np.float32), "LDR",
+                                         applyMagma=False)
+    return float(mean)
+
+
 def quality(reference, reconstruction) -> dict[str, float]:
     """PSNR, SSIM and MS-SSIM of a reconstruction against its reference (uint8, range 255)."""
     return {
@@ -186,3 +242,41 @@ def quality(reference, reconstruction) -> dict[str, float]:
         "ssim": ssim(reference, reconstruction),
         "ms_ssim": ms_ssim(reference, reconstruction),
     }
+
+
+def quality_report(reference, reconstruction, metrics: tuple[str, ...] = QUALITY_METRICS) -> dict[str, float | None]:
+    """The named metrics (default QUALITY_METRICS) of a reconstruction against its reference."""
+    functions = {"psnr": psnr, "ssim": ssim, "ms_ssim": ms_ssim, "ssimulacra2": ssimulacra2, "flip": flip}
+    unknown = [m for m in metrics if m not in functions]
+    if unknown:
+        raise ValueError(f"unknown quality metric(s) {unknown}; known: {sorted(functions)}")
+    return {m: functions[m](reference, reconstruction) for m in metrics}
+
+
+# Learned metrics: computed only from weights already on this machine (never downloaded). Each names the
+# environment variable that points at its weights; none is wired to a model loader yet, so each is reported
+# skipped, with the reason, wherever results are written.
+LEARNED_METRICS = {
+    "lpips": "MISCNET_LPIPS_WEIGHTS",
+    "dists": "MISCNET_DISTS_WEIGHTS",
+    "fid": "MISCNET_INCEPTION_WEIGHTS",
+    "kid": "MISCNET_INCEPTION_WEIGHTS",
+    "clip_score": "MISCNET_CLIP_WEIGHTS",
+}
+
+
+def learned_metrics_status(environ=None) -> dict[str, str]:
+    """{metric: why it was not computed} for LPIPS, DISTS, FID, KID and CLIP-score."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    status = {}
+    for metric, variable in LEARNED_METRICS.items():
+        path = environ.get(variable)
+        if not path:
+            status[metric] = f"skipped: no weights configured (set {variable} to a local weights file)"
+        elif not os.path.exists(path):
+            status[metric] = f"skipped: {variable}={path} does not exist"
+        else:
+            status[metric] = f"skipped: weights at {path}, but miscnet has no loader for {metric} yet"
+    return status

@@ -128,8 +128,14 @@ def _colours(n: int) -> list:
     return [cmap(x) for x in np.linspace(0.0, 0.92, n)]
 
 
-def _pixel_stages(recs: list[dict]) -> list[tuple[str, float, float, float, float, float]]:
-    """(stage, mean wire bytes, median time, mean psnr, mean ms-ssim, share arrived) per pixel stage."""
+def _mean_of(events: list[dict], key: str) -> float:
+    values = [e[key] for e in events if e.get(key) is not None]  # older records lack the newer metrics
+    return float(np.mean(values)) if values else np.nan
+
+
+def _pixel_stages(recs: list[dict]) -> list[tuple[str, float, float, float, float, float, float, float]]:
+    """(stage, mean wire bytes, median time, mean psnr, mean ms-ssim, share arrived, mean SSIMULACRA2,
+    mean FLIP) per pixel stage."""
     per: dict[str, list[dict]] = defaultdict(list)
     for r in recs:
         for e in first_pixel_events(r):
@@ -139,7 +145,7 @@ def _pixel_stages(recs: list[dict]) -> list[tuple[str, float, float, float, floa
         ev = per[s]
         out.append((s, float(np.mean([e["wire_bytes"] for e in ev])), float(np.median([e["time_s"] for e in ev])),
                     float(np.mean([e["psnr"] for e in ev])), float(np.mean([e["ms_ssim"] for e in ev])),
-                    len(ev) / len(recs)))
+                    len(ev) / len(recs), _mean_of(ev, "ssimulacra2"), _mean_of(ev, "flip")))
     return out
 
 
@@ -207,8 +213,9 @@ def _stage_figure(spec, plan, records, out: Path, *, figure: str, x_col: int, xl
     from matplotlib.transforms import blended_transform_factory
 
     g = _Groups(spec, plan, records, _series_keys(spec, figure))
-    fig = Figure(figsize=(12, 4.8), layout="constrained")
-    axes = fig.subplots(1, 2)
+    fig = Figure(figsize=(12, 8.8), layout="constrained")
+    axes = list(fig.subplots(2, 2).flat)
+    columns = (3, 4, 6, 7)  # PSNR, MS-SSIM, SSIMULACRA2, FLIP in _pixel_stages' tuples
     any_semantic = False
     for si, _value, method, by_config in g.items():
         ls, marker = METHOD_STYLE[method]
@@ -223,7 +230,7 @@ def _stage_figure(spec, plan, records, out: Path, *, figure: str, x_col: int, xl
                 continue
             finals.append(stages[-1])
             x = [s[x_col] for s in stages]
-            for ax, col in zip(axes, (3, 4), strict=True):
+            for ax, col in zip(axes, columns, strict=True):
                 y = [s[col] for s in stages]
                 if x_col == 2:
                     ax.step(x, y, where="post", ls=ls, color=colour, lw=1.2, alpha=0.8)
@@ -233,7 +240,7 @@ def _stage_figure(spec, plan, records, out: Path, *, figure: str, x_col: int, xl
                 ax.plot(x[-1:], y[-1:], ls="none", marker=marker, color=colour, ms=6)
         if len(finals) > 1 and x_col == 1:
             finals.sort(key=lambda s: s[1])
-            for ax, col in zip(axes, (3, 4), strict=True):
+            for ax, col in zip(axes, columns, strict=True):
                 ax.plot([s[1] for s in finals], [s[col] for s in finals], ls=ls, color=colour, lw=2.2)
         sem = _semantic_events([r for recs in by_config.values() for r in recs])
         if sem:
@@ -243,7 +250,8 @@ def _stage_figure(spec, plan, records, out: Path, *, figure: str, x_col: int, xl
                 tr = blended_transform_factory(ax.transData, ax.transAxes)
                 ax.plot([np.median(xs) if x_col == 2 else np.mean(xs)], [0.0], marker="*", color=colour, ms=11,
                         transform=tr, clip_on=False, ls="none")
-    for ax, name in zip(axes, ("PSNR (dB)", "MS-SSIM"), strict=True):
+    names = ("PSNR (dB)", "MS-SSIM", "SSIMULACRA2 (100: identical)", "FLIP (0: identical, lower is better)")
+    for ax, name in zip(axes, names, strict=True):
         ax.set_xscale("log")
         _plain_log_axis(ax)
         ax.set_xlabel(xlabel)

@@ -12,7 +12,9 @@ over several link seeds differ by their losses, not by their noise.
 
 Event fields: ``stage``, ``time_s`` (since the image's first packet), ``payload_bytes`` (layer payload
 bytes the stage uses), ``wire_bytes`` (forward bytes of this image delivered so far: packet headers,
-repair and retransmissions included), ``psnr`` / ``ms_ssim`` (null for stages without pixels).
+repair and retransmissions included), and the stage's quality against the reference: ``psnr``,
+``ms_ssim``, ``ssimulacra2``, ``flip`` (experiments/metrics.py QUALITY_METRICS; null for stages without
+pixels, and for metrics ``Scenario.metrics`` leaves out: by default the perceptual two).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from miscnet.channel.packet import Datagram, PacketError
 from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.core.container import EncodedImage, layer_name, to_bytes
 from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: its points decode here)
+from miscnet.experiments.metrics import QUALITY_METRICS
 from miscnet.receiver.assembly import ImageAssembly
 from miscnet.receiver.classical import ClassicalDecoder
 
@@ -36,7 +39,10 @@ class Scenario:
     link: DuplexConfig
     transport: TransportConfig = field(default_factory=TransportConfig)
     seed: int = 0
-    quality: bool = True  # compute PSNR / MS-SSIM for pixel stages (needs the reference image)
+    quality: bool = True  # compute the quality of pixel stages (needs the reference image)
+    # which (experiments/metrics.py quality_report); the others are None. PSNR and MS-SSIM by default: the
+    # perceptual two cost about a second per stage, and the command line asks for them (QUALITY_METRICS)
+    metrics: tuple[str, ...] = ("psnr", "ms_ssim")
 
 
 @dataclass
@@ -49,26 +55,27 @@ class SimImage:
 class _QualityCache:
     """Stage quality depends only on the image and the layers used, not on the link: compute it once."""
 
-    def __init__(self, decoder=None) -> None:
+    def __init__(self, decoder=None, metrics: tuple[str, ...] = QUALITY_METRICS) -> None:
         self.decoder = decoder or ClassicalDecoder()
+        self.metrics = metrics
         self._cache: dict[tuple, tuple] = {}
 
     def __call__(self, item: SimImage, stage, want_image: bool = False):
+        """(the stage's metrics, or None without pixels or a reference; its image when ``want_image``)."""
         key = (id(item), stage.layers)
         hit = self._cache.get(key)
-        if hit is not None and hit[3] is not item:  # an id recycled after its item was freed
+        if hit is not None and hit[2] is not item:  # an id recycled after its item was freed
             hit = None
-        if hit is None or (want_image and hit[2] is None):
+        if hit is None or (want_image and hit[1] is None):
             image = self.decoder.render(stage)
-            psnr = msssim = None
+            metrics = None
             if stage.has_pixels and item.reference is not None:
-                from miscnet.experiments.metrics import ms_ssim
-                from miscnet.experiments.metrics import psnr as psnr_of
+                from miscnet.experiments.metrics import quality_report
 
-                psnr, msssim = psnr_of(item.reference, image), ms_ssim(item.reference, image)
-            hit = (psnr, msssim, image if want_image else None, item)  # holding item keeps its id unique
+                metrics = quality_report(item.reference, image, self.metrics)
+            hit = (metrics, image if want_image else None, item)  # holding item keeps its id unique
             self._cache[key] = hit
-        return hit[:3]
+        return hit[:2]
 
 
 def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = False,
@@ -76,7 +83,8 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
     """Run the scenario; ``decoder`` (default classical) reconstructs each stage for its quality figures."""
     env = simpy.Environment()
     rng = np.random.default_rng(scenario.seed)
-    quality = quality_cache or _QualityCache(decoder)
+    quality = quality_cache or _QualityCache(decoder, scenario.metrics)
+    no_quality = dict.fromkeys(QUALITY_METRICS)
     receiver = TransportReceiver()
     senders: dict[int, ImageSender] = {}
     start: dict[int, float] = {}
@@ -108,10 +116,10 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
             stage = assembly.add(*(a.layer for a in group))
             if stage is None:
                 continue
-            psnr, msssim, img = quality(items[i], stage, keep_images) if scenario.quality else (None, None, None)
+            metrics, img = quality(items[i], stage, keep_images) if scenario.quality else (None, None)
             events[i].append({"stage": stage.name, "layers": list(stage.layers), "time_s": env.now - start[i],
                               "payload_bytes": stage.payload_bytes, "wire_bytes": delivered_bytes[i],
-                              "psnr": psnr, "ms_ssim": msssim})
+                              **no_quality, **(metrics or {})})
             if keep_images:
                 images[i].append((stage.name, img if img is not None else quality.decoder.render(stage)))
             if assembly.complete:

@@ -49,8 +49,7 @@ from miscnet.core.container import CODEC_NAMES, from_bytes, to_bytes
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.image_io import atomic_write_bytes
 from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: workers decode it)
-from miscnet.experiments.metrics import ms_ssim as _ms_ssim
-from miscnet.experiments.metrics import psnr as _psnr
+from miscnet.experiments.metrics import QUALITY_METRICS, learned_metrics_status, quality_report
 from miscnet.experiments.records import first_pixel_events, stage_order
 from miscnet.experiments.scenario import CONFIG_KEYS, Configuration, Point, ScenarioError, ScenarioSpec
 from miscnet.experiments.simulate import Scenario as SimScenario
@@ -74,7 +73,7 @@ class Prepared:
     width: int
     height: int
     data: bytes
-    quality: dict[str, tuple[float | None, float | None]]  # "semantic+map+pixel.0" -> (psnr, ms_ssim)
+    quality: dict[str, tuple[float | None, ...]]  # "semantic+map+pixel.0" -> QUALITY_METRICS' values, in order
     info: dict[str, Any]
     encode_s: float = 0.0
     decode_s: float = 0.0
@@ -99,9 +98,12 @@ def stage_key(layers) -> str:
     return "+".join(layers)
 
 
-def quality_table(encoded, reference: np.ndarray, decoder) -> dict[str, tuple[float, float]]:
+def quality_table(encoded, reference: np.ndarray, decoder, metrics: tuple[str, ...] = ("psnr", "ms_ssim")
+                  ) -> dict[str, tuple[float | None, ...]]:
     """Quality of every stage with pixels that a receiver can make from this encoding.
 
+    Each value is a tuple of ``metrics`` in the order given (experiments/metrics.py quality_report; the
+    default, (psnr, ms_ssim), is what the fleet reads; QUALITY_METRICS adds SSIMULACRA2 and FLIP).
     Blocks travel whole: the semantic and map layers together, each pixel level alone, and a pixel level
     counts only after the levels before it. So a stage is (with or without the semantic block) x (the
     first k pixel levels). The classical decoder paints pixels only, so it renders each k once.
@@ -109,8 +111,8 @@ def quality_table(encoded, reference: np.ndarray, decoder) -> dict[str, tuple[fl
     pixel = sorted((ly for ly in encoded.layers if ly.WhichOneof("params") == "pixel"), key=lambda ly: ly.level)
     other = [ly for ly in encoded.layers if ly.WhichOneof("params") != "pixel"]
     classical = isinstance(decoder, ClassicalDecoder)
-    table: dict[str, tuple[float, float]] = {}
-    by_levels: dict[int, tuple[float, float]] = {}
+    table: dict[str, tuple[float | None, ...]] = {}
+    by_levels: dict[int, tuple[float | None, ...]] = {}
     for k in range(1, len(pixel) + 1):
         for head in ([other, []] if other else [[]]):
             stage = stage_input(encoded.width, encoded.height, [*head, *pixel[:k]])
@@ -118,7 +120,8 @@ def quality_table(encoded, reference: np.ndarray, decoder) -> dict[str, tuple[fl
                 table[stage_key(stage.layers)] = by_levels[k]
                 continue
             image = decoder.render(stage)
-            by_levels[k] = table[stage_key(stage.layers)] = (_psnr(reference, image), _ms_ssim(reference, image))
+            report = quality_report(reference, image, metrics)
+            by_levels[k] = table[stage_key(stage.layers)] = tuple(report[m] for m in metrics)
     return table
 
 
@@ -148,7 +151,7 @@ def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, deco
     try:
         result = encode_image(image, semantics, config)
         t1 = time.perf_counter()
-        table = quality_table(result.encoded, image, _decoder_for(decoder))
+        table = quality_table(result.encoded, image, _decoder_for(decoder), QUALITY_METRICS)
     except MiscError as exc:
         return _failed(key, "misc", name, image, t0, exc)
     t2 = time.perf_counter()
@@ -166,7 +169,7 @@ def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget:
     try:
         base = encode_baseline(image, codec, budget, raster, levels)
         t1 = time.perf_counter()
-        table = quality_table(base.encoded, image, _decoder_for(decoder))
+        table = quality_table(base.encoded, image, _decoder_for(decoder), QUALITY_METRICS)
     except MiscError as exc:
         return _failed(key, codec, name, image, t0, exc)
     t2 = time.perf_counter()
@@ -187,9 +190,8 @@ class _TableQuality:
 
     def __call__(self, item, stage, want_image: bool = False):
         if not stage.has_pixels:
-            return None, None, None
-        psnr, msssim = self.table[stage_key(stage.layers)]
-        return psnr, msssim, None
+            return None, None
+        return dict(zip(QUALITY_METRICS, self.table[stage_key(stage.layers)], strict=True)), None
 
 
 def simulate_points(prepared: Prepared, config: Configuration, points: list[tuple[str, int]]
@@ -631,8 +633,8 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
 
 # ---------------------------------------------------------------------------------------------- outputs
 
-EVENT_FIELDS = ["event", "stage", "layers", "time_s", "payload_bytes", "wire_bytes", "bpp", "wire_bpp", "psnr",
-                "ms_ssim"]
+EVENT_FIELDS = ["event", "stage", "layers", "time_s", "payload_bytes", "wire_bytes", "bpp", "wire_bpp",
+                *QUALITY_METRICS]
 POINT_FIELDS = ["completed", "bit_exact", "failure", "first_stage_time_s", "first_semantic_time_s",
                 "completion_time_s", "wire_bytes_total", "fec_bytes", "retransmitted_bytes", "control_bytes",
                 "packets_sent", "packets_lost", "rounds", "error"]
@@ -669,7 +671,7 @@ def point_rows(spec: ScenarioSpec, point: Point, rec: dict) -> list[dict]:
         rows.append({**common, "event": i, "stage": e["stage"], "layers": e.get("layers"), "time_s": e["time_s"],
                      "payload_bytes": e["payload_bytes"], "wire_bytes": e["wire_bytes"],
                      "bpp": e["payload_bytes"] * 8 / pixels, "wire_bpp": e["wire_bytes"] * 8 / pixels,
-                     "psnr": e["psnr"], "ms_ssim": e["ms_ssim"]})
+                     **{m: e.get(m) for m in QUALITY_METRICS}})
     return rows or [{**common, "stage": ""}]
 
 
@@ -715,8 +717,8 @@ def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -
                 per_stage[e["stage"]].append({**e, "pixels": pixels})
         stages = sorted(per_stage, key=stage_order)
         n = len(items)
-        res: dict[str, list] = {k: [] for k in ("stage", "bpp", "wire-bpp", "psnr-rgb", "ms-ssim-rgb", "time-s",
-                                                "time-s-median", "time-s-p90", "arrived")}
+        res: dict[str, list] = {k: [] for k in ("stage", "bpp", "wire-bpp", "psnr-rgb", "ms-ssim-rgb", "ssimulacra2",
+                                                "flip", "time-s", "time-s-median", "time-s-p90", "arrived")}
         for s in stages:
             ev = per_stage[s]
             res["stage"].append(s)
@@ -724,6 +726,9 @@ def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -
             res["wire-bpp"].append(float(np.mean([e["wire_bytes"] * 8 / e["pixels"] for e in ev])))
             res["psnr-rgb"].append(float(np.mean([e["psnr"] for e in ev])))
             res["ms-ssim-rgb"].append(float(np.mean([e["ms_ssim"] for e in ev])))
+            for metric in ("ssimulacra2", "flip"):  # None where a metric had nothing to measure (tiny images)
+                values = [e[metric] for e in ev if e.get(metric) is not None]
+                res[metric].append(float(np.mean(values)) if values else None)
             t = _stats([e["time_s"] for e in ev])
             res["time-s"].append(t["mean"])
             res["time-s-median"].append(t["median"])
@@ -750,6 +755,7 @@ def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -
                      "first-stage-fraction": len(first) / n if n else 0.0,
                      "first-semantic-stage-fraction": len(sem) / n if n else 0.0},
             "final-psnr-rgb": _stats(finals),
+            "learned-metrics": learned_metrics_status(),
             "wire-overhead": (sent / payload) if payload else None,
             "config": c.id, "label": c.label, "case": c.case, "method": method,
             "protection": c.protection_label(), "params": c.params, "swept": c.swept,
@@ -772,7 +778,8 @@ def write_outputs(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict
     summaries = aggregate(spec, plan, records)
     for s in summaries:
         cj = {k: s[k] for k in ("name", "description", "results")}
-        cj.update({k: s[k] for k in ("time", "final-psnr-rgb", "wire-overhead", "params", "points", "errors")})
+        cj.update({k: s[k] for k in ("time", "final-psnr-rgb", "wire-overhead", "params", "points", "errors",
+                                     "learned-metrics")})
         path = out / "compressai" / f"{s['config']}-{_safe(s['method'])}.json"
         atomic_write_bytes(path, json.dumps(cj, indent=1).encode())
         files.append(path)

@@ -66,6 +66,7 @@ class ReceiverOptions:
     shutdown_decode_s: float | None = None  # at close, decode pending stages this long (None: all of them)
     policy: str = "newest"  # decode scheduling (receiver/scheduling.py POLICIES)
     queue_limit: int | None = None  # stages waiting for a decoder at most (None: no limit); more are rejected
+    print_stages: bool = False  # print one line per stage event on stdout (the command line's receiver does)
 
 
 class DecodeScheduler:
@@ -197,8 +198,10 @@ def png_preview(image: np.ndarray, limit: int) -> tuple[bytes, int, int]:
 class EventLog:
     """events.jsonl (flushed per line) and the watchers' bounded queues (a full queue drops, counted)."""
 
-    def __init__(self, path: Path, watcher_queue: int, counters: Counters, preview_bytes: int):
+    def __init__(self, path: Path, watcher_queue: int, counters: Counters, preview_bytes: int,
+                 on_event: Callable[[dict], None] | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._on_event = on_event
         self._file = path.open("a", encoding="utf-8")
         self._lock = threading.Lock()
         self._watchers: list[tuple[queue.Queue, bool]] = []
@@ -218,6 +221,8 @@ class EventLog:
             if durable:
                 os.fsync(self._file.fileno())
             watchers = list(self._watchers)
+        if self._on_event is not None:
+            self._on_event(event)
         if not watchers:
             return
         message = spb.StageEvent(**{k: v for k, v in event.items() if k in _EVENT_FIELDS and v is not None})
@@ -265,6 +270,42 @@ class EventLog:
 
 
 _EVENT_FIELDS = {f.name for f in spb.StageEvent.DESCRIPTOR.fields}
+
+
+def stage_label(stage: str) -> str:
+    """The stage's name for people: the semantic and map layers travel in one block, so "map" is both."""
+    return "semantic+map" if stage == "map" else stage
+
+
+_STAGE_LINE_STATUSES = {"stage": "decoded", "superseded": "superseded (a newer stage came first: not decoded)",
+                        "rejected": "rejected (decode queue full)", "decode-error": "DECODE ERROR",
+                        "decode-timeout": "DECODE TIMEOUT", "recovered": "decoded after a restart"}
+
+
+def stage_line(event: dict) -> str | None:
+    """One line for a stage event (None for other events; images that end incomplete get one too)."""
+    status = event.get("status")
+    name = f"{event.get('stream', '')} {event.get('image', '')}"
+    if status in ("incomplete", "abandoned"):
+        return f"{name}: {status.upper()} (layers {', '.join(event.get('layers', [])) or 'none'})"
+    if status not in _STAGE_LINE_STATUSES:
+        return None
+    index = str(event.get("key", "")).rsplit("/", 1)[-1]
+    line = (f"{name} stage {index} {stage_label(event.get('stage', '')):<14} {event.get('wire_bytes', 0):>7} B on the "
+            f"wire {event.get('time_s', 0.0) * 1000:8.1f} ms after its first packet: {_STAGE_LINE_STATUSES[status]}")
+    if status in ("stage", "recovered") and event.get("decode_latency_s") is not None:
+        line += f" in {event['decode_latency_s'] * 1000:.0f} ms"
+    if event.get("complete") and status == "stage":
+        line += " (complete)"
+    if event.get("error"):
+        line += f": {event['error']}"
+    return line
+
+
+def print_stage_line(event: dict) -> None:
+    line = stage_line(event)
+    if line is not None:
+        print(line, flush=True)
 
 
 @dataclass
@@ -338,7 +379,7 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
         _describe_counters(self.counters)
         self.store = ImageStore(self.out_dir)
         self.events = EventLog(self.out_dir / "events.jsonl", options.watcher_queue, self.counters,
-                               options.preview_bytes)
+                               options.preview_bytes, print_stage_line if options.print_stages else None)
         self.scheduler = DecodeScheduler(self._decode, options.decode_workers, self._dropped, options.policy,
                                          options.queue_limit)
         self._streams = threading.BoundedSemaphore(options.max_streams)

@@ -234,3 +234,69 @@ def test_shape_mismatch_raises():
             f(a, a[:, :19])
         with pytest.raises(ValueError):
             f(a, a[..., 0])
+
+
+# --- against standard implementations, and the perceptual metrics -------------------------------
+
+
+@pytest.mark.parametrize("name", SAMPLE_NAMES)
+def test_ms_ssim_matches_pytorch_msssim(name):
+    """Ours against pytorch_msssim (the one CompressAI reports with), on each sample (a 256 x 200 crop with
+    an odd side, still five scales: kept small, torch's float64 convolutions are slow on two cores) under
+    two distortions: JPEG and an 8x upsampled thumbnail, our decoder's kind of blur."""
+    torch = pytest.importorskip("torch")
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    full = _load(name)
+    top, left = (full.shape[0] - 201) // 2, (full.shape[1] - 256) // 2
+    ref = np.ascontiguousarray(full[top:top + 201, left:left + 256])
+    small = np.asarray(Image.fromarray(ref).resize((32, 25), Image.Resampling.BOX)
+                       .resize((256, 201), Image.Resampling.BICUBIC))
+    for distorted in (_jpeg(ref, 10), small):
+        x, y = (torch.from_numpy(a.transpose(2, 0, 1)[None].astype(np.float64)) for a in (ref, distorted))
+        theirs = float(pytorch_msssim.ms_ssim(x, y, data_range=255, size_average=True))
+        # 1e-5: pytorch_msssim builds its Gaussian window in float32 (then casts it), ours in float64
+        assert ms_ssim(ref, distorted) == pytest.approx(theirs, abs=1e-5)
+
+
+def test_pytorch_msssim_refuses_what_our_small_image_rule_measures():
+    """Under 161 px on the short side pytorch_msssim asserts; ours uses fewer scales (module docstring)."""
+    torch = pytest.importorskip("torch")
+    pytorch_msssim = pytest.importorskip("pytorch_msssim")
+    ref = _load("astronaut")[:120, :200]
+    distorted = _jpeg(ref, 20)
+    x, y = (torch.from_numpy(a.transpose(2, 0, 1)[None].astype(np.float64)) for a in (ref, distorted))
+    with pytest.raises(AssertionError):
+        pytorch_msssim.ms_ssim(x, y, data_range=255)
+    assert metrics._n_scales(120, 200) == 4
+    assert 0.0 < ms_ssim(ref, distorted) < 1.0
+
+
+def test_perceptual_metrics_order_jpeg_qualities():
+    """SSIMULACRA2 (higher is better) and FLIP (lower is better) rank JPEG qualities as they should."""
+    ref = _load("coffee")[100:300, 200:456]
+    s2 = [metrics.ssimulacra2(ref, _jpeg(ref, q)) for q in (90, 50, 10)]
+    fl = [metrics.flip(ref, _jpeg(ref, q)) for q in (90, 50, 10)]
+    assert s2 == sorted(s2, reverse=True) and fl == sorted(fl)
+    assert metrics.ssimulacra2(ref, ref) == pytest.approx(100.0) and metrics.flip(ref, ref) == 0.0
+    assert metrics.ssimulacra2(ref[:6, :6], ref[:6, :6]) is None  # no scale to measure
+    grey = ref[..., 0]
+    assert metrics.flip(grey, grey) == 0.0
+    with pytest.raises(ValueError, match="shape mismatch"):
+        metrics.flip(ref, ref[:-1])
+
+
+def test_quality_report_and_learned_metrics_status(tmp_path):
+    ref = _load("chelsea")
+    report = metrics.quality_report(ref, _jpeg(ref, 30))
+    assert list(report) == list(metrics.QUALITY_METRICS)
+    assert report["psnr"] == pytest.approx(psnr(ref, _jpeg(ref, 30)))
+    with pytest.raises(ValueError, match="unknown quality metric"):
+        metrics.quality_report(ref, ref, ("lpips",))
+    status = metrics.learned_metrics_status({})
+    assert set(status) == {"lpips", "dists", "fid", "kid", "clip_score"}
+    assert all(v.startswith("skipped: no weights configured") for v in status.values())
+    weights = tmp_path / "lpips.pth"
+    weights.write_bytes(b"")
+    status = metrics.learned_metrics_status({"MISCNET_LPIPS_WEIGHTS": str(weights),
+                                             "MISCNET_DISTS_WEIGHTS": str(tmp_path / "missing")})
+    assert "no loader" in status["lpips"] and "does not exist" in status["dists"]

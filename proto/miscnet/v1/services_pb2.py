@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19miscnet/v1/services.proto\x12\nmiscnet.v1\"P\n\x0bLinkMessage\x12\x10\n\x06packet\x18\x01 \x01(\x0cH\x00\x12\'\n\x05label\x18\x02 \x01(\x0b\x32\x16.miscnet.v1.ImageLabelH\x00\x42\x06\n\x04\x62ody\",\n\nImageLabel\x12\x10\n\x08image_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"#\n\x0cWatchRequest\x12\x13\n\x0binclude_png\x18\x01 \x01(\x08\"\xd0\x02\n\nStageEvent\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\r\x12\r\n\x05image\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x12\n\nwire_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x0b\n\x03png\x18\t \x01(\x0c\x12\x10\n\x08\x63omplete\x18\n \x01(\x08\x12\r\n\x05width\x18\x0b \x01(\r\x12\x0e\n\x06height\x18\x0c \x01(\r\x12\x0e\n\x06status\x18\r \x01(\t\x12\x0e\n\x06\x64igest\x18\x0e \x01(\t\x12\x18\n\x10\x64\x65\x63ode_latency_s\x18\x0f \x01(\x01\x12\x11\n\tpng_width\x18\x10 \x01(\r\x12\x12\n\npng_height\x18\x11 \x01(\r\x12\r\n\x05\x65rror\x18\x12 \x01(\t\x12\x0b\n\x03key\x18\x13 \x01(\t\"\x0e\n\x0cStatsRequest\"\xa0\x01\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.miscnet.v1.Metric.LabelsEntry\x12\r\n\x05value\x18\x05 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\rStatsResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12#\n\x07metrics\x18\x03 \x03(\x0b\x32\x12.miscnet.v1.Metric2H\n\x04Link\x12@\n\x08\x45xchange\x12\x17.miscnet.v1.LinkMessage\x1a\x17.miscnet.v1.LinkMessage(\x01\x30\x01\x32\x45\n\x05Watch\x12<\n\x06\x45vents\x12\x18.miscnet.v1.WatchRequest\x1a\x16.miscnet.v1.StageEvent0\x01\x32\x43\n\x05Stats\x12:\n\x03Get\x12\x18.miscnet.v1.StatsRequest\x1a\x19.miscnet.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19miscnet/v1/services.proto\x12\nmiscnet.v1\"P\n\x0bLinkMessage\x12\x10\n\x06packet\x18\x01 \x01(\x0cH\x00\x12\'\n\x05label\x18\x02 \x01(\x0b\x32\x16.miscnet.v1.ImageLabelH\x00\x42\x06\n\x04\x62ody\",\n\nImageLabel\x12\x10\n\x08image_id\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"#\n\x0cWatchRequest\x12\x13\n\x0binclude_png\x18\x01 \x01(\x08\"\xe3\x02\n\nStageEvent\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\x10\n\x08image_id\x18\x02 \x01(\r\x12\r\n\x05image\x18\x03 \x01(\t\x12\r\n\x05stage\x18\x04 \x01(\t\x12\x0e\n\x06time_s\x18\x05 \x01(\x01\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x12\n\nwire_bytes\x18\x07 \x01(\x04\x12\x0c\n\x04path\x18\x08 \x01(\t\x12\x0b\n\x03png\x18\t \x01(\x0c\x12\x10\n\x08\x63omplete\x18\n \x01(\x08\x12\r\n\x05width\x18\x0b \x01(\r\x12\x0e\n\x06height\x18\x0c \x01(\r\x12\x0e\n\x06status\x18\r \x01(\t\x12\x0e\n\x06\x64igest\x18\x0e \x01(\t\x12\x18\n\x10\x64\x65\x63ode_latency_s\x18\x0f \x01(\x01\x12\x11\n\tpng_width\x18\x10 \x01(\r\x12\x12\n\npng_height\x18\x11 \x01(\r\x12\r\n\x05\x65rror\x18\x12 \x01(\t\x12\x0b\n\x03key\x18\x13 \x01(\t\x12\x11\n\tlogged_at\x18\x14 \x01(\x01\"\x0e\n\x0cStatsRequest\"\xa0\x01\n\x06Metric\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04help\x18\x03 \x01(\t\x12.\n\x06labels\x18\x04 \x03(\x0b\x32\x1e.miscnet.v1.Metric.LabelsEntry\x12\r\n\x05value\x18\x05 \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\rStatsResponse\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x10\n\x08uptime_s\x18\x02 \x01(\x01\x12#\n\x07metrics\x18\x03 \x03(\x0b\x32\x12.miscnet.v1.Metric2H\n\x04Link\x12@\n\x08\x45xchange\x12\x17.miscnet.v1.LinkMessage\x1a\x17.miscnet.v1.LinkMessage(\x01\x30\x01\x32\x45\n\x05Watch\x12<\n\x06\x45vents\x12\x18.miscnet.v1.WatchRequest\x1a\x16.miscnet.v1.StageEvent0\x01\x32\x43\n\x05Stats\x12:\n\x03Get\x12\x18.miscnet.v1.StatsRequest\x1a\x19.miscnet.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHREQUEST']._serialized_start=169
   _globals['_WATCHREQUEST']._serialized_end=204
   _globals['_STAGEEVENT']._serialized_start=207
-  _globals['_STAGEEVENT']._serialized_end=543
-  _globals['_STATSREQUEST']._serialized_start=545
-  _globals['_STATSREQUEST']._serialized_end=559
-  _globals['_METRIC']._serialized_start=562
-  _globals['_METRIC']._serialized_end=722
-  _globals['_METRIC_LABELSENTRY']._serialized_start=677
-  _globals['_METRIC_LABELSENTRY']._serialized_end=722
-  _globals['_STATSRESPONSE']._serialized_start=724
-  _globals['_STATSRESPONSE']._serialized_end=808
-  _globals['_LINK']._serialized_start=810
-  _globals['_LINK']._serialized_end=882
-  _globals['_WATCH']._serialized_start=884
-  _globals['_WATCH']._serialized_end=953
-  _globals['_STATS']._serialized_start=955
-  _globals['_STATS']._serialized_end=1022
+  _globals['_STAGEEVENT']._serialized_end=562
+  _globals['_STATSREQUEST']._serialized_start=564
+  _globals['_STATSREQUEST']._serialized_end=578
+  _globals['_METRIC']._serialized_start=581
+  _globals['_METRIC']._serialized_end=741
+  _globals['_METRIC_LABELSENTRY']._serialized_start=696
+  _globals['_METRIC_LABELSENTRY']._serialized_end=741
+  _globals['_STATSRESPONSE']._serialized_start=743
+  _globals['_STATSRESPONSE']._serialized_end=827
+  _globals['_LINK']._serialized_start=829
+  _globals['_LINK']._serialized_end=901
+  _globals['_WATCH']._serialized_start=903
+  _globals['_WATCH']._serialized_end=972
+  _globals['_STATS']._serialized_start=974
+  _globals['_STATS']._serialized_end=1041
 # @@protoc_insertion_point(module_scope)

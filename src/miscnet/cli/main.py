@@ -20,6 +20,7 @@ from miscnet.cli import loadgen as cli_loadgen
 from miscnet.cli import models as cli_models
 from miscnet.cli import profile as cli_profile
 from miscnet.cli import sweep as cli_sweep
+from miscnet.cli import view as cli_view
 from miscnet.cli.argtypes import host_port as _host_port
 from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
@@ -319,10 +320,12 @@ def transport_config(args: argparse.Namespace) -> TransportConfig:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from miscnet.core.image_io import atomic_write_bytes, png_bytes
+    from miscnet.experiments.metrics import QUALITY_METRICS
     from miscnet.experiments.simulate import Scenario, SimImage, simulate
     from miscnet.sender.encoder import encode_image
 
-    scenario = Scenario(link=link_config(args), transport=transport_config(args), seed=args.seed)
+    scenario = Scenario(link=link_config(args), transport=transport_config(args), seed=args.seed,
+                        metrics=QUALITY_METRICS)
     config = encoder_config(args)
     items = []
     for arg in args.images:
@@ -442,10 +445,25 @@ def cmd_receiver(args: argparse.Namespace) -> int:
                               decode_workers=args.decode_workers, max_streams=args.max_streams,
                               idle_timeout_s=args.idle_timeout, stage_timeout_s=args.stage_timeout,
                               max_render_pixels=args.max_render_pixels,
-                              policy=args.policy, queue_limit=args.queue_limit,
+                              policy=args.policy, queue_limit=args.queue_limit, print_stages=not args.quiet,
                               shutdown_decode_s=10.0)  # SIGTERM: stop soon; stored images decode at restart
-    server, node, port = serve_receiver(options, make_decoder(args))
-    return _serve_until_signal(server, node, port, args, "receiver")
+    decoder = make_decoder(args)
+    if args.warm:
+        from miscnet.experiments.demo import warm_decoder
+
+        warm_decoder(decoder)
+    server, node, port = serve_receiver(options, decoder)
+    try:
+        web = cli_view.start_receiver_web(args, node, port)
+    except MiscError:
+        server.stop(grace=0).wait()
+        node.close()
+        raise
+    try:
+        return _serve_until_signal(server, node, port, args, "receiver")
+    finally:
+        if web is not None:
+            web.shutdown()
 
 
 def _shared_link(args: argparse.Namespace):
@@ -519,7 +537,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.offline:
         run_offline_demo(Path(args.output))
         return 0
-    return run_live_demo(Path(args.output))
+    return run_live_demo(Path(args.output), keep=args.keep)
 
 
 def cmd_samples(args: argparse.Namespace) -> int:
@@ -611,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-render-pixels", type=_positive_int, default=MAX_RENDER_PIXELS, metavar="N",
                    help=f"draw a stage at most this many pixels, scaled to fit (default {MAX_RENDER_PIXELS})")
     add_node_options(p, server=True)
+    cli_view.add_receiver_web_options(p)
     p.set_defaults(func=cmd_receiver)
 
     p = sub.add_parser("stats", help="print a live node's counters (the Stats RPC)")
@@ -659,6 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job: receiver, relay and sender on loopback over an impaired link")
     p.add_argument("-o", "--output", default="out/demo", metavar="DIR")
     p.add_argument("--offline", action="store_true", help="only encode and decode the samples (no network)")
+    p.add_argument("--keep", action="store_true", help="keep the receiver and its live view up after the summary")
     p.set_defaults(func=cmd_demo)
 
     cli_models.register(sub)
@@ -666,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_sweep.register(sub)
     cli_fleet.register(sub)
     cli_loadgen.register(sub, add_link_options, link_config, add_protection_options, transport_config, add_node_options)
+    cli_view.register(sub)
 
     p = sub.add_parser("samples", help="export the bundled sample images and sidecars")
     p.add_argument("dest", metavar="DIR")
