@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import raptorq
 from google.protobuf.message import DecodeError
 
-from miscnet.channel.packet import DATA, FEEDBACK, POLL, Datagram, Packet, PacketError, decode_packet
+from miscnet.channel.packet import DATA, FEEDBACK, HEADER_BYTES, POLL, Datagram, Packet, PacketError, decode_packet
 from miscnet.core import leb128
 from miscnet.core.container import KIND_ORDER, EncodedImage, layer_name, validate_header, validate_layer
 from miscnet.core.errors import BitstreamError, MiscError
@@ -63,9 +63,12 @@ class TransportConfig:
     fec_min_symbols: int = 4  # small blocks are cut into this many symbols so one repair is not a whole copy
     max_rounds: int = 12  # ARQ rounds after the first
     deadline_s: float | None = None  # give up this long after the first packet
-    rto_initial_s: float = 1.0
-    rto_min_s: float = 0.2
-    rto_max_s: float = 4.0  # short of RFC 6298's 60 s: a stalled image should give up or recover soon
+    # RFC 6298's 1 s initial RTO would make an image whose first answer is lost wait a second: a probe
+    # that comes too early costs 12 bytes, so the first one goes after 0.3 s
+    rto_initial_s: float = 0.3
+    rto_min_s: float = 0.1
+    rto_max_s: float = 1.0  # far short of RFC 6298's 60 s: probes are 12-byte POLLs, and a link that
+    # recovers from an outage should be noticed within a second
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -149,7 +152,8 @@ class Block:
         return self._repairs[index]
 
 
-def make_blocks(image: EncodedImage, config: TransportConfig) -> list[Block]:
+def make_blocks(image: EncodedImage, config: TransportConfig, fine_symbols: int = 1) -> list[Block]:
+    """The image's blocks; ``fine_symbols`` > 1 cuts small FEC blocks that many ways (see ``_cut``)."""
     header = image.header()
     ordered = sorted(image.layers, key=lambda ly: (KIND_ORDER[ly.kind], ly.level))
     groups = [[ly for ly in ordered if ly.kind != pb.LAYER_KIND_PIXEL]]
@@ -161,20 +165,24 @@ def make_blocks(image: EncodedImage, config: TransportConfig) -> list[Block]:
     for index, group in enumerate(groups):
         data = pack_units(header, group)
         strong = group[0].kind != pb.LAYER_KIND_PIXEL
-        blocks.append(_cut(index, tuple(layer_name(ly) for ly in group), strong, data, config))
+        blocks.append(_cut(index, tuple(layer_name(ly) for ly in group), strong, data, config, fine_symbols))
     return blocks
 
 
-def _cut(index: int, names: tuple[str, ...], strong: bool, data: bytes, config: TransportConfig) -> Block:
+def _cut(index: int, names: tuple[str, ...], strong: bool, data: bytes, config: TransportConfig,
+         fine_symbols: int = 1) -> Block:
     n = len(data)
     if not config.uses_fec:
         t = min(config.mtu, n)
         symbols = [data[i : i + t] for i in range(0, n, t)]  # the last one may be short: no padding
     else:
+        # Whole packets by default: under bursts every extra packet is one more chance to be hit, so a
+        # small block in 4 symbols + 1 repair fares worse than in 1 + 1 (measured: experiments/bench_transport).
+        # Finer symbols pay only where losses are isolated, so the sender cuts finer once it has seen that.
         mtu = config.mtu - config.mtu % FEC_ALIGN
         k = math.ceil(n / mtu)
-        if k < config.fec_min_symbols:  # finer symbols: one repair covers one loss without a full copy
-            k = max(k, min(config.fec_min_symbols, n // MIN_FEC_SYMBOL))
+        if k < fine_symbols:  # finer symbols: one repair covers one loss without a full copy
+            k = max(k, min(fine_symbols, n // MIN_FEC_SYMBOL))
         t = max(MIN_FEC_SYMBOL, math.ceil(math.ceil(n / k) / FEC_ALIGN) * FEC_ALIGN)
         k = math.ceil(n / t)
         data = data + bytes(k * t - n)  # zero padding reads as the end-of-units marker
@@ -190,7 +198,109 @@ def repair_count(k: int, rate: float) -> int:
     return 0 if rate >= 1.0 else max(1, math.ceil(k / rate) - k)
 
 
+def block_failure(k: int, r: int, loss: float, burst: float = 1.0, depth: int = 1) -> float:
+    """Probability that a block of k source symbols sent with r repairs gets fewer than k of them.
+
+    Losses come in bursts of ``burst`` packets on average; with the send order interleaved over ``depth``
+    blocks, one burst takes about ceil(burst / depth) symbols of a block. So the block meets loss events,
+    each at one of its (k + r) / hit slots with probability loss / hit, each taking ``hit`` symbols.
+    """
+    if loss <= 0.0:
+        return 0.0
+    hit = max(1, math.ceil(burst / max(1, depth) - 1e-9))
+    slots = max(1, math.ceil((k + r) / hit))
+    q = min(1.0, loss / hit)
+    tolerated = r // hit  # events the repairs absorb
+    ok = sum(math.comb(slots, e) * q**e * (1 - q) ** (slots - e) for e in range(min(tolerated, slots) + 1))
+    return max(0.0, 1.0 - ok)
+
+
+def repairs_for(k: int, loss: float, burst: float, depth: int, failure: float, most: int) -> int:
+    """Fewest repairs (at most ``most``) that bring ``block_failure`` to ``failure`` or below."""
+    for r in range(most + 1):
+        if block_failure(k, r, loss, burst, depth) <= failure:
+            return r
+    return most
+
+
+# ---------------------------------------------------------------- what a sender learns of its path
+
+PATH_MIN_FATES = 20  # packets whose fate was reported before the loss estimate is used
+PATH_WINDOW = 400  # the loss counters halve past this many packets: the estimate follows a changing path
+ISOLATED_BURST = 1.5  # mean loss burst (packets) under which losses count as isolated: finer FEC symbols pay
+HYBRID_PAYS = 0.2  # hybrid sends repair up front for a block only when it would otherwise need a round this often
+HYBRID_RESIDUAL = 0.1  # ... and then as much as brings that down to this (the feedback rounds mop up the rest)
+FEC_RESIDUAL = 0.01  # fec without feedback: repairs for this residual failure once the loss is known
+ROUND_RESIDUAL = 0.1  # a hybrid retransmission round sends enough fresh repairs to succeed this often
+
+
+@dataclass
+class PathEstimate:
+    """What a sender has learnt from FEEDBACK about its path: round-trip time (RFC 6298), delivery rate,
+    loss rate and mean loss burst. One estimate may be shared by the images of one stream, so an image
+    starts from what the previous ones measured (``ImageSender(..., path=estimate)``)."""
+
+    srtt: float | None = None
+    rttvar: float = 0.0
+    min_rtt: float | None = None
+    rate_bps: float | None = None  # delivery rate (bits per second), from the spacing of answers
+    delivered: float = 0.0  # packets reported delivered (halved past PATH_WINDOW)
+    lost: float = 0.0  # packets reported lost
+    bursts: float = 0.0  # runs of consecutive losses among them
+    _last_lost: bool = False
+
+    def rtt_sample(self, rtt: float) -> None:
+        if self.srtt is None:
+            self.srtt, self.rttvar = rtt, rtt / 2
+        else:
+            self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
+            self.srtt = 0.875 * self.srtt + 0.125 * rtt
+        self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
+
+    def rate_sample(self, bits: float, seconds: float) -> None:
+        if seconds > 0 and bits > 0:
+            sample = bits / seconds
+            self.rate_bps = sample if self.rate_bps is None else 0.75 * self.rate_bps + 0.25 * sample
+
+    def observe(self, fates: Iterable[bool]) -> None:
+        """Fates (True: lost) of packets in send order, as the receiver's reports told them."""
+        for lost in fates:
+            if lost:
+                self.lost += 1
+                if not self._last_lost:
+                    self.bursts += 1
+            else:
+                self.delivered += 1
+            self._last_lost = lost
+        if self.delivered + self.lost > PATH_WINDOW:
+            self.delivered, self.lost, self.bursts = self.delivered / 2, self.lost / 2, self.bursts / 2
+
+    @property
+    def loss_rate(self) -> float | None:
+        n = self.delivered + self.lost
+        return self.lost / n if n >= PATH_MIN_FATES else None
+
+    @property
+    def mean_burst(self) -> float:
+        return self.lost / self.bursts if self.bursts else 1.0
+
+    @property
+    def isolated(self) -> bool:
+        """Losses were seen, and they come one at a time."""
+        loss = self.loss_rate
+        return loss is not None and loss > 0 and self.mean_burst < ISOLATED_BURST
+
+
 # ---------------------------------------------------------------- sender
+
+# Probes. Loss chains that step per packet (netem's gemodel) hold a burst for N packets however long the
+# sender waits, so one POLL per timeout needs N timeouts: a probe is a train of POLLs (12 bytes each) that
+# doubles with every unanswered probe, at a steady interval for the first PROBE_STEADY probes; then the
+# interval doubles (capped at rto_max_s). Once the rate is measured, a train spends at most PROBE_SHARE of it.
+POLL_TRAIN_MAX = 32
+PROBE_STEADY = 5
+PROBE_SHARE = 0.1
+
 
 @dataclass
 class SenderStats:
@@ -201,20 +311,32 @@ class SenderStats:
     retransmitted_bytes: int = 0
     control_bytes: int = 0  # POLLs
     rounds: int = 0
+    probes: int = 0  # timeouts that sent a probe (no feedback in time)
+    blocks_dropped: int = 0  # pixel blocks given up because they could not arrive before the deadline
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
 
 
 class ImageSender:
-    """Sends one image. Call ``start(now)``, then ``on_feedback`` / ``on_timer``; each returns Datagrams."""
+    """Sends one image. Call ``start(now)``, then ``on_feedback`` / ``on_timer``; each returns Datagrams.
 
-    def __init__(self, image_id: int, image: EncodedImage, config: TransportConfig):
+    ``path``: a PathEstimate shared with the stream's other images (a fresh one if None); ``deadline_s``:
+    this image's deadline from its first packet (default ``config.deadline_s``).
+    """
+
+    def __init__(self, image_id: int, image: EncodedImage, config: TransportConfig,
+                 path: PathEstimate | None = None, deadline_s: float | None = None):
         if not 0 <= image_id <= 0xFFFF:
             raise MiscError(f"image id {image_id} out of range")
+        if deadline_s is not None and deadline_s <= 0:
+            raise MiscError(f"deadline must be positive, not {deadline_s}")
         self.image_id = image_id
         self.config = config
-        self.blocks = make_blocks(image, config)
+        self.path = path if path is not None else PathEstimate()
+        self.deadline_s = deadline_s if deadline_s is not None else config.deadline_s
+        fine = config.fec_min_symbols if config.uses_fec and self.path.isolated else 1
+        self.blocks = make_blocks(image, config, fine)
         self.payload_bytes = image.payload_bytes()
         self.stats = SenderStats()
         # idle -> waiting (feedback modes) -> done | failed; a sender that gives up goes through "closing":
@@ -225,20 +347,42 @@ class ImageSender:
         self.started_at = 0.0
         self.timer_at: float | None = None
         self._repairs_sent = [0] * len(self.blocks)
+        # the scoreboard (RFC 8985's, by send order): every datagram gets a sequence number (not on the wire)
+        self._seq = 0
+        self._log: dict[int, tuple[int, int, int]] = {}  # seq -> (block, symbol, bytes); block -1: a POLL
+        self._last_tx: dict[tuple[int, int], int] = {}  # (block, symbol) -> seq of its latest transmission
+        self._first_repair_seq = [math.inf] * len(self.blocks)
+        self._sent_at: dict[int, float] = {}  # POLL seq -> send time
         self._token = 0
-        self._poll_times: dict[int, float] = {}
-        self._repairs_at_poll: dict[int, list[int]] = {}
-        self._round_first_token = 0
-        self._srtt: float | None = None
-        self._rttvar = 0.0
-        self._rto = config.rto_initial_s
-        self._probes = 0
+        self._polls: dict[int, int] = {}  # token -> seq of the POLL, until answered
+        self._answered: set[int] = set()  # POLL seqs answered
+        self._acted = -1  # seq of the newest POLL whose answer was acted on: older answers are stale
+        self._covered = 0  # packets below this seq have had their fate reported
+        self._last_answer: tuple[int, float] | None = None  # (POLL seq, time) of the newest answer, for the rate
+        self._newest_poll = -1
+        self._reported_lost: dict[tuple[int, int], int] = {}  # (block, symbol) -> seq it was declared lost in
+        self._reordering = False  # a symbol declared lost turned up later: wait RACK's reordering window
+        self._suspects: dict[tuple[int, int], float] = {}  # holes inside the reordering window -> when lost
+        self._decoded: set[int] = set()
+        self._dropped: set[int] = set()  # pixel blocks given up for the deadline
+        self._probes = 0  # unanswered probes in a row
+        self._pto_at: float | None = None
         self._final_tries = 0
 
     # -- packets
+    def _next_seq(self, block: int, symbol: int, size: int) -> int:
+        seq = self._seq
+        self._seq += 1
+        self._log[seq] = (block, symbol, size)
+        return seq
+
     def _data(self, block: Block, symbol: int, role: str) -> Datagram:
         payload = block.symbols[symbol] if symbol < block.k else block.repair(symbol - block.k)
         data = Packet(DATA, self.image_id, block.index, symbol, block.k, payload).encode()
+        seq = self._next_seq(block.index, symbol, len(data))
+        self._last_tx[(block.index, symbol)] = seq
+        if symbol >= block.k:
+            self._first_repair_seq[block.index] = min(self._first_repair_seq[block.index], seq)
         s = self.stats
         s.packets_sent += 1
         s.wire_bytes += len(data)
@@ -259,10 +403,12 @@ class ImageSender:
 
     def _poll(self, now: float) -> Datagram:
         self._token = self._token % (FINAL_TOKEN - 1) + 1  # 1 .. 0xFFFE
-        self._poll_times[self._token] = now
-        self._repairs_at_poll[self._token] = list(self._repairs_sent)
-        self.timer_at = now + self._rto
-        return self._control(Packet(POLL, self.image_id, 0, self._token, POLL_ASK))
+        packet = Packet(POLL, self.image_id, 0, self._token, POLL_ASK)
+        seq = self._next_seq(-1, self._token, len(packet.encode()))
+        self._polls[self._token] = seq
+        self._sent_at[seq] = now
+        self._newest_poll = seq
+        return self._control(packet)
 
     def _control(self, packet: Packet) -> Datagram:
         data = packet.encode()
@@ -282,43 +428,142 @@ class ImageSender:
             self.failure += "; unconfirmed: the final POLL was not answered, the receiver may still complete it"
             return []
         self._final_tries += 1
-        self.timer_at = now + max(self._rto, self.config.rto_min_s)
+        self.timer_at = now + max(self._rto(), self.config.rto_min_s)
         return [self._control(Packet(POLL, self.image_id, 0, FINAL_TOKEN, POLL_FINAL))]
+
+    # -- timers (RFC 6298 and RFC 8985's tail-loss probe)
+    def _rto(self) -> float:
+        p = self.path
+        if p.srtt is None:
+            return self.config.rto_initial_s
+        return min(max(p.srtt + 4 * p.rttvar, self.config.rto_min_s), self.config.rto_max_s)
+
+    def _pto(self) -> float:
+        """When to probe after the newest POLL: two round trips (RFC 8985), plus the time the bytes queued
+        ahead of it take at the measured delivery rate; doubled for each probe that went unanswered."""
+        p = self.path
+        if p.srtt is None:
+            base = self.config.rto_initial_s
+        else:
+            base = max(2 * p.srtt, self.config.rto_min_s)
+        if self._probes < PROBE_STEADY:  # the train grows first; the interval backs off after
+            return base
+        return min(base * 2 ** (self._probes - PROBE_STEADY + 1), max(self.config.rto_max_s, base))
+
+    def _arm(self, now: float) -> None:
+        times = [t for t in (self._pto_at, *self._suspects.values()) if t is not None]
+        if self.deadline_s is not None:
+            times.append(self.started_at + self.deadline_s)
+        self.timer_at = min(times) if times else None
+
+    def _sent_batch(self, now: float) -> None:
+        self._pto_at = now + self._pto()
+        self._arm(now)
 
     # -- events
     def start(self, now: float) -> list[Datagram]:
         self.started_at = now
-        # Every source symbol first, in layer order, so each stage completes as early as the rate allows
-        # when nothing is lost; the repair symbols follow (most important block first) and only cost
-        # time when they are needed.
-        out = [self._data(block, s, "source") for block in self.blocks for s in range(block.k)]
-        if self.config.uses_feedback:
-            # hybrid polls before its repairs: the answer comes back while they drain, and only what
-            # they cannot cover is sent again (see on_feedback), saving most of a round trip.
-            self.state = "waiting"
-            self._round_first_token = self._token % (FINAL_TOKEN - 1) + 1
-            out.append(self._poll(now))
-        else:
+        cfg = self.config
+        self._drop_late_blocks(now)
+        live = [b for b in self.blocks if b.index not in self._dropped]
+        out: list[Datagram] = []
+        if cfg.mode == "fec":
+            # interleaved: round-robin across blocks, sources then repairs, so a burst takes one symbol of
+            # several blocks rather than several of one
+            out += self._interleave(live, [range(b.k) for b in live], "source")
+            counts = [self._first_repairs(b, len(live)) for b in live]
+            out += self._interleave_repairs(live, counts, "repair")
             self.state = "done"
-        if self.config.uses_fec:
-            for block in self.blocks:
-                rate = self.config.strong_rate if block.strong else self.config.pixel_rate
-                out += self._fresh_repairs(block, repair_count(block.k, rate), "repair")
+            return out
+        # Every source symbol first, in layer order, so each stage completes as early as the rate allows
+        # when nothing is lost.
+        for block in live:
+            out += [self._data(block, s, "source") for s in range(block.k)]
+            if cfg.uses_feedback and block.index == 0 and len(live) > 1:
+                # an early POLL: the semantic block is confirmed (or resent) a round trip after it left, and
+                # its answer gives the first RTT sample while the pixel blocks drain
+                out.append(self._poll(now))
+        if not cfg.uses_feedback:
+            self.state = "done"
+            return out
+        self.state = "waiting"
+        out.append(self._poll(now))
+        if cfg.uses_fec:
+            # hybrid polls before its repairs: the answer comes back while they drain, and only what they
+            # cannot cover is sent again (see on_feedback)
+            counts = [self._first_repairs(b, len(live)) for b in live]
+            out += self._interleave_repairs(live, counts, "repair")
+        self._sent_batch(now)
         return out
 
+    def _first_repairs(self, block: Block, depth: int) -> int:
+        """Repair symbols sent up front: the configured code rate for fec until the path's loss is known,
+        then what that loss needs; for hybrid, only where the loss makes a retransmission round likely."""
+        cfg, p = self.config, self.path
+        rate = cfg.strong_rate if block.strong else cfg.pixel_rate
+        most = repair_count(block.k, rate) if cfg.mode == "hybrid" else max(repair_count(block.k, rate), 4 * block.k)
+        loss = p.loss_rate
+        if loss is None:
+            return repair_count(block.k, rate) if cfg.mode == "fec" else 0
+        if cfg.mode == "fec":
+            return repairs_for(block.k, loss, p.mean_burst, depth, FEC_RESIDUAL, most)
+        if block_failure(block.k, 0, loss, p.mean_burst, depth) < HYBRID_PAYS:
+            return 0  # a round trip now and then costs less than repair every time
+        return repairs_for(block.k, loss, p.mean_burst, depth, HYBRID_RESIDUAL, most)
+
+    def _interleave(self, blocks: list[Block], symbols: list, role: str) -> list[Datagram]:
+        out, lists = [], [list(s) for s in symbols]
+        for i in range(max((len(s) for s in lists), default=0)):
+            for block, ids in zip(blocks, lists, strict=True):
+                if i < len(ids):
+                    out.append(self._data(block, ids[i], role))
+        return out
+
+    def _interleave_repairs(self, blocks: list[Block], counts: list[int], role: str) -> list[Datagram]:
+        ids = []
+        for block, count in zip(blocks, counts, strict=True):
+            first = block.k + self._repairs_sent[block.index]
+            count = max(0, min(count, MAX_SYMBOL_ID + 1 - first))
+            self._repairs_sent[block.index] += count
+            ids.append(range(first, first + count))
+        return self._interleave(blocks, ids, role)
+
     def on_timer(self, now: float) -> list[Datagram]:
-        """The retransmission timer fired: back off and probe with a fresh POLL."""
+        """A timer fired: the reordering window of a suspect hole, or the probe timeout (nothing answered)."""
         if self.state not in ("waiting", "closing") or self.timer_at is None or now < self.timer_at:
             return []
         if self.state == "closing":
             return self._final_poll(now)
         if (late := self._out_of_time(now)) is not None:
             return self._give_up(now, late)
+        due = [key for key, at in self._suspects.items() if at <= now]
+        if due:  # RACK: still not reported after the reordering window: lost
+            for key in due:
+                del self._suspects[key]
+            out = [self._data(self.blocks[b], s, "retransmit") for b, s in sorted(due)
+                   if b not in self._decoded and b not in self._dropped]
+            if out:
+                out.append(self._poll(now))
+                self._sent_batch(now)
+            else:
+                self._arm(now)
+            return out
+        if self._pto_at is None or now < self._pto_at:
+            self._arm(now)
+            return []
+        # the tail-loss probe: nothing answered in time. A train of POLLs (12 bytes each) that doubles with
+        # every unanswered probe: one answer is all it takes to learn every hole and resend them at once.
         self._probes += 1
+        self.stats.probes += 1
         if self._probes > 2 * self.config.max_rounds:
             return self._give_up(now, f"no feedback after {self._probes - 1} probes")
-        self._rto = min(self._rto * 2, self.config.rto_max_s)
-        return [self._poll(now)]
+        train = min(2 ** (self._probes - 1), POLL_TRAIN_MAX)
+        if self.path.rate_bps is not None:
+            affordable = self.path.rate_bps * PROBE_SHARE * self._pto() / (8 * HEADER_BYTES)
+            train = max(1, min(train, int(affordable)))
+        out = [self._poll(now) for _ in range(train)]
+        self._sent_batch(now)
+        return out
 
     def on_feedback(self, feedback: tpb.Feedback, now: float) -> list[Datagram]:
         if self.state == "closing":
@@ -331,61 +576,144 @@ class ImageSender:
             return []
         if self.state != "waiting":
             return []
-        sent_at = self._poll_times.get(feedback.token)
-        if sent_at is None or not self._in_current_round(feedback.token):
-            return []  # stale: a newer round already acted on fresher news
-        self._sample_rtt(now - sent_at)
-        self._probes = 0
+        seq = self._polls.pop(feedback.token, None)
+        if seq is None:
+            return []  # not a POLL of this image, or answered already
+        self._answered.add(seq)
+        self.path.rtt_sample(now - self._sent_at[seq])
+        if self._last_answer is not None:
+            last_seq, last_time = self._last_answer
+            if seq > last_seq and self._sent_at[seq] <= last_time:  # sent back to back: the link was busy
+                bits = 8 * sum(self._log[s][2] for s in range(last_seq + 1, seq + 1))
+                self.path.rate_sample(bits, now - last_time)
+        if self._last_answer is None or seq > self._last_answer[0]:
+            self._last_answer = (seq, now)
+        self._probes = 0  # something was acknowledged: no more backing off
         self._final_tries = 0
+        if seq <= self._acted:
+            self._rearm_after_answer(now)
+            return []  # older than news already acted on
+        self._acted = seq
         if feedback.complete:
             self.state, self.timer_at = "done", None
             return []
         if (late := self._out_of_time(now)) is not None:
             return self._give_up(now, late)
-        if self.stats.rounds >= self.config.max_rounds:
-            return self._give_up(now, f"not complete after {self.stats.rounds} retransmission rounds")
-        self.stats.rounds += 1
         status = {b.block: b for b in feedback.blocks if b.block < len(self.blocks)}
-        sent_at_poll = self._repairs_at_poll[feedback.token]
+        self._learn(seq, status)
+        for index, st in status.items():
+            if st.decoded:
+                self._decoded.add(index)
+        self._drop_late_blocks(now)
+        out = self._recover(seq, status, now)
+        if not out and not self._suspects and all(b.index in self._decoded or b.index in self._dropped
+                                                   for b in self.blocks):
+            if self._dropped:  # what can still arrive in time has: settle the image now
+                names = ", ".join(n for b in self.blocks if b.index in self._dropped for n in b.layers)
+                return self._give_up(now, f"deadline of {self.deadline_s:g} s: {names} could not arrive in time")
+        if out:
+            if self.stats.rounds >= self.config.max_rounds:
+                return self._give_up(now, f"not complete after {self.stats.rounds} retransmission rounds")
+            self.stats.rounds += 1
+            out.append(self._poll(now))
+            self._sent_batch(now)
+        else:
+            self._rearm_after_answer(now)
+        return out
+
+    def _rearm_after_answer(self, now: float) -> None:
+        # RFC 8985: an acknowledgement re-arms the probe timer (whatever is outstanding gets its full PTO)
+        self._pto_at = now + self._pto()
+        self._arm(now)
+
+    def _recover(self, poll_seq: int, status: dict, now: float) -> list[Datagram]:
+        """RACK (RFC 8985), with the POLL as the acknowledged packet: every hole sent before the answered
+        POLL is lost (the link keeps order; with reordering seen, after the reordering window) and is
+        resent at once, all of them in one batch; holes sent after it are still in flight."""
         out: list[Datagram] = []
+        p = self.path
+        window = (p.min_rtt or 0.0) / 4 if self._reordering else 0.0
         for block in self.blocks:
-            st = status.get(block.index)
-            if st is not None and st.decoded:
+            index = block.index
+            if index in self._decoded or index in self._dropped:
                 continue
-            if block.fec:
-                have = st.received if st is not None else 0
-                # repairs sent after that POLL are still on their way: count them as coming
-                in_flight = self._repairs_sent[block.index] - sent_at_poll[block.index]
-                need = block.k - have - in_flight
-                if need > 0:
-                    fresh = self._fresh_repairs(block, need, "retransmit")
-                    if len(fresh) < need and st is not None:  # ids used up: the missing source symbols again
-                        fresh += [self._data(block, s, "retransmit") for s in st.missing[: need - len(fresh)]
-                                  if s < block.k]
-                    out += fresh
-            else:
+            st = status.get(index)
+            if not block.fec:
                 missing = sorted({m for m in st.missing if m < block.k}) if st is not None else range(block.k)
                 if st is not None and not st.missing:
                     missing = range(block.k)  # nothing named missing yet not decoded: resend all
-                out += [self._data(block, s, "retransmit") for s in missing]
-        self._round_first_token = self._token % (FINAL_TOKEN - 1) + 1
-        out.append(self._poll(now))
+                for s in missing:
+                    key = (index, s)
+                    if self._last_tx[key] > poll_seq or key in self._suspects:
+                        continue  # sent after the POLL: in flight
+                    self._reported_lost[key] = self._last_tx[key]
+                    if window > 0:
+                        self._suspects[key] = now + window
+                    else:
+                        out.append(self._data(block, s, "retransmit"))
+                continue
+            have = st.received if st is not None else 0
+            in_flight = sum(1 for (b, _s), seq in self._last_tx.items() if b == index and seq > poll_seq)
+            need = block.k - have - in_flight
+            if need <= 0:
+                continue
+            loss = p.loss_rate or 0.0
+            send = repairs_for(need, loss, p.mean_burst, 1, ROUND_RESIDUAL, 4 * need) + need if loss else need
+            fresh = self._fresh_repairs(block, send, "retransmit")
+            if len(fresh) < need and st is not None:  # ids used up: the missing source symbols again
+                fresh += [self._data(block, s, "retransmit") for s in st.missing[: need - len(fresh)] if s < block.k]
+            out += fresh
         return out
 
-    # -- helpers
-    def _in_current_round(self, token: int) -> bool:
-        return ((token - self._round_first_token) & 0xFFFF) <= ((self._token - self._round_first_token) & 0xFFFF)
+    def _learn(self, poll_seq: int, status: dict) -> None:
+        """Tell the path estimate the fate of every packet up to the answered POLL (in send order), where the
+        report tells it: source symbols of blocks not decoded, blocks decoded before any repair, POLLs."""
+        fates = []
+        for seq in range(self._covered, poll_seq + 1):
+            block, symbol, _size = self._log[seq]
+            if block < 0:
+                fates.append(seq not in self._answered)
+                continue
+            st = status.get(block)
+            key = (block, symbol)
+            if st is not None and st.decoded:
+                if self._first_repair_seq[block] > poll_seq:  # decoded from its source symbols alone
+                    fates.append(False)
+                continue
+            if symbol >= self.blocks[block].k or self._last_tx[key] != seq:
+                continue  # a repair symbol (only counted), or a symbol sent again since
+            lost = st is None or symbol in st.missing
+            fates.append(lost)
+            if not lost and key in self._reported_lost and self._reported_lost[key] == seq:
+                self._reordering = True  # declared lost, yet it arrived: the link reorders
+        self._covered = max(self._covered, poll_seq + 1)
+        self.path.observe(fates)
 
-    def _sample_rtt(self, rtt: float) -> None:  # RFC 6298
-        if self._srtt is None:
-            self._srtt, self._rttvar = rtt, rtt / 2
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - rtt)
-            self._srtt = 0.875 * self._srtt + 0.125 * rtt
-        self._rto = min(max(self._srtt + 4 * self._rttvar, self.config.rto_min_s), self.config.rto_max_s)
+    def _drop_late_blocks(self, now: float) -> None:
+        """With a deadline and a measured rate: give up the pixel blocks (and the levels above them) that can
+        no longer arrive in time; the semantic + map block is never given up."""
+        if self.deadline_s is None or self.path.rate_bps is None:
+            return
+        p = self.path
+        due = self.started_at + self.deadline_s
+        one_way = (p.min_rtt or 0.0) / 2
+        queued = 0.0
+        for block in self.blocks:
+            if block.index in self._decoded or block.index in self._dropped:
+                continue
+            queued += sum(len(s) + 12 for s in block.symbols) * 8
+            if block.strong:
+                continue
+            if now + queued / p.rate_bps + one_way > due:
+                later = [b.index for b in self.blocks if b.index >= block.index and not b.strong
+                         and b.index not in self._decoded and b.index not in self._dropped]
+                self._dropped.update(later)
+                self.stats.blocks_dropped += len(later)
+                self._suspects = {k: t for k, t in self._suspects.items() if k[0] not in self._dropped}
+                return
 
     def _out_of_time(self, now: float) -> str | None:
-        deadline = self.config.deadline_s
+        deadline = self.deadline_s
         if deadline is not None and now - self.started_at >= deadline:
             return f"deadline of {deadline:g} s passed"
         return None
