@@ -201,17 +201,18 @@ def repair_count(k: int, rate: float) -> int:
 def block_failure(k: int, r: int, loss: float, burst: float = 1.0, depth: int = 1) -> float:
     """Probability that a block of k source symbols sent with r repairs gets fewer than k of them.
 
-    Losses come in bursts of ``burst`` packets on average; with the send order interleaved over ``depth``
-    blocks, one burst takes about ceil(burst / depth) symbols of a block. So the block meets loss events,
-    each at one of its (k + r) / hit slots with probability loss / hit, each taking ``hit`` symbols.
+    Losses come in bursts of ``burst`` packets on average, so a burst starts at a packet with probability
+    loss / burst; with the send order interleaved over ``depth`` blocks, one burst takes about
+    ceil(burst / depth) symbols of a block. The block fails when the bursts starting at its k + r packets
+    take more than r symbols.
     """
     if loss <= 0.0:
         return 0.0
+    burst = max(1.0, burst)
     hit = max(1, math.ceil(burst / max(1, depth) - 1e-9))
-    slots = max(1, math.ceil((k + r) / hit))
-    q = min(1.0, loss / hit)
-    tolerated = r // hit  # events the repairs absorb
-    ok = sum(math.comb(slots, e) * q**e * (1 - q) ** (slots - e) for e in range(min(tolerated, slots) + 1))
+    n, q = k + r, min(1.0, loss / burst)
+    tolerated = r // hit  # bursts the repairs absorb
+    ok = sum(math.comb(n, e) * q**e * (1 - q) ** (n - e) for e in range(min(tolerated, n) + 1))
     return max(0.0, 1.0 - ok)
 
 
@@ -633,6 +634,10 @@ class ImageSender:
         out: list[Datagram] = []
         p = self.path
         window = (p.min_rtt or 0.0) / 4 if self._reordering else 0.0
+        for key in list(self._suspects):  # a suspect hole the receiver now holds was only reordered
+            st = status.get(key[0])
+            if st is not None and (st.decoded or key[1] not in st.missing):
+                del self._suspects[key]
         for block in self.blocks:
             index = block.index
             if index in self._decoded or index in self._dropped:

@@ -26,7 +26,7 @@ import simpy
 
 from miscnet.channel.link import DuplexConfig
 from miscnet.channel.packet import Datagram, PacketError
-from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
+from miscnet.channel.transport import ImageSender, PathEstimate, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.core.container import EncodedImage, layer_name, to_bytes
 from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: its points decode here)
 from miscnet.experiments.metrics import QUALITY_METRICS
@@ -94,6 +94,9 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
     images: dict[int, list] = {i: [] for i in range(len(items))}
     delivered_bytes = dict.fromkeys(range(len(items)), 0)
     delivered_packets = dict.fromkeys(range(len(items)), 0)
+    late_bytes = dict.fromkeys(range(len(items)), 0)  # delivered after the image's deadline: too late to use
+    deadline = scenario.transport.deadline_s
+    path = PathEstimate()  # what the sender learns of the link, carried from image to image
     done_at: dict[int, float] = {}
 
     def on_forward(dg: Datagram) -> None:
@@ -101,6 +104,8 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
         if image_id in delivered_bytes:
             delivered_bytes[image_id] += dg.size
             delivered_packets[image_id] += 1
+            if deadline is not None and env.now - start[image_id] > deadline:
+                late_bytes[image_id] += dg.size
         received = receiver.on_datagram(dg.data)
         for fb in received.feedback:
             link.reverse.send(Datagram(fb, "feedback", image_id))
@@ -141,7 +146,7 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
 
     def sender_process():
         for i, item in enumerate(items):
-            sender = ImageSender(i, item.encoded, scenario.transport)
+            sender = ImageSender(i, item.encoded, scenario.transport, path=path)
             senders[i], start[i] = sender, env.now
             send_all(sender.start(env.now))
             get = inboxes[i].get()
@@ -175,7 +180,7 @@ def simulate(items: list[SimImage], scenario: Scenario, keep_images: bool = Fals
                 "wire_bytes": s.wire_bytes, "retransmitted_bytes": s.retransmitted_bytes,
                 "fec_bytes": s.fec_bytes, "control_bytes": s.control_bytes, "packets_sent": sent_packets,
                 "packets_lost": sent_packets - delivered_packets[i], "rounds": s.rounds,
-                "delivered_bytes": delivered_bytes[i],
+                "delivered_bytes": delivered_bytes[i], "late_bytes": late_bytes[i],
                 "completion_time_s": done_at.get(i),
                 "first_stage_time_s": events[i][0]["time_s"] if events[i] else None,
             },

@@ -461,7 +461,7 @@ def test_repair_ids_never_pass_the_16_bit_field():
     # a 4096-symbol block at code rate 0.05 would need ESIs up to 81,919
     encoded = EncodedImage(64, 64, [pb.Layer(kind=pb.LAYER_KIND_SEMANTIC, codec=pb.CODEC_TEXT_RAW,
                                              semantic=pb.SemanticParams(objects=0), payload=bytes(4096 * 64 - 40))])
-    sender = ImageSender(1, encoded, TransportConfig("hybrid", mtu=64, strong_rate=0.05))
+    sender = ImageSender(1, encoded, TransportConfig("fec", mtu=64, strong_rate=0.05))
     assert sender.blocks[0].k == 4096
     symbols = [decode_packet(d.data).symbol for d in sender.start(0.0) if d.role != "poll"]
     assert max(symbols) == 0xFFFF and len(set(symbols)) == len(symbols)
@@ -471,7 +471,7 @@ def test_a_failed_fec_block_can_still_be_rebuilt_by_a_resend(sample):
     import raptorq
 
     _, _, encoded = sample
-    datagrams = ImageSender(4, encoded, TransportConfig("fec", strong_rate=0.2)).start(0.0)
+    datagrams = ImageSender(4, encoded, TransportConfig("fec", mtu=96, strong_rate=0.2)).start(0.0)
     repairs = [d for d in datagrams if d.role == "repair" and decode_packet(d.data).block == 0]
     rx = TransportReceiver()
     rx.on_datagram(repairs[0].data)

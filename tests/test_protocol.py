@@ -302,15 +302,15 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _spec_cut(n: int, mtu: int, fec: bool, fec_min_symbols: int = 4) -> tuple[int, int]:
+def _spec_cut(n: int, mtu: int, fec: bool, fine_symbols: int = 1) -> tuple[int, int]:
     """Section 6's pseudo-code, transcribed: (k, t)."""
     if not fec:
         t = min(mtu, n)
         return _ceil(n, t), t
     m = mtu - mtu % 8
     k = _ceil(n, m)
-    if k < fec_min_symbols:
-        k = max(k, min(fec_min_symbols, n // 64))
+    if k < fine_symbols:
+        k = max(k, min(fine_symbols, n // 64))
     t = max(64, 8 * _ceil(_ceil(n, k), 8))
     return _ceil(n, t), t
 
@@ -324,7 +324,7 @@ def test_symbolisation_pseudocode_is_the_senders(fec):
         for min_symbols in (1, 4, 64):
             config = TransportConfig(mode="fec" if fec else "none", mtu=mtu, fec_min_symbols=min_symbols)
             try:
-                block = _cut(0, ("x",), False, bytes(n), config)
+                block = _cut(0, ("x",), False, bytes(n), config, min_symbols)
             except Exception:  # noqa: BLE001 - over the limits: the spec's rule gives k > 4096 too
                 k, t = _spec_cut(n, mtu, fec, min_symbols)
                 assert k > 4096 or k * t > 4 * 1024 * 1024 or n > 4 * 1024 * 1024

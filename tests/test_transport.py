@@ -165,3 +165,127 @@ def test_simulate_and_link_cli(capsys, tmp_path):
         assert main(bad) == 2
         err = capsys.readouterr().err
         assert err.startswith("miscnet: ") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- recovery, interleaving, adaptation, deadlines
+
+from miscnet.channel.packet import POLL  # noqa: E402
+from miscnet.channel.transport import PathEstimate, block_failure, parse_feedback  # noqa: E402
+
+
+def _deliver(rx, datagrams, drop=lambda p: False):
+    """Datagrams through the receiver (those ``drop`` picks are lost); the replies, parsed."""
+    replies = []
+    for d in datagrams:
+        if drop(decode_packet(d.data)):
+            continue
+        replies += [parse_feedback(f)[1] for f in rx.on_datagram(d.data).feedback]
+    return replies
+
+
+def test_a_burst_of_n_losses_is_recovered_in_one_round_trip(encoded_samples):
+    enc = encoded_samples[0].encoded
+    sender = ImageSender(3, enc, TransportConfig(mode="arq", mtu=100))
+    first = sender.start(0.0)
+    data = [decode_packet(d.data) for d in first if decode_packet(d.data).kind == DATA]
+    burst = {(p.block, p.symbol) for p in data[4:12]}  # 8 consecutive packets lost
+    rx = TransportReceiver()
+    replies = _deliver(rx, first, lambda p: p.kind == DATA and (p.block, p.symbol) in burst)
+    assert len(replies) == 2 and not rx.image_complete(3)  # the early POLL and the last one were answered
+    out = sender.on_feedback(replies[0], 0.1) + sender.on_feedback(replies[1], 0.3)
+    resent = {(p.block, p.symbol) for p in map(decode_packet, (d.data for d in out)) if p.kind == DATA}
+    assert resent == burst  # every hole at once, nothing else
+    assert decode_packet(out[-1].data).kind == POLL
+    (final,) = _deliver(rx, out)
+    assert sender.on_feedback(final, 0.5) == [] and sender.state == "done" and rx.image_complete(3)
+    assert sender.stats.rounds == 1 and sender.stats.probes == 0
+
+
+def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
+    sender = ImageSender(4, encoded_samples[0].encoded, TransportConfig(mode="arq"))
+    sender.start(0.0)
+    trains, gaps, now = [], [], 0.0
+    for _ in range(7):  # nothing ever answers
+        gaps.append(sender.timer_at - now)
+        now = sender.timer_at
+        out = sender.on_timer(now)
+        assert all(decode_packet(d.data).kind == POLL for d in out)
+        trains.append(len(out))
+    assert trains == [1, 2, 4, 8, 16, 32, 32]
+    assert gaps[:5] == [pytest.approx(0.3)] * 5 and gaps[5] > gaps[4] and gaps[6] > gaps[5]  # steady, then backoff
+    assert all(g <= 1.0 for g in gaps)  # rto_max: a link that recovers is noticed within a second
+
+
+def _isolated_path(loss: float) -> PathEstimate:
+    path = PathEstimate()
+    path.observe(([True] + [False] * (round(1 / loss) - 1)) * 40)  # isolated losses at this rate
+    return path
+
+
+def test_fec_symbols_interleave_round_robin_across_blocks(encoded_samples):
+    enc = encoded_samples[0].encoded
+    sender = ImageSender(1, enc, TransportConfig(mode="fec", mtu=1200), path=_isolated_path(0.05))
+    assert all(b.k > 1 for b in sender.blocks)  # losses are isolated: small blocks are cut finer
+    packets = [decode_packet(d.data) for d in sender.start(0.0)]
+    sources = [p for p in packets if p.symbol < p.k]
+    expected = [(b.index, s) for s in range(max(b.k for b in sender.blocks)) for b in sender.blocks if s < b.k]
+    assert [(p.block, p.symbol) for p in sources] == expected
+    assert packets[: len(sources)] == sources  # sources first, then the repairs, also round-robin
+    repairs = [p.block for p in packets[len(sources):]]
+    assert repairs[: len(sender.blocks)] == [b.index for b in sender.blocks]
+    # bursty or unknown loss: whole packets, so a burst meets as few packets as possible
+    assert all(b.k == 1 for b in ImageSender(1, enc, TransportConfig(mode="fec")).blocks)
+
+
+def test_code_rate_follows_the_reported_loss(encoded_samples):
+    enc = encoded_samples[0].encoded
+
+    def repairs(mode: str, path: PathEstimate | None) -> int:
+        return sum(d.role == "repair" for d in ImageSender(2, enc, TransportConfig(mode=mode), path=path).start(0.0))
+
+    assert repairs("hybrid", None) == 0  # nothing known: ARQ's rounds cost less than repair every time
+    assert repairs("hybrid", _isolated_path(0.02)) == 0
+    assert repairs("hybrid", _isolated_path(0.3)) > 0
+    assert repairs("fec", _isolated_path(0.3)) > repairs("fec", _isolated_path(0.02)) > 0
+    assert block_failure(4, 2, 0.1, burst=8) > block_failure(4, 2, 0.1, burst=1)
+
+
+def test_the_path_estimate_learns_loss_and_bursts_from_feedback(encoded_samples):
+    path = PathEstimate()
+    for image_id in range(6):
+        sender = ImageSender(image_id, encoded_samples[0].encoded, TransportConfig(mode="arq", mtu=100), path=path)
+        first = sender.start(0.0)
+        rx = TransportReceiver()
+        lost = {5, 6, 7}  # three consecutive source packets of each image
+        datas = [i for i, d in enumerate(first) if decode_packet(d.data).kind == DATA]
+        replies = [parse_feedback(f)[1] for i, d in enumerate(first) if i not in {datas[j] for j in lost}
+                   for f in rx.on_datagram(d.data).feedback]
+        for fb in replies:
+            sender.on_feedback(fb, 0.2)
+    assert path.loss_rate is not None and 0.05 < path.loss_rate < 0.3
+    assert path.mean_burst == pytest.approx(3.0)
+    assert path.srtt == pytest.approx(0.2)
+
+
+def test_a_deadline_stops_pixel_refinement_that_cannot_arrive(encoded_samples):
+    enc = encoded_samples[0].encoded
+    path = PathEstimate(srtt=0.1, min_rtt=0.1, rate_bps=8000.0)  # about 1 kB a second
+    sender = ImageSender(6, enc, TransportConfig(mode="arq"), path=path, deadline_s=0.8)
+    sent = {decode_packet(d.data).block for d in sender.start(0.0) if decode_packet(d.data).kind == DATA}
+    assert 0 in sent and len(sent) < len(sender.blocks)  # semantic + map first; the last level is not sent
+    assert sender.stats.blocks_dropped == len(sender.blocks) - len(sent)
+    # the receiver gets what was sent: the sender settles the image instead of waiting for the rest
+    rx = TransportReceiver()
+    out = []
+    for d in ImageSender(6, enc, TransportConfig(mode="arq"), path=path, deadline_s=0.8).start(0.0):
+        out += [parse_feedback(f)[1] for f in rx.on_datagram(d.data).feedback]
+    closing = sender.on_feedback(out[-1], 0.3)
+    assert sender.state == "closing" and "could not arrive in time" in sender.failure
+    assert [decode_packet(d.data).symbol for d in closing] == [0xFFFF]
+
+
+def test_late_bytes_are_counted(encoded_samples):
+    link = DuplexConfig(LinkConfig.from_strings(rate="8kbit", delay="40ms"))
+    scenario = Scenario(link=link, transport=TransportConfig(mode="none", deadline_s=0.5), seed=0, quality=False)
+    (r,) = simulate(encoded_samples[:1], scenario)
+    assert 0 < r["totals"]["late_bytes"] < r["totals"]["delivered_bytes"]

@@ -32,7 +32,7 @@ END = "<!-- END VECTORS -->"
 SAMPLE, BUDGET, PIXEL = "astronaut", 600, "block"  # the block codec is pure numpy: no Pillow version in the bytes
 IMAGE_ID = 7
 NONE_MTU = 100  # small enough that every block of the sample takes several packets
-FEC_MTU = 1200  # the default: block 0 still gets 2 symbols (fec_min_symbols), then 2 repair symbols
+FEC_MTU = 96  # block 0 (182 bytes) in 2 symbols of 96 bytes (whole packets, section 6.2), then 2 repair symbols
 WRAP = 64  # hex digits per line
 
 
