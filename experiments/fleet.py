@@ -69,7 +69,7 @@ from miscnet.channel.link import LinkConfig
 from miscnet.channel.link import Path as LinkPath
 from miscnet.channel.pacing import PacingConfig, PacingError, SimPacer, pacing_config
 from miscnet.channel.packet import Datagram, PacketError
-from miscnet.channel.transport import ImageSender, TransportConfig, TransportReceiver, parse_feedback
+from miscnet.channel.transport import ImageSender, PathEstimate, TransportConfig, TransportReceiver, parse_feedback
 from miscnet.channel.units import parse_time
 from miscnet.core.errors import MiscError
 from miscnet.experiments.sweep import stage_key
@@ -546,6 +546,7 @@ class _Sender:
         self.bytes_sent = 0
         # one pacer per sender, across all its images in flight (None: straight to the path)
         self.pacer = None if group.pacing is None else SimPacer(env, group.pacing, self._to_path)
+        self.estimate = PathEstimate()  # what the transport learns of the path, shared by this device's images
         start = group.start if group.start != "random" else float(self.rng.uniform(0, group.arrivals.period or 1.0))
         self.times = group.arrivals.capture_times(self.rng, start, spec.duration_s)
         self.names = [group.images[(index + k) % len(group.images)] for k in range(len(self.times))]
@@ -563,7 +564,7 @@ class _Sender:
 
     def _send(self, cap: _Capture):
         env = self.env
-        sender = ImageSender(cap.image_id, cap.image.encoded, self.group.transport)
+        sender = ImageSender(cap.image_id, cap.image.encoded, self.group.transport, path=self.estimate)
         inbox = self.inboxes[cap.image_id] = simpy.Store(env)
         self._out(cap, sender.start(env.now))
         get = inbox.get()

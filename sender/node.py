@@ -21,7 +21,7 @@ import grpc
 from miscnet.channel.grpc_util import TlsFiles, diagnose_connection, open_channel, token_metadata
 from miscnet.channel.pacing import PacingConfig, ThreadPacer
 from miscnet.channel.packet import POLL, Datagram, Packet, PacketError
-from miscnet.channel.transport import FINAL_TOKEN, POLL_ASK, ImageSender, TransportConfig, parse_feedback
+from miscnet.channel.transport import FINAL_TOKEN, POLL_ASK, ImageSender, PathEstimate, TransportConfig, parse_feedback
 from miscnet.core.container import EncodedImage, layers_digest
 from miscnet.core.errors import MiscError
 from miscnet.v1 import services_pb2 as spb
@@ -136,10 +136,10 @@ class _Broken(Exception):
 
 
 def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
-              progress) -> SendResult:
+              progress, path: PathEstimate | None = None) -> SendResult:
     t0 = time.monotonic()
     stream.outbox.put(spb.LinkMessage(label=spb.ImageLabel(image_id=image_id, name=name)))
-    sender = ImageSender(image_id, image, options.transport)
+    sender = ImageSender(image_id, image, options.transport, path=path)
     stream.send(sender.start(time.monotonic()))
     complete: bool | None = None
     final_poll_at = None
@@ -192,6 +192,7 @@ def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, p
     attempts = 0
     stream: _Stream | None = None
     next_id = 0
+    path = PathEstimate()  # what the transport learns of the path, carried from image to image
     try:
         index = 0
         while index < len(items):
@@ -199,7 +200,7 @@ def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, p
                 stream = _Stream(options)
             name, image = items[index]
             try:
-                results.append(_send_one(stream, next_id, name, image, options, progress))
+                results.append(_send_one(stream, next_id, name, image, options, progress, path))
                 next_id = (next_id + 1) & 0xFFFF
                 index += 1
             except _Broken as broken:

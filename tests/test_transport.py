@@ -201,19 +201,32 @@ def test_a_burst_of_n_losses_is_recovered_in_one_round_trip(encoded_samples):
     assert sender.stats.rounds == 1 and sender.stats.probes == 0
 
 
-def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
-    sender = ImageSender(4, encoded_samples[0].encoded, TransportConfig(mode="arq"))
-    sender.start(0.0)
+def _probe_trains(sender, probes: int) -> tuple[list[int], list[float]]:
+    """Let ``probes`` probe timers fire with nothing ever answered: the trains sent and the gaps between."""
     trains, gaps, now = [], [], 0.0
-    for _ in range(7):  # nothing ever answers
+    for _ in range(probes):
         gaps.append(sender.timer_at - now)
         now = sender.timer_at
         out = sender.on_timer(now)
         assert all(decode_packet(d.data).kind == POLL for d in out)
         trains.append(len(out))
-    assert trains == [1, 2, 4, 8, 16, 32, 32]
-    assert gaps[:5] == [pytest.approx(0.3)] * 5 and gaps[5] > gaps[4] and gaps[6] > gaps[5]  # steady, then backoff
+    return trains, gaps
+
+
+def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
+    path = PathEstimate()
+    path.rtt_sample(0.1)  # the path has answered before (an earlier image of the stream)
+    sender = ImageSender(4, encoded_samples[0].encoded, TransportConfig(mode="arq"), path=path)
+    sender.start(0.0)
+    trains, gaps = _probe_trains(sender, 7)
+    assert trains == [1, 4, 16, 32, 32, 32, 32]
+    assert gaps[:3] == [pytest.approx(0.2)] * 3 and gaps[3] > gaps[2] and gaps[4] > gaps[3]  # steady, then backoff
     assert all(g <= 1.0 for g in gaps)  # rto_max: a link that recovers is noticed within a second
+    # a path that never answered may just be a long queue: short trains, from 0.3 s
+    sender = ImageSender(5, encoded_samples[0].encoded, TransportConfig(mode="arq"))
+    sender.start(0.0)
+    trains, gaps = _probe_trains(sender, 5)
+    assert trains == [1, 4, 4, 4, 4] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
 
 
 def _isolated_path(loss: float) -> PathEstimate:

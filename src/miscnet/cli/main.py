@@ -303,9 +303,9 @@ def add_protection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fec-pixel-rate", type=_positive_float, default=t.pixel_rate,
                    help=f"FEC code rate k/n for pixel blocks (default {t.pixel_rate:g})")
     g.add_argument("--fec-symbols", type=_positive_int, default=t.fec_min_symbols, metavar="N",
-                   help="under FEC, cut a small block into N symbols so one repair costs 1/N of it, not a copy "
-                        f"(default {t.fec_min_symbols}; 1 keeps each small layer in one packet, which bursts "
-                        "favour)")
+                   help="under FEC, once the losses seen are isolated, cut a small block into N symbols so one "
+                        f"repair costs 1/N of it, not a copy (default {t.fec_min_symbols}; until then, and always "
+                        "with 1, each small layer stays one packet, which bursts favour)")
     g.add_argument("--max-rounds", type=_positive_int, default=t.max_rounds,
                    help=f"ARQ retransmission rounds (default {t.max_rounds})")
     g.add_argument("--deadline", type=_positive_float, default=t.deadline_s, metavar="SECONDS",
