@@ -311,7 +311,7 @@ class PathEstimate:
 # PROBE_SHARE of it. (Measured against growth 2 and 5 steady probes: worst image 1.7 s against 2.1 s in
 # bursts of 16, experiments/bench_transport.py.)
 POLL_TRAIN_MAX = 32
-UNANSWERED_TRAIN_MAX = 4  # before any answer
+UNANSWERED_TRAIN_MAX = 16  # before the path has ever answered
 TRAIN_GROWTH = 4
 PROBE_STEADY = 3
 PROBE_SHARE = 0.1

@@ -226,7 +226,7 @@ def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
     sender = ImageSender(5, encoded_samples[0].encoded, TransportConfig(mode="arq"))
     sender.start(0.0)
     trains, gaps = _probe_trains(sender, 5)
-    assert trains == [1, 4, 4, 4, 4] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
+    assert trains == [1, 4, 16, 16, 16] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
 
 
 def _isolated_path(loss: float) -> PathEstimate:
