@@ -312,6 +312,7 @@ class PathEstimate:
 # bursts of 16, experiments/bench_transport.py.)
 POLL_TRAIN_MAX = 32
 UNANSWERED_TRAIN_MAX = 16  # before the path has ever answered
+BACKOFF_TRAIN = 4  # once the interval backs off (the burst outlasted 1 + 4 + 16 + 32 POLLs)
 TRAIN_GROWTH = 4
 PROBE_STEADY = 3
 PROBE_SHARE = 0.1
@@ -580,6 +581,8 @@ class ImageSender:
         # short trains until the path has answered: before that, silence may as well be a long queue that
         # long trains would add to
         cap = POLL_TRAIN_MAX if self.path.srtt is not None else UNANSWERED_TRAIN_MAX
+        if self._probes > PROBE_STEADY + 1:  # backing off: a fade in time, where trains buy nothing
+            cap = min(cap, BACKOFF_TRAIN)
         train = min(TRAIN_GROWTH ** (self._probes - 1), cap)
         if self.path.rate_bps is not None:
             affordable = self.path.rate_bps * PROBE_SHARE * self._pto() / (8 * HEADER_BYTES)

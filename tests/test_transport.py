@@ -219,14 +219,14 @@ def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
     sender = ImageSender(4, encoded_samples[0].encoded, TransportConfig(mode="arq"), path=path)
     sender.start(0.0)
     trains, gaps = _probe_trains(sender, 7)
-    assert trains == [1, 4, 16, 32, 32, 32, 32]
+    assert trains == [1, 4, 16, 32, 4, 4, 4]
     assert gaps[:3] == [pytest.approx(0.2)] * 3 and gaps[3] > gaps[2] and gaps[4] > gaps[3]  # steady, then backoff
     assert all(g <= 1.0 for g in gaps)  # rto_max: a link that recovers is noticed within a second
     # a path that never answered may just be a long queue: short trains, from 0.3 s
     sender = ImageSender(5, encoded_samples[0].encoded, TransportConfig(mode="arq"))
     sender.start(0.0)
     trains, gaps = _probe_trains(sender, 5)
-    assert trains == [1, 4, 16, 16, 16] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
+    assert trains == [1, 4, 16, 16, 4] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
 
 
 def _isolated_path(loss: float) -> PathEstimate:
