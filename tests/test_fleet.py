@@ -96,7 +96,9 @@ def test_links_are_reported_over_time(tmp_path, images):
     assert len(series["t_s"]) == len(cell["utilization"]) == len(cell["queue_delay_ms"]) == len(cell["drops"]) > 20
     # eight senders offer far more than 64 kbit/s: the cell is busy and its queue builds up while they send
     busy = [u for t, u in zip(series["t_s"], cell["utilization"], strict=True) if 5 <= t <= 30]
-    assert min(busy) > 0.9
+    # a bin counts the packets that finish in it, so a 1200-byte packet (0.15 s here) straddling a boundary
+    # moves up to 15 % between neighbours: judge two bins at a time
+    assert min((a + b) / 2 for a, b in zip(busy, busy[1:], strict=False)) > 0.9
     assert max(cell["queue_delay_ms"]) > 1000
     assert cell["utilization"][-1] == 0 and cell["queue_delay_ms"][-1] == 0  # drained by the end of the run
     # what arrived is what the bins add up to
