@@ -176,14 +176,21 @@ class CostProfile:
         proportional to pixels. In batch: linear between measured batch sizes; beyond the largest, linear
         through the two largest (never decreasing), or proportional with only one measured (a decoder that
         renders a batch as one stage after another); below the smallest, proportional. A kind the profile
-        lacks is a ProfileError naming its file. A name joined with "+" ("semantic+map": the first stage of
-        an image whose semantic and map layers came together, so one call runs both passes) costs the sum.
+        lacks is a ProfileError naming its file. "semantic+map" is the first stage of an image whose semantic
+        and map layers came together: the diffusion decoder runs both passes in that call (its map stage
+        starts from the semantic stage's text to image), so it costs the sum; the classical decoder draws a
+        map stage in one render either way, so it costs a map stage.
         """
-        return sum(self._value(part, pixels, batch, 2) for part in stage.split("+"))
+        return sum(self._value(part, pixels, batch, 2) for part in self._parts(stage))
 
     def peak_mb(self, stage: str, pixels: int, batch: int = 1) -> float:
         """Peak memory (MiB) of that call, by the same rules as ``service_time`` (the largest part's)."""
-        return max(self._value(part, pixels, batch, 3) for part in stage.split("+"))
+        return max(self._value(part, pixels, batch, 3) for part in self._parts(stage))
+
+    def _parts(self, stage: str) -> list[str]:
+        if stage == "semantic+map":
+            return ["semantic", "map"] if self.decoder == "diffusion" else ["map"]
+        return [stage]
 
     def to_dict(self) -> dict:
         d = {"format": FORMAT, "decoder": self.decoder, "device": self.device, "source": self.source,

@@ -79,6 +79,8 @@ def test_first_stage_with_semantic_and_map_costs_both_passes(tmp_path, images):
     pixels = 512 * 512
     both = profile.service_time("semantic+map", pixels)
     assert both == pytest.approx(profile.service_time("semantic", pixels) + profile.service_time("map", pixels))
+    classical = load_profile("classical-cpu")  # one render draws a map stage, whatever came before
+    assert classical.service_time("semantic+map", pixels) == classical.service_time("map", pixels)
     spec = spec_of(tmp_path, duration="1s", path="[]")
     from dataclasses import replace
 
