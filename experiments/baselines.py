@@ -259,9 +259,10 @@ class _Table:
         h.update(f"{_CACHE_VERSION};{coder.codec};{coder.levels};{AVIF_SPEED};{_libraries()};".encode())
         h.update(np.ascontiguousarray(coder.image).tobytes())
         h.update(str(coder.image.shape).encode())
-        # The wire size depends on the container: a change of its framing changes the empty file's size.
-        h.update(str(len(to_bytes(EncodedImage(coder.width, coder.height, [])))).encode())
         self.key = h.hexdigest()[:32]
+        # Wire sizes depend on this project's container, file sizes and PSNRs do not: a cache written
+        # under another container framing keeps the latter and measures the wire again where needed.
+        self.container = len(to_bytes(EncodedImage(coder.width, coder.height, [])))
         self.points: dict[str, list] = {}
         self.levels: dict[str, list[PixelLevel]] = {}  # this call's encodings, for the PSNR
         self.dirty = False
@@ -269,8 +270,12 @@ class _Table:
         self.path = None if d is None else d / f"{self.key}.json"
         if self.path is not None and self.path.is_file():
             try:
-                self.points = json.loads(self.path.read_text())["points"]
-            except (OSError, ValueError, KeyError, TypeError):
+                data = json.loads(self.path.read_text())
+                self.points = data["points"]
+                if data.get("container") != self.container:
+                    for p in self.points.values():
+                        p[1] = None
+            except (OSError, ValueError, KeyError, TypeError, IndexError):
                 self.points = {}
 
     def _point(self, w: int, h: int, q: int, option: str) -> tuple[str, list]:
@@ -284,8 +289,14 @@ class _Table:
 
     def size(self, w: int, h: int, q: int, option: str) -> tuple[int, int]:
         """(file bytes, wire bytes)."""
-        _, p = self._point(w, h, q, option)
+        k, p = self._point(w, h, q, option)
+        if p[1] is None:
+            p[1] = self.coder.wire_bytes(self.coder.encode(w, h, q, option)[1])
+            self.dirty = True
         return int(p[0]), int(p[1])
+
+    def file_size(self, w: int, h: int, q: int, option: str) -> int:
+        return int(self._point(w, h, q, option)[1][0])
 
     def psnr(self, w: int, h: int, q: int, option: str) -> float:
         k, p = self._point(w, h, q, option)
@@ -304,7 +315,7 @@ class _Table:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
             with os.fdopen(fd, "w") as f:
-                json.dump({"codec": self.coder.codec, "points": self.points}, f)
+                json.dump({"codec": self.coder.codec, "container": self.container, "points": self.points}, f)
             os.replace(tmp, self.path)  # atomic: parallel sweep workers never read half a file
         except OSError:
             pass  # a read-only home only costs time
@@ -362,8 +373,8 @@ def _scan_fitting(table: _Table, w: int, h: int, option: str, budget: int, fit_w
     _OVERSHOOT x the budget (PSNR, like size, is monotone in quality only up to wiggles)."""
     found = None
     for k, q in enumerate(_QUALITIES[table.coder.codec]):
-        size, wire = table.size(w, h, q, option)
-        if size <= budget and (wire <= budget or not fit_wire):
+        size = table.file_size(w, h, q, option)
+        if size <= budget and (not fit_wire or table.size(w, h, q, option)[1] <= budget):
             score = table.psnr(w, h, q, option)
             if found is None or score > found[0]:
                 found = (score, q)
@@ -390,8 +401,8 @@ def search_points(table: _Table, rasters: list[tuple[int, int]], options: tuple[
     best = None
     for option in options:
         def fits(r: int, i: int, option=option) -> bool:
-            size, wire = table.size(*rasters[r], qualities[i], option)
-            return size <= budget and (wire <= budget or not fit_wire)
+            size = table.file_size(*rasters[r], qualities[i], option)
+            return size <= budget and (not fit_wire or table.size(*rasters[r], qualities[i], option)[1] <= budget)
 
         # the lowest qualities may wiggle too: a raster "fits" when any of the first few does
         low = range(min(len(qualities), VERIFY_STEPS + 1))
