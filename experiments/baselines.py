@@ -22,8 +22,11 @@ sweep's default) so must the container that crosses this project's link (``len(t
 The sweep passes the MISC file's own size. Raster:
 
 - ``fit`` (default): every raster of the image's aspect on a geometric ladder (ratio 2**(1/6)) from 8
-  pixels on the short side up to the full size, each at every quality (and chroma option) that fits:
-  an exhaustive search; the best PSNR (full size, the receiver's up-sampling) wins.
+  pixels on the short side up to the full size, each with every chroma option; per raster every quality
+  that fits (webp, jpeg, jpeg-progressive) or, for the slow avif, the largest quantiser that fits (a
+  bisection checked VERIFY_STEPS quantisers past its edge: libaom's sizes wiggle less than that). The best
+  PSNR (full size, the receiver's up-sampling) wins. The descent over rasters stops where even the
+  uncoded thumbnail, up-sampled, scores below the best file found (``search_points``).
 - ``full``: the image's own size only. At MISC's operating point even the lowest quality often does not
   fit; the smallest file is then sent anyway and flagged ``fits = False`` (its real bytes are what every
   figure shows).
@@ -66,8 +69,10 @@ from miscnet.v1 import bitstream_pb2 as pb
 
 BASELINE_CODECS = ("jpeg", "webp", "avif", JPEG_PROGRESSIVE)
 RASTER_MODES = ("fit", "full")
-# libaom speed for the AVIF baseline. Measured (experiments/bench_codec.py --avif-speeds): speed 0 and 2
-# ... see AVIF_SPEED_NOTE; slower speeds cost minutes per image on a shared 2-core CPU.
+# libaom speed for the AVIF baseline: `python -m miscnet.experiments.bench_codec --avif-speeds` compares
+# speeds 0, 2, 4 and 6 (the best AVIF file at 600 and 2500 B on three images, rasters around speed 6's
+# best): speed 4 is within a few hundredths of a dB of speed 0 on the mean, speed 6 about 0.3 dB worse,
+# and speeds 0-2 cost minutes per image on a shared 2-core CPU.
 AVIF_SPEED = 4
 _RASTER_STEP = 2 ** (1 / 6)  # short-side ratio between neighbouring rasters of the ladder (12 %)
 _SMALLEST_SIDE = 8
@@ -151,10 +156,10 @@ def codec_options(codec: str, image: np.ndarray) -> tuple[str, ...]:
 # ------------------------------------------------------------------------------------------- AVIF files
 
 
-def _avif_file(thumb: Image.Image, quality: int, option: str) -> bytes:
+def _avif_file(thumb: Image.Image, quality: int, option: str, speed: int = AVIF_SPEED) -> bytes:
     img = thumb.convert("L") if option == "grey" else thumb
     buf = io.BytesIO()
-    img.save(buf, "AVIF", quality=quality, speed=AVIF_SPEED, codec="aom", max_threads=1,
+    img.save(buf, "AVIF", quality=quality, speed=speed, codec="aom", max_threads=1,
              subsampling="4:4:4" if option == "444" else "4:2:0", advanced={"tune": "psnr"})
     return buf.getvalue()
 
@@ -192,8 +197,8 @@ def _avif_layer_payload(data: bytes) -> bytes:
 class _Coder:
     """Encodes one image as one codec's file at (raster, quality, option) points."""
 
-    def __init__(self, image: np.ndarray, codec: str, levels: int):
-        self.image, self.codec, self.levels = image, codec, levels
+    def __init__(self, image: np.ndarray, codec: str, levels: int, avif_speed: int = AVIF_SPEED):
+        self.image, self.codec, self.levels, self.avif_speed = image, codec, levels, avif_speed
         self.height, self.width = image.shape[:2]
         self._pil = Image.fromarray(image)
         self._thumbs: dict[tuple[int, int], Image.Image] = {}
@@ -213,7 +218,7 @@ class _Coder:
             levels = encode_progressive_jpeg(src, w, h, q, self.levels, subsampling="444" if option == "444" else "420")
             return b"".join(lv.payload for lv in levels) + b"\xff\xd9", levels
         if self.codec == "avif":
-            data = _avif_file(self.thumb(w, h), q, option)
+            data = _avif_file(self.thumb(w, h), q, option, self.avif_speed)
             params = pb.PixelParams(width=w, height=h, quality=q)
             return data, [PixelLevel(0, pb.CODEC_PIXEL_AVIF, params, _avif_layer_payload(data))]
         # webp (method 6) and jpeg: the project's codecs, whose rebuilt file is the standard file
@@ -256,7 +261,7 @@ class _Table:
     def __init__(self, coder: _Coder):
         self.coder = coder
         h = hashlib.sha256()
-        h.update(f"{_CACHE_VERSION};{coder.codec};{coder.levels};{AVIF_SPEED};{_libraries()};".encode())
+        h.update(f"{_CACHE_VERSION};{coder.codec};{coder.levels};{coder.avif_speed};{_libraries()};".encode())
         h.update(np.ascontiguousarray(coder.image).tobytes())
         h.update(str(coder.image.shape).encode())
         self.key = h.hexdigest()[:32]
@@ -424,17 +429,22 @@ def search_points(table: _Table, rasters: list[tuple[int, int]], options: tuple[
 
 
 def encode_baseline(image: np.ndarray, codec: str, budget: int, raster: str = "fit", levels: int = 3,
-                    fit_wire: bool = True) -> Baseline:
-    """The best ``codec`` file of at most ``budget`` bytes (see the module doc)."""
+                    fit_wire: bool = True, avif_speed: int = AVIF_SPEED,
+                    rasters: list[tuple[int, int]] | None = None) -> Baseline:
+    """The best ``codec`` file of at most ``budget`` bytes (see the module doc); ``rasters`` replaces the
+    ladder (bench_codec's speed comparison)."""
     if codec not in BASELINE_CODECS:
         raise MiscError(f"unknown baseline codec {codec!r} (use {', '.join(BASELINE_CODECS)})")
     if raster not in RASTER_MODES:
         raise MiscError(f"unknown baseline raster mode {raster!r} (use {', '.join(RASTER_MODES)})")
     if budget <= 0:
         raise MiscError(f"baseline budget must be positive, not {budget}")
-    coder = _Coder(image, codec, levels)
+    if not 0 <= avif_speed <= 10:
+        raise MiscError(f"avif speed must be 0..10, not {avif_speed}")
+    coder = _Coder(image, codec, levels, avif_speed)
     w, h = coder.width, coder.height
-    rasters = raster_candidates(w, h) if raster == "fit" else [(w, h)]
+    if rasters is None:
+        rasters = raster_candidates(w, h) if raster == "fit" else [(w, h)]
     options = codec_options(codec, image)
     table = _Table(coder)
     try:

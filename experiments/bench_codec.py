@@ -4,6 +4,10 @@
 time of a full encode (semantic + map + rate-controlled pixel layer at the default budget) and of a
 classical decode of every stage, reported as measured and scaled to 512 x 512 pixels.
 
+``python -m miscnet.experiments.bench_codec --avif-speeds``: the best AVIF file at libaom speeds 0, 2, 4 and 6
+(600 and 2500 B, three of those images, the rasters around speed 6's best): the evidence for the baselines'
+AVIF_SPEED.
+
 ``python -m miscnet.experiments.bench_codec --equal-bytes [--budgets 600 1000 ...] [--jobs N] [--json]``:
 on 8 images that are not the bundled samples (scikit-image's camera, coins, immunohistochemistry and
 motorcycle photos, its colour wheel and logo graphics, its page and text images; sidecars in
@@ -44,6 +48,7 @@ from miscnet.sender.rate_control import choose_settings, clear_search_cache
 
 BUDGETS = (600, 1000, 1500, 2500, 4000)
 BASELINE_CODECS = ("webp", "avif")
+AVIF_SPEEDS = (0, 2, 4, 6)
 TARGET_PIXEL_DB = 0.2  # the pixel layers alone must beat the best single file by this much (mean PSNR)
 TARGET_DEFAULT_DB = -0.3  # the default file may lose at most this much
 EQUAL_BYTES_DIR = Path(__file__).resolve().parent / "equal_bytes"
@@ -169,6 +174,38 @@ def equal_bytes(budgets: tuple[int, ...], jobs: int, as_json: bool) -> int:
     return 0 if ok else 1
 
 
+def _speed_case(args: tuple[str, int]) -> list[dict]:
+    from miscnet.experiments.baselines import encode_baseline, raster_candidates
+
+    name, budget = args
+    image = equal_bytes_image(name)
+    ladder = raster_candidates(image.shape[1], image.shape[0])
+    fast = encode_baseline(image, "avif", budget, fit_wire=False, avif_speed=6)
+    i = ladder.index((fast.width, fast.height))
+    near = ladder[max(0, i - 2) : i + 3]  # the slow speeds search the rasters around speed 6's best
+    rows = []
+    for speed in AVIF_SPEEDS:
+        t0 = time.perf_counter()
+        b = encode_baseline(image, "avif", budget, fit_wire=False, avif_speed=speed, rasters=near)
+        rows.append({"image": name, "budget": budget, "speed": speed, "psnr": b.psnr,
+                     "raster": f"{b.width}x{b.height}", "option": b.option, "seconds": time.perf_counter() - t0})
+    return rows
+
+
+def avif_speeds(jobs: int) -> int:
+    """The best AVIF file per libaom speed: which speed the baselines need."""
+    cases = [(n, b) for n in ("colorwheel", "immunohistochemistry", "motorcycle") for b in (600, 2500)]
+    with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(cases)))) as pool:
+        rows = [r for rs in pool.map(_speed_case, cases) for r in rs]
+    for r in rows:
+        print(f"{r['image']:<21} {r['budget']:>5} B  speed {r['speed']}  {r['psnr']:6.2f} dB  {r['raster']:>9} "
+              f"{r['option']:>4}  {r['seconds']:6.1f} s")
+    for speed in AVIF_SPEEDS:
+        at = [r for r in rows if r["speed"] == speed]
+        print(f"speed {speed}: mean {_mean([r['psnr'] for r in at]):.3f} dB, {sum(r['seconds'] for r in at):.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -177,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the equal-bytes comparison against the best single WebP/AVIF file")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="bytes (--equal-bytes)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (--equal-bytes)")
+    parser.add_argument("--avif-speeds", action="store_true",
+                        help="the best AVIF file at libaom speeds 0, 2, 4, 6 (which speed the baselines need)")
     args = parser.parse_args(argv)
+    if args.avif_speeds:
+        return avif_speeds(args.jobs)
     if args.equal_bytes:
         if any(b <= 0 for b in args.budgets):
             parser.error("--budgets must be positive")

@@ -106,6 +106,14 @@ def test_the_cache_gives_the_same_baseline_without_encoding_the_search_again(tmp
     again = bl.encode_baseline(image, "webp", 600)
     assert len(calls) == 1  # only the file it sends
     assert to_bytes(again.encoded) == to_bytes(first.encoded) and again.psnr == first.psnr
+    # a cache written under another container framing keeps its file sizes, measures the wire again
+    import json
+    data = json.loads(files[0].read_text())
+    data["container"] = -1
+    files[0].write_text(json.dumps(data))
+    calls.clear()
+    moved = bl.encode_baseline(image, "webp", 600)
+    assert to_bytes(moved.encoded) == to_bytes(first.encoded) and 1 < len(calls) < 40
     # a corrupt cache file is ignored, not fatal
     files[0].write_text("{not json")
     assert bl.encode_baseline(image, "webp", 600).bytes == first.bytes
