@@ -27,8 +27,9 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,13 @@ def _mean(values: list[float]) -> float:
 
 def equal_bytes(budgets: tuple[int, ...], jobs: int, as_json: bool) -> int:
     names = list(EQUAL_BYTES_IMAGES)
+    by_name: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(names)))) as pool:
-        rows = [r for rs in pool.map(equal_bytes_row, names, [budgets] * len(names)) for r in rs]
+        futures = {pool.submit(equal_bytes_row, n, budgets): n for n in names}
+        for done in as_completed(futures):  # progress: a cold run takes a while
+            by_name[futures[done]] = done.result()
+            print(f"  {futures[done]} done ({len(by_name)}/{len(names)})", file=sys.stderr, flush=True)
+    rows = [r for n in names for r in by_name[n]]
     summary = []
     ok = True
     for budget in budgets:
