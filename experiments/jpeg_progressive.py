@@ -99,11 +99,12 @@ def decode_progressive_jpeg(levels: Sequence[PixelLevel]) -> np.ndarray:
 
 
 def encode_progressive_jpeg(image: np.ndarray, width: int, height: int, quality: int,
-                            levels: int = 3) -> list[PixelLevel]:
+                            levels: int = 3, subsampling: str = "420") -> list[PixelLevel]:
     """A standard progressive JPEG of the image at width x height, cut into at most ``levels`` levels.
 
     Level 0 is the headers and the first scan (the DC coefficients of every component); the other scans
-    are grouped into the remaining levels so that each holds about the same number of bytes.
+    are grouped into the remaining levels so that each holds about the same number of bytes. A 2-D
+    (grey) ``image`` gives a one-component file; ``subsampling`` ("420" or "444") is the chroma's.
     """
     if not 1 <= levels <= 64:
         raise MiscError(f"{JPEG_PROGRESSIVE}: levels must be 1..64, not {levels}")
@@ -113,7 +114,10 @@ def encode_progressive_jpeg(image: np.ndarray, width: int, height: int, quality:
     if img.size != (width, height):
         img = img.resize((width, height), DOWN_FILTER)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality, progressive=True, optimize=True)
+    if subsampling not in ("420", "444"):
+        raise MiscError(f"{JPEG_PROGRESSIVE}: subsampling must be 420 or 444, not {subsampling!r}")
+    img.save(buf, "JPEG", quality=quality, progressive=True, optimize=True,
+             subsampling=2 if subsampling == "420" else 0)
     data = buf.getvalue()
     if not (data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")):
         raise MiscError(f"{JPEG_PROGRESSIVE}: the encoder wrote an unexpected file")
