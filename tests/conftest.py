@@ -2,6 +2,7 @@ import datetime
 import ipaddress
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the baselines' cache: each test session its own, so no test reads results a previous build left behind
+os.environ["MISCNET_CACHE_DIR"] = tempfile.mkdtemp(prefix="miscnet-test-cache-")
 
 
 @pytest.fixture
