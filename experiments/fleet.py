@@ -428,7 +428,7 @@ def run_fleet(spec: FleetSpec, images: dict[str, FleetImage], drain_s: float = D
     from miscnet.experiments.profiles import load_profile
 
     env = simpy.Environment()
-    shared = {name: cfg.build(env, _stream(spec.seed, _SHARED_LINKS, j), shared=True)
+    shared = {name: cfg.build(env, random_stream(spec.seed, SHARED_LINKS, j), shared=True)
               for j, (name, cfg) in enumerate(spec.links.items())}
     profile = load_profile(spec.receiver.profile)
     captures: list[_Capture] = []
@@ -510,10 +510,10 @@ class _LinkSeries:
 # from (2k + 1,): for sender 0 exactly simulate's forward and reverse streams (default_rng(seed).spawn(2)),
 # so a fleet of one sender gives simulate's numbers, loss included. Everything else a sender draws (start,
 # Poisson gaps, trace offset) and the shared links have streams of their own entropy.
-_SENDER_CHOICES, _SHARED_LINKS = 1, 2
+SENDER_CHOICES, SHARED_LINKS = 1, 2
 
 
-def _stream(seed: int, tag: int, k: int) -> np.random.Generator:
+def random_stream(seed: int, tag: int, k: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag], spawn_key=(k,)))
 
 
@@ -528,7 +528,7 @@ class _Sender:
                  captures: list, deadline_max: float | None):
         self.env, self.spec, self.group, self.index = env, spec, group, index
         self.compute, self.captures, self.deadline_max = compute, captures, deadline_max
-        self.rng = _stream(spec.seed, _SENDER_CHOICES, index)
+        self.rng = random_stream(spec.seed, SENDER_CHOICES, index)
         access = group.access
         if group.random_trace_offset and access.offset_period_s():  # the trace's period, else the outages'
             access = access.with_(trace_offset_s=float(self.rng.uniform(0, access.offset_period_s())))
@@ -683,8 +683,9 @@ def _failure(spec: FleetSpec, cap: _Capture, last_s: float | None) -> str:
     return "unfinished at the end of the run (decode queue)"
 
 
-def _report(spec: FleetSpec, captures: list[_Capture], flows: list[_Sender], shared: dict, compute, end: float) -> dict:
-    rows = [_row(spec, c, end) for c in captures if c.captured < spec.duration_s]
+def summarize_rows(rows: list[dict], deadlines: tuple[float, ...], senders: int) -> dict:
+    """The per-image rows in summary keys (shared by simulated and live fleets, ``loadgen``): counts,
+    p50/p95 times to the first picture and the last stage, failures by reason, shares by each deadline."""
     n = len(rows)
     pictures = [r["first_picture_s"] for r in rows if r["first_picture_s"] is not None]
     lasts = [r["last_stage_s"] for r in rows if r["last_stage_s"] is not None]
@@ -692,13 +693,19 @@ def _report(spec: FleetSpec, captures: list[_Capture], flows: list[_Sender], sha
     for r in rows:
         if r["failure"]:
             failures[r["failure"]] = failures.get(r["failure"], 0) + 1
-    summary = {"senders": len(flows), "images": n, "complete": sum(r["complete"] for r in rows),
+    summary = {"senders": senders, "images": n, "complete": sum(bool(r["complete"]) for r in rows),
                "first_picture_p50_s": _percentile(pictures, 50), "first_picture_p95_s": _percentile(pictures, 95),
                "last_stage_p50_s": _percentile(lasts, 50), "last_stage_p95_s": _percentile(lasts, 95),
                "failures": failures}
-    for d in spec.deadlines:
+    for d in deadlines:
         summary[f"first_picture_by_{d:g}s"] = sum(1 for p in pictures if p <= d) / n if n else None
         summary[f"last_stage_by_{d:g}s"] = sum(1 for p in lasts if p <= d) / n if n else None
+    return summary
+
+
+def _report(spec: FleetSpec, captures: list[_Capture], flows: list[_Sender], shared: dict, compute, end: float) -> dict:
+    rows = [_row(spec, c, end) for c in captures if c.captured < spec.duration_s]
+    summary = summarize_rows(rows, spec.deadlines, len(flows))
     span = spec.duration_s
     links = {}
     for name, link in shared.items():
@@ -780,7 +787,7 @@ def run_fleet_sweep(spec: FleetSpec, base: Path, out: Path, *, workers: int = 1,
     return results
 
 
-def _csv(rows: list[dict]) -> str:
+def rows_csv(rows: list[dict]) -> str:
     import csv
     import io
 
@@ -807,7 +814,7 @@ def write_outputs(spec: FleetSpec, results: list[dict], out: Path) -> None:
     keys = list(spec.sweep)
     rows = [{**{k: r["overrides"].get(k) for k in keys}, "point": point_id(r["overrides"]), **row}
             for r in results for row in r["rows"]]
-    atomic_write_bytes(out / "results.csv", _csv(rows).encode())
+    atomic_write_bytes(out / "results.csv", rows_csv(rows).encode())
     summary = [{"point": point_id(r["overrides"]), **r["overrides"], **r["summary"], "links": r["links"],
                 "workers": r["workers"]} for r in results]
     atomic_write_bytes(out / "summary.json", json.dumps({"scenario": spec.name, "points": summary}, indent=1).encode())
@@ -818,7 +825,7 @@ def write_outputs(spec: FleetSpec, results: list[dict], out: Path) -> None:
             for k, t in enumerate(series["t_s"]):
                 link_rows.append({**{key: r["overrides"].get(key) for key in keys}, "point": point_id(r["overrides"]),
                                   "link": name, "t_s": t, **{c: v[k] for c, v in cols.items()}})
-    atomic_write_bytes(out / "links.csv", _csv(link_rows).encode())
+    atomic_write_bytes(out / "links.csv", rows_csv(link_rows).encode())
     if results and keys:
         from miscnet.experiments.fleet_plots import fleet_figures, link_figure
 

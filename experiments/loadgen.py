@@ -34,7 +34,15 @@ import numpy as np
 
 from miscnet.channel.link import DuplexConfig, LinkConfig
 from miscnet.core.errors import MiscError
-from miscnet.experiments.fleet import _SENDER_CHOICES, FleetError, FleetSpec, _csv, _stream, parse_fleet
+from miscnet.experiments.fleet import (
+    SENDER_CHOICES,
+    FleetError,
+    FleetSpec,
+    parse_fleet,
+    random_stream,
+    rows_csv,
+    summarize_rows,
+)
 
 LEAD_S = 1.0  # every stream is open this long before the first capture can fall due
 PIXEL_PREFIX = "pixel"  # stage names: semantic, map, pixel.0, pixel.1, ...
@@ -66,7 +74,7 @@ def capture_plan(spec: FleetSpec) -> list[list[Capture]]:
     for group in spec.groups:
         for _ in range(group.count):
             index = len(plan)
-            rng = _stream(spec.seed, _SENDER_CHOICES, index)
+            rng = random_stream(spec.seed, SENDER_CHOICES, index)
             period = group.access.offset_period_s()  # the trace's period, else the outages'
             if group.random_trace_offset and period:
                 rng.uniform(0, period)  # the simulator draws the offset first: keep its order
@@ -451,28 +459,10 @@ def image_rows(spec: FleetSpec, sent: list[Sent], events: list[dict], t0: float,
     return rows
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
-
-
 def summarize(spec: FleetSpec, rows: list[dict], sent: list[Sent], run_s: float) -> dict:
     """The fleet's summary keys (same meaning), and each sender's bytes."""
-    pictures = [r["first_picture_s"] for r in rows if r["first_picture_s"] is not None]
-    lasts = [r["last_stage_s"] for r in rows if r["last_stage_s"] is not None]
-    failures: dict[str, int] = {}
-    for r in rows:
-        if r["failure"]:
-            failures[r["failure"]] = failures.get(r["failure"], 0) + 1
-    n = len(rows)
     senders = sum(g.count for g in spec.groups)
-    summary: dict[str, Any] = {
-        "senders": senders, "images": n, "complete": sum(r["complete"] for r in rows),
-        "first_picture_p50_s": _percentile(pictures, 50), "first_picture_p95_s": _percentile(pictures, 95),
-        "last_stage_p50_s": _percentile(lasts, 50), "last_stage_p95_s": _percentile(lasts, 95),
-        "failures": failures}
-    for d in spec.deadlines:
-        summary[f"first_picture_by_{d:g}s"] = sum(1 for p in pictures if p <= d) / n if n else None
-        summary[f"last_stage_by_{d:g}s"] = sum(1 for p in lasts if p <= d) / n if n else None
+    summary: dict[str, Any] = summarize_rows(rows, spec.deadlines, senders)
     per_sender = []
     for i in range(senders):
         mine = [s for s in sent if s.capture.sender == i]
@@ -507,7 +497,7 @@ def write_outputs(out: Path, name: str, rows: list[dict], summary: dict, links: 
     from miscnet.core.image_io import atomic_write_bytes
 
     out = Path(out)
-    atomic_write_bytes(out / "results.csv", _csv([{"point": "live", **r} for r in rows]).encode())
+    atomic_write_bytes(out / "results.csv", rows_csv([{"point": "live", **r} for r in rows]).encode())
     point = {"point": "live", **summary, "links": links}
     atomic_write_bytes(out / "summary.json", json.dumps({"scenario": name, "live": True, "points": [point]},
                                                         indent=1).encode())
