@@ -43,7 +43,6 @@ import hashlib
 import io
 import json
 import os
-import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, features
 
-from miscnet.core import leb128
 from miscnet.core.container import EncodedImage, to_bytes
 from miscnet.core.errors import MiscError
 from miscnet.core.pixel import (
@@ -167,28 +165,9 @@ def _avif_file(thumb: Image.Image, quality: int, option: str, speed: int = AVIF_
 def _avif_layer_payload(data: bytes) -> bytes:
     """The AV1 OBUs of a single-image AVIF file, less the temporal delimiter: the sequence header and
     the frame, which the project's avif codec carries (its receiver rebuilds the container)."""
-    pos = 0
-    mdat = None
-    while pos + 8 <= len(data):
-        size, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        if size < 8:
-            break
-        if kind == b"mdat":
-            mdat = data[pos + 8 : pos + size]
-            break
-        pos += size
-    if mdat is None:
-        raise MiscError("avif baseline: the encoder wrote a file without an mdat box")
-    out, p = [], 0
-    while p < len(mdat):
-        head = mdat[p]
-        if head & 0x80 or not head & 0x02:
-            raise MiscError("avif baseline: the encoder wrote an OBU without a size")
-        size, q = leb128.decode(mdat, p + 1 + ((head >> 2) & 1), "avif baseline: OBU size")
-        if (head >> 3) & 15 != 2:  # temporal delimiter: the receiver adds it
-            out.append(mdat[p : q + size])
-        p = q + size
-    return b"".join(out)
+    from miscnet.core.pixel.avif import file_obus
+
+    return b"".join(obu for kind, obu in file_obus(data) if kind != 2)  # 2: temporal delimiter
 
 
 # ------------------------------------------------------------------------------------------- one point

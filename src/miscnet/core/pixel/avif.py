@@ -222,6 +222,12 @@ def _avif_file_obus(data: bytes) -> bytes:
     raise MiscError("avif: the encoder wrote a container this codec cannot strip")
 
 
+def file_obus(data: bytes) -> list[tuple[int, bytes]]:
+    """The AV1 OBUs, (type, whole OBU bytes), of a single-image AVIF file written by libavif (the baselines
+    send a whole file's OBUs as this codec's layer)."""
+    return _read_obus(_avif_file_obus(data))
+
+
 def _avif_rebuild(payload: bytes, width: int, height: int) -> bytes:
     obus = _read_obus(payload)
     if not obus:
@@ -252,7 +258,7 @@ def _avif_encode(thumb: np.ndarray, quality: int, speed: int | None = None) -> b
     h, w = thumb.shape[:2]
     data = pil_encode("AVIF", thumb, quality=quality, speed=avif_speed(w, h) if speed is None else speed,
                       **_AVIF_OPTIONS)
-    obus = _read_obus(_avif_file_obus(data))
+    obus = file_obus(data)
     types = [t for t, _ in obus]
     if types[:2] != [2, 1] or any(t not in (3, 4, 6) for t in types[2:]):
         raise MiscError(f"avif: unexpected OBU sequence {types}")
