@@ -283,7 +283,7 @@ def _sender_loop(stream, plan: list[Capture], images: dict[str, Any], options, t
     """One sender: capture on the plan's schedule, send each image on its stream with the sender node's code;
     a broken stream fails the image it was sending, and a stream found ended (a node's idle timeout between
     sparse captures) or broken is opened again for the next capture."""
-    from miscnet.sender.node import _Broken, _send_one, _Stream
+    from miscnet.sender.node import ExchangeStream, StreamBroken, send_one_image
 
     image_id = 0
     try:
@@ -297,16 +297,16 @@ def _sender_loop(stream, plan: list[Capture], images: dict[str, Any], options, t
                 stream = None
             if stream is None:
                 try:
-                    stream = _Stream(options)
+                    stream = ExchangeStream(options)
                 except MiscError as exc:
                     sent.detail = str(exc)
                     continue
             sent.started = time.time()
             try:
-                result = _send_one(stream, image_id, cap.label, images[cap.image], options, None)
+                result = send_one_image(stream, image_id, cap.label, images[cap.image], options, None)
                 sent.delivered, sent.complete, sent.detail, sent.stats = (result.delivered, result.complete,
                                                                           result.detail, result.stats)
-            except _Broken as broken:
+            except StreamBroken as broken:
                 sent.detail = str(broken)
                 stream.close(wait_s=0.5)
                 stream = None
@@ -324,7 +324,7 @@ def run_senders(spec: FleetSpec, images: dict[str, Any], target: str, *, tls=Non
     any work; then ``on_open()``), then capture and send on the plan's schedule; returns (every capture, the
     run's t0)."""
     from miscnet.channel.grpc_util import TlsFiles
-    from miscnet.sender.node import SenderOptions, _Stream
+    from miscnet.sender.node import ExchangeStream, SenderOptions
 
     plan = capture_plan(spec)
     groups = [g for g in spec.groups for _ in range(g.count)]
@@ -334,7 +334,7 @@ def run_senders(spec: FleetSpec, images: dict[str, Any], target: str, *, tls=Non
     streams: list = []
     try:
         for o in options:
-            streams.append(_Stream(o))
+            streams.append(ExchangeStream(o))
     except MiscError as exc:
         for s in streams:
             s.close(wait_s=0.5)

@@ -54,7 +54,7 @@ class SendResult:
     digest: str = ""  # of the layers sent; the receiver logs the same digest for a bit-exact image
 
 
-class _Stream:
+class ExchangeStream:
     """One bidirectional Exchange call: a queue feeding requests, a thread reading replies."""
 
     def __init__(self, options: SenderOptions):
@@ -131,11 +131,11 @@ def _describe(error: grpc.RpcError | None, target: str, diagnose: Callable[[], s
     return f"{target}: {code.name if code else 'error'}: {error.details() if hasattr(error, 'details') else error}"
 
 
-class _Broken(Exception):
-    pass
+class StreamBroken(Exception):
+    """The Exchange call ended under an image; the caller may reconnect and resend it."""
 
 
-def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
+def send_one_image(stream: ExchangeStream, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
               progress, path: PathEstimate | None = None) -> SendResult:
     t0 = time.monotonic()
     stream.outbox.put(spb.LinkMessage(label=spb.ImageLabel(image_id=image_id, name=name)))
@@ -163,7 +163,7 @@ def _send_one(stream: _Stream, image_id: int, name: str, image: EncodedImage, op
         if item is _END:
             diagnose = None if stream.replied else (
                 lambda: diagnose_connection(options.target, options.tls, options.server_name))
-            raise _Broken(_describe(stream.error, options.target, diagnose))
+            raise StreamBroken(_describe(stream.error, options.target, diagnose))
         try:
             fb_image, feedback = parse_feedback(item)
         except PacketError:
@@ -190,20 +190,20 @@ def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, p
     """Send every image in order; reconnects up to options.retries times, restarting the current image."""
     results: list[SendResult] = []
     attempts = 0
-    stream: _Stream | None = None
+    stream: ExchangeStream | None = None
     next_id = 0
     path = PathEstimate()  # what the transport learns of the path, carried from image to image
     try:
         index = 0
         while index < len(items):
             if stream is None:
-                stream = _Stream(options)
+                stream = ExchangeStream(options)
             name, image = items[index]
             try:
-                results.append(_send_one(stream, next_id, name, image, options, progress, path))
+                results.append(send_one_image(stream, next_id, name, image, options, progress, path))
                 next_id = (next_id + 1) & 0xFFFF
                 index += 1
-            except _Broken as broken:
+            except StreamBroken as broken:
                 stream.close(wait_s=0.5)
                 stream = None
                 attempts += 1
