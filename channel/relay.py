@@ -24,11 +24,11 @@ import grpc
 import numpy as np
 import simpy
 
-from miscnet.channel.grpc_util import TlsFiles, check_token, open_channel, start_server
+from miscnet.channel.grpc_util import TlsFiles, check_token, open_channel
 from miscnet.channel.link import DuplexConfig, DuplexLink, LinkConfig, PathConfig
 from miscnet.channel.link import Path as LinkPath
 from miscnet.channel.packet import Datagram
-from miscnet.channel.stats import Counters, add_stats_service
+from miscnet.channel.stats import Counters, serve_node
 from miscnet.v1 import services_pb2 as spb
 from miscnet.v1 import services_pb2_grpc as sgrpc
 
@@ -301,16 +301,6 @@ class RelayNode(sgrpc.LinkServicer):
 
 def serve_relay(options: RelayOptions) -> tuple[grpc.Server, RelayNode, int]:
     node = RelayNode(options)
-
-    names = [spb.DESCRIPTOR.services_by_name["Link"].full_name]
-
-    def register(server: grpc.Server) -> None:
-        sgrpc.add_LinkServicer_to_server(node, server)
-        names.append(add_stats_service(server, node.counters, options.token))
-
-    try:
-        server, _, port = start_server(options.listen, options.tls, register, names, workers=options.grpc_workers)
-    except BaseException:
-        node.close()
-        raise
+    server, port = serve_node(node, {"Link": sgrpc.add_LinkServicer_to_server}, node.counters, options.listen,
+                              options.tls, options.token, options.grpc_workers)
     return server, node, port

@@ -30,8 +30,8 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from miscnet.channel.grpc_util import MAX_MESSAGE_BYTES, TlsFiles, check_token, start_server
-from miscnet.channel.stats import Counters, add_stats_service
+from miscnet.channel.grpc_util import MAX_MESSAGE_BYTES, TlsFiles, check_token
+from miscnet.channel.stats import Counters, serve_node
 from miscnet.channel.transport import BLOCK_DROPS, PACKET_DROPS, TransportReceiver
 from miscnet.core.container import EncodedImage, layers_digest
 from miscnet.core.errors import MiscError
@@ -623,16 +623,7 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
 
 def serve_receiver(options: ReceiverOptions, decoder) -> tuple[grpc.Server, ReceiverNode, int]:
     node = ReceiverNode(options, decoder)
-    names = [spb.DESCRIPTOR.services_by_name["Link"].full_name, spb.DESCRIPTOR.services_by_name["Watch"].full_name]
-
-    def register(server: grpc.Server) -> None:
-        sgrpc.add_LinkServicer_to_server(node, server)
-        sgrpc.add_WatchServicer_to_server(node, server)
-        names.append(add_stats_service(server, node.counters, options.token))
-
-    try:
-        server, _, port = start_server(options.listen, options.tls, register, names, workers=options.grpc_workers)
-    except BaseException:
-        node.close()
-        raise
+    services = {"Link": sgrpc.add_LinkServicer_to_server, "Watch": sgrpc.add_WatchServicer_to_server}
+    server, port = serve_node(node, services, node.counters, options.listen, options.tls, options.token,
+                              options.grpc_workers)
     return server, node, port
