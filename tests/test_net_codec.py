@@ -259,8 +259,8 @@ def test_encode_and_the_classical_decoder_round_trip_a_net_layer(weights, tmp_pa
     Image.fromarray(data.astronaut()).resize((128, 128)).save(tmp_path / "astro.png")
     (tmp_path / "astro.json").write_text((ROOT / "src/miscnet/core/samples/astronaut.json").read_text())
     misc, png = str(tmp_path / "a.misc"), str(tmp_path / "a.png")
-    assert main(["encode", str(tmp_path / "astro.png"), "-o", misc, "--pixel", "net", "--levels", "1",
-                 "--net-model", str(weights)]) == 0
+    # one level without being told: --levels defaults to 1 for the net codec
+    assert main(["encode", str(tmp_path / "astro.png"), "-o", misc, "--pixel", "net", "--net-model", str(weights)]) == 0
     assert main(["info", misc]) == 0
     assert " net " in capsys.readouterr().out
     assert main(["decode", misc, "-o", png, "--net-model", str(weights)]) == 0

@@ -46,8 +46,9 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(pixel_codec_choices()),
                    help=f"pixel layer codec (default {_ENC.pixel_codec})")
     g.add_argument("--net-model", metavar="PATH", help="--pixel net: its weights (default $MISCNET_NET_MODEL)")
-    g.add_argument("--levels", type=_positive_int, default=_ENC.levels,
-                   help=f"pixel levels, coarse first (default {_ENC.levels}; ref sends one)")
+    # default None, not 2: the net and ref codecs code one level, so they take 1 unless told otherwise
+    g.add_argument("--levels", type=_positive_int, default=None,
+                   help=f"pixel levels, coarse first (default {_ENC.levels}; 1 for net and ref, which code one)")
     g.add_argument("--ref", default=_ENC.ref, metavar="FILE",
                    help="--pixel ref: an external codec's output (JPEG, PNG, WebP, AVIF, JPEG 2000) sent byte for "
                    "byte as the pixel layer; it counts in full against the budget")
@@ -63,9 +64,15 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     cli_models.add_map_model_options(g)
 
 
+def _levels(args) -> int:
+    if args.levels is not None:
+        return args.levels
+    return 1 if args.pixel_codec in ("net", "ref") else _ENC.levels
+
+
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
     """The EncoderConfig the encoder options ask for (with its SemanticsConfig and MapConfig)."""
-    return EncoderConfig(pixel_codec=args.pixel_codec, levels=args.levels, budget_bytes=args.budget, bpp=args.bpp,
+    return EncoderConfig(pixel_codec=args.pixel_codec, levels=_levels(args), budget_bytes=args.budget, bpp=args.bpp,
                          block_rule=args.block_rule, ref=args.ref, map=cli_models.map_config(args),
                          semantics=cli_models.semantics_config(args))
 
