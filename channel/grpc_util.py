@@ -22,6 +22,9 @@ from miscnet.core.errors import MiscError
 
 MAX_MESSAGE_BYTES = 1024 * 1024  # a packet is at most an MTU; chunks stay far under gRPC's 4 MiB
 TOKEN_HEADER = "authorization"
+# Link/Exchange metadata: where in the relay's access-link trace this stream starts, in whole milliseconds
+STREAM_OFFSET_KEY = "miscnet-trace-offset-ms"
+MAX_STREAM_OFFSET_MS = 2**31 - 1
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
 
 

@@ -24,7 +24,8 @@ import grpc
 import numpy as np
 import simpy
 
-from miscnet.channel.grpc_util import TlsFiles, check_token, open_channel
+from miscnet.channel.errors import LinkConfigError
+from miscnet.channel.grpc_util import MAX_STREAM_OFFSET_MS, STREAM_OFFSET_KEY, TlsFiles, check_token, open_channel
 from miscnet.channel.link import DuplexConfig, DuplexLink, LinkConfig, PathConfig
 from miscnet.channel.link import Path as LinkPath
 from miscnet.channel.packet import Datagram
@@ -102,6 +103,10 @@ class RelayOptions:
     # same shared-link element as a fleet simulation; discipline "drr" shares it fairly by stream
     shared: LinkConfig | None = None
     hop_queue: int = 1024  # messages waiting for the next hop, each way
+    # honour a stream's STREAM_OFFSET_KEY metadata: its own start in the access link's trace / outage file
+    # (a live fleet whose senders fade at different times, as a simulated one with trace_offset = "random")
+    stream_offsets: bool = False
+
 
 
 def bounded_queues(config: DuplexConfig, queue_bytes: int) -> DuplexConfig:
@@ -189,7 +194,30 @@ class RelayNode(sgrpc.LinkServicer):
         finally:
             self._streams.release()
 
+    def _stream_link(self, context) -> DuplexConfig:
+        """This stream's duplex link: the relay's, its access link shifted when the stream asks and may."""
+        values = [v for k, v in context.invocation_metadata() if k == STREAM_OFFSET_KEY]
+        if not values:
+            return self.link_config
+        if not self.options.stream_offsets:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{STREAM_OFFSET_KEY}: this relay does not take "
+                          "per-stream trace offsets (start it with --stream-offsets)")
+        text = values[-1]
+        if len(values) > 1 or not (text.isascii() and text.isdigit()) or int(text) > MAX_STREAM_OFFSET_MS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{STREAM_OFFSET_KEY}: one whole number of "
+                          f"milliseconds 0..{MAX_STREAM_OFFSET_MS} expected, got {values!r}"[:200])
+        forward = self.link_config.forward
+        if not isinstance(forward, LinkConfig):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"{STREAM_OFFSET_KEY}: the relay's access path has several links; offsets need one")
+        try:
+            forward = forward.with_(trace_offset_s=int(text) / 1000.0)
+        except LinkConfigError as exc:  # no trace or outage file to shift
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{STREAM_OFFSET_KEY}: {exc}")
+        return DuplexConfig(forward, self.link_config.reverse)
+
     def _relay(self, request_iterator, context):
+        config = self._stream_link(context)
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -209,14 +237,14 @@ class RelayNode(sgrpc.LinkServicer):
         def build() -> None:  # in the simulation thread
             rng = np.random.default_rng(np.random.SeedSequence([self.options.seed, seq]))
             if self.shared is None:
-                holder["link"] = self.link_config.build(self.sim.env, rng, deliver(upstream, "forward"),
-                                                        deliver(downstream, "reverse"))
+                holder["link"] = config.build(self.sim.env, rng, deliver(upstream, "forward"),
+                                              deliver(downstream, "reverse"))
             else:  # the stream's own link, then the bottleneck all streams share
                 f_rng, r_rng = rng.spawn(2)
-                own = self.link_config.forward.build(self.sim.env, f_rng)
+                own = config.forward.build(self.sim.env, f_rng)
                 forward = LinkPath(self.sim.env, [own, self.shared], deliver(upstream, "forward"), name=f"s{seq}")
-                holder["link"] = DuplexLink(forward, self.link_config.reverse.build(self.sim.env, r_rng,
-                                                                                     deliver(downstream, "reverse")))
+                holder["link"] = DuplexLink(forward, config.reverse.build(self.sim.env, r_rng,
+                                                                          deliver(downstream, "reverse")))
             ready.set()
 
         self.sim.call(build)

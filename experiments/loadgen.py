@@ -64,6 +64,7 @@ class Capture:
     image: str  # a bundled sample
     label: str  # the name the receiver logs; unique within the run
     at: float  # seconds after the run's start
+    trace_offset_s: float | None = None  # the sender's drawn start in its access trace (trace_offset = "random")
 
 
 def capture_plan(spec: FleetSpec) -> list[list[Capture]]:
@@ -76,12 +77,13 @@ def capture_plan(spec: FleetSpec) -> list[list[Capture]]:
             index = len(plan)
             rng = random_stream(spec.seed, SENDER_CHOICES, index)
             period = group.access.offset_period_s()  # the trace's period, else the outages'
+            offset = None
             if group.random_trace_offset and period:
-                rng.uniform(0, period)  # the simulator draws the offset first: keep its order
+                offset = float(rng.uniform(0, period))  # the simulator draws the offset first: keep its order
             start = group.start if group.start != "random" else float(rng.uniform(0, group.arrivals.period or 1.0))
             times = group.arrivals.capture_times(rng, start, spec.duration_s)
             names = [group.images[(index + k) % len(group.images)] for k in range(len(times))]
-            plan.append([Capture(index, group.name, name, f"s{index}-{k}-{name}", t)
+            plan.append([Capture(index, group.name, name, f"s{index}-{k}-{name}", t, offset)
                          for k, (t, name) in enumerate(zip(times, names, strict=True))])
     return plan
 
@@ -139,6 +141,7 @@ class Topology:
     decode_workers: int = 1
     policy: str = "newest"
     queue_limit: int | None = None
+    stream_offsets: bool = False  # the relay honours each stream's trace offset (trace_offset = "random")
 
 
 def topology_of(spec: FleetSpec) -> Topology:
@@ -153,9 +156,6 @@ def topology_of(spec: FleetSpec) -> Topology:
         if g.path != first.path:
             raise FleetError(f"{where}.path: differs from group {first.name!r}'s; live, every stream crosses "
                              "the same bottleneck")
-        if g.random_trace_offset:
-            raise FleetError(f"{where}.access.trace_offset: 'random' is not supported live (one trace start "
-                             "for every stream at the relay)")
     if len(first.path) > 1:
         raise FleetError(f"{spec.source}: group.{first.name}.path: the live relay has one shared bottleneck, "
                          f"the path crosses {len(first.path)}")
@@ -164,7 +164,8 @@ def topology_of(spec: FleetSpec) -> Topology:
     # the simulator's default feedback link (fleet._Sender): 1 Mbit/s, the forward path's delay
     reverse = spec.reverse or LinkConfig(rate_bps=1e6, delay_s=sum(h.delay_s for h in hops), name="downlink")
     r = spec.receiver
-    return Topology(DuplexConfig(first.access, reverse), shared, r.workers, r.policy, r.queue_limit)
+    return Topology(DuplexConfig(first.access, reverse), shared, r.workers, r.policy, r.queue_limit,
+                    stream_offsets=any(g.random_trace_offset for g in spec.groups))
 
 
 class LocalNodes:
@@ -190,7 +191,8 @@ class LocalNodes:
         try:
             self.relay, self.relay_node, port = serve_relay(RelayOptions(
                 listen=listen, forward=self.receiver_target, link=topology.link, shared=topology.shared, seed=seed,
-                token=token, max_streams=streams + 8, grpc_workers=workers, idle_timeout_s=idle_timeout_s))
+                token=token, max_streams=streams + 8, grpc_workers=workers, idle_timeout_s=idle_timeout_s,
+                stream_offsets=topology.stream_offsets))
         except BaseException:
             self._stop_receiver()
             raise
@@ -329,8 +331,9 @@ def run_senders(spec: FleetSpec, images: dict[str, Any], target: str, *, tls=Non
     plan = capture_plan(spec)
     groups = [g for g in spec.groups for _ in range(g.count)]
     options = [SenderOptions(target=target, transport=g.transport, pacing=g.pacing, tls=tls or TlsFiles(),
-                             server_name=server_name, token=token, connect_timeout_s=connect_timeout_s)
-               for g in groups]
+                             server_name=server_name, token=token, connect_timeout_s=connect_timeout_s,
+                             trace_offset_s=caps[0].trace_offset_s if caps else None)
+               for g, caps in zip(groups, plan, strict=True)]
     streams: list = []
     try:
         for o in options:

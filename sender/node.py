@@ -10,6 +10,7 @@ stream, at the rate its answers say the path carries; ``pacing=None`` sends at o
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from miscnet.channel.grpc_util import TlsFiles, diagnose_connection, open_channel, token_metadata
+from miscnet.channel.grpc_util import STREAM_OFFSET_KEY, TlsFiles, diagnose_connection, open_channel, token_metadata
 from miscnet.channel.pacing import PacingConfig, ThreadPacer
 from miscnet.channel.packet import POLL, Datagram, Packet, PacketError
 from miscnet.channel.transport import FINAL_TOKEN, POLL_ASK, ImageSender, PathEstimate, TransportConfig, parse_feedback
@@ -41,6 +42,8 @@ class SenderOptions:
     retries: int = 0  # reconnect this many times after a broken stream
     linger_s: float = 5.0  # none / fec: wait this long for the receiver's final report
     pacing: PacingConfig | None = field(default_factory=PacingConfig)  # None: packets go out at once
+    # ask a relay started with --stream-offsets to start this stream's access link here in its trace
+    trace_offset_s: float | None = None
 
 
 @dataclass
@@ -71,7 +74,11 @@ class ExchangeStream:
         self.replied = False  # a reply came: the connection was accepted, not refused after the handshake
         self.pacer = None if options.pacing is None else ThreadPacer(options.pacing, self._emit)
         stub = sgrpc.LinkStub(self.channel)
-        self.call = stub.Exchange(self._requests(), metadata=token_metadata(options.token))
+        metadata = token_metadata(options.token)
+        if options.trace_offset_s is not None:
+            # whole milliseconds, rounded as a trace offset is (Trace.offset_grid_ms)
+            metadata.append((STREAM_OFFSET_KEY, str(math.floor(options.trace_offset_s * 1000 + 0.5))))
+        self.call = stub.Exchange(self._requests(), metadata=metadata)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 

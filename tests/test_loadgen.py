@@ -77,8 +77,16 @@ def test_capture_plan_is_the_simulators_schedule(tmp_path):
     images = {n: FleetImage(n, e, {}) for n, e in encode_images(SMALL, BUDGET).items()}  # no quality needed here
     rows = run_fleet(spec, images, drain_s=5)["rows"]
     simulated = sorted((r["sender"], round(r["captured_s"], 6), r["image"], r["group"]) for r in rows)
-    live = sorted((c.sender, round(c.at, 6), c.image, c.group) for p in capture_plan(spec) for c in p)
+    plan = capture_plan(spec)
+    live = sorted((c.sender, round(c.at, 6), c.image, c.group) for p in plan for c in p)
     assert live == simulated and len(live) > 8
+    # group b's senders each start at their own drawn place in the 2 s trace, which the relay is told
+    offsets = [{c.trace_offset_s for c in p} for p in plan]
+    assert offsets[:2] == [{None}, {None}] and all(len(o) == 1 for o in offsets[2:])
+    b_offsets = [o.pop() for o in offsets[2:]]
+    assert all(0 <= o < 2.0 for o in b_offsets) and b_offsets[0] != b_offsets[1]
+    one_group = [parse_fleet({**raw, "group": [g]}, "t", tmp_path) for g in raw["group"]]
+    assert [topology_of(s).stream_offsets for s in one_group] == [False, True]
 
 
 def test_fleet_scenario_runs_live_on_its_topology(tmp_path, capsys):
@@ -161,7 +169,6 @@ def test_a_stream_ended_between_captures_is_opened_again(tmp_path, capsys):
     (["--local", "--fleet", "capacity", "--images", "coffee"], "--fleet: the scenario sets"),
     (["--local", "--senders", "1", "--tls-ca", "ca.pem"], "drop --tls-ca"),
     (["--local", "--fleet", "no-such-scenario"], "no fleet scenario"),
-    (["--local", "--fleet", "capacity", "--senders", "2"], "trace_offset: 'random' is not supported live"),
     (["--local", "--senders", "2", "--set", "seed=1"], "--set changes a --fleet scenario"),
 ])
 def test_bad_input_is_one_line(capsys, tmp_path, argv, message):

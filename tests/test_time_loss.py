@@ -2,6 +2,7 @@
 link, every place a link is configured (CLI, scenario, fleet) and the live relay."""
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -449,3 +450,66 @@ def test_live_relay_applies_an_outage_file(tmp_path, fleet_images):
     assert node.link_total("forward", "packets_delivered") == 0
     assert node.link_total("reverse", "packets_lost_outage") == 0  # the file is the forward link's
     assert not any(e.get("digest") for e in rx.events())
+
+
+def test_live_relay_starts_each_stream_where_it_asks_in_the_outage_file(tmp_path, fleet_images):
+    """With --stream-offsets a stream's access link starts where the sender asks (sender --trace-offset), so
+    live senders on one file fade at different times: down for the first day, up for the second."""
+    from live_nodes import Receiver, wait_for
+
+    from miscnet.channel.relay import RelayOptions, serve_relay
+    from miscnet.channel.transport import TransportConfig
+    from miscnet.sender.node import SenderOptions, send_images
+
+    path = tmp_path / "o.txt"
+    path.write_text("period 172800\n0 86400\n")
+    link = LinkSpec(rate="256kbit", delay="10ms", outage=str(path)).build()
+    rx = Receiver(tmp_path)
+    server, node, port = serve_relay(RelayOptions(listen="127.0.0.1:0", forward=rx.target, link=link, seed=1,
+                                                  stream_offsets=True))
+    images = [("astronaut", fleet_images["astronaut"].encoded)]
+    options = dict(target=f"127.0.0.1:{port}", transport=TransportConfig(mode="none"), linger_s=0.2)
+    try:
+        (up,) = send_images(images, SenderOptions(**options, trace_offset_s=86400.0))
+        sent = lambda: node.link_total("forward", "packets_sent")  # noqa: E731
+        assert wait_for(lambda: node.link_total("forward", "packets_delivered") == sent() > 0)
+        assert node.link_total("forward", "packets_lost_outage") == 0
+        first = sent()
+        (down,) = send_images(images, SenderOptions(**options))  # no offset: the relay's, in the outage
+        assert wait_for(lambda: node.link_total("forward", "packets_lost_outage") == sent() - first > 0)
+    finally:
+        server.stop(grace=1).wait()
+        node.close()
+        rx.stop()
+    assert up.complete and not down.complete
+
+
+@pytest.mark.parametrize("allowed, value, message", [
+    (False, "1000", "FAILED_PRECONDITION.*does not take per-stream trace offsets"),
+    (True, "-5", "INVALID_ARGUMENT.*one whole number of milliseconds"),
+    (True, "1e3", "INVALID_ARGUMENT.*one whole number of milliseconds"),
+])
+def test_relay_refuses_stream_offsets_it_cannot_honour(tmp_path, allowed, value, message):
+    import grpc
+    from live_nodes import Receiver
+
+    from miscnet.channel.grpc_util import STREAM_OFFSET_KEY
+    from miscnet.channel.relay import RelayOptions, serve_relay
+    from miscnet.v1 import services_pb2 as spb
+    from miscnet.v1 import services_pb2_grpc as sgrpc
+
+    (tmp_path / "o.txt").write_text("period 10\n0 1\n")
+    link = LinkSpec(rate="64kbit", outage=str(tmp_path / "o.txt")).build()
+    rx = Receiver(tmp_path)
+    server, node, port = serve_relay(RelayOptions(listen="127.0.0.1:0", forward=rx.target, link=link,
+                                                  stream_offsets=allowed))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = sgrpc.LinkStub(channel).Exchange(iter([spb.LinkMessage()]), metadata=[(STREAM_OFFSET_KEY, value)])
+            with pytest.raises(grpc.RpcError) as refused:
+                list(call)
+        assert re.search(message, f"{refused.value.code().name} {refused.value.details()}")
+    finally:
+        server.stop(grace=1).wait()
+        node.close()
+        rx.stop()

@@ -490,7 +490,7 @@ def cmd_channel(args: argparse.Namespace) -> int:
     options = RelayOptions(listen=args.listen, forward=args.forward, link=link_config(args), seed=args.seed,
                            tls=_tls(args), forward_tls=forward_tls, token=args.token, max_streams=args.max_streams,
                            forward_server_name=args.forward_server_name, idle_timeout_s=args.idle_timeout,
-                           shared=_shared_link(args))
+                           shared=_shared_link(args), stream_offsets=args.stream_offsets)
     server, node, port = serve_relay(options)
     return _serve_until_signal(server, node, port, args, "channel relay")
 
@@ -512,6 +512,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_sender(args: argparse.Namespace) -> int:
     from miscnet.channel.pacing import pacing_config
+    from miscnet.channel.units import parse_time
     from miscnet.sender.encoder import encode_image
     from miscnet.sender.node import SenderOptions, send_images
 
@@ -522,7 +523,8 @@ def cmd_sender(args: argparse.Namespace) -> int:
         items.append((path.stem, encode_image(image, semantics, with_map_for(config, semantics, args, arg)).encoded))
     options = SenderOptions(target=args.to, transport=transport_config(args), tls=_tls(args),
                             server_name=args.server_name, token=args.token, retries=args.retry,
-                            connect_timeout_s=args.connect_timeout, pacing=pacing_config(args.pacing))
+                            connect_timeout_s=args.connect_timeout, pacing=pacing_config(args.pacing),
+                            trace_offset_s=None if args.trace_offset is None else parse_time(args.trace_offset))
     results = send_images(items, options)
     failed = [r for r in results if not r.delivered]
     if args.json:
@@ -650,6 +652,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_host_port, default="127.0.0.1:50052", metavar="HOST:PORT")
     p.add_argument("--forward", type=_host_port, required=True, metavar="HOST:PORT", help="the receiver")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stream-offsets", action="store_true",
+                   help="let each sender stream start the access link where it asks in its trace or outage file "
+                   "(sender --trace-offset; PROTOCOL.md section 11.1)")
     add_link_options(p)
     add_node_options(p, server=True)
     g = p.add_argument_group("shared bottleneck (every stream's packets cross it after their own link)")
@@ -677,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=_positive_float, default=10.0, metavar="SECONDS")
     p.add_argument("--pacing", choices=("aimd", "off"), default="aimd",
                    help="pace packets to the rate the path delivers (channel/pacing.py; default aimd) or not")
+    p.add_argument("--trace-offset", metavar="TIME",
+                   help="ask the relay (started with --stream-offsets) to start this stream's access link this far "
+                   "into its trace or outage file, e.g. 30s")
     p.add_argument("--server-name", help="TLS name expected of the peer")
     add_node_options(p, server=False)
     p.add_argument("--json", action="store_true")
