@@ -7,9 +7,9 @@ scenario and seed, so a scenario can run simulated and live on the same schedule
 with one gRPC stream for the whole run (as a deployed camera keeps one), sending with the sender node's
 own code (sender/node.py); images are encoded once, before the run.
 
-A sender sends one image at a time on its stream (the sender node's stop-and-wait): a capture due while
-the previous image is still in flight waits for it, and its times count from the capture, the wait
-included. The fleet simulator pipelines instead; at loads where images overlap the two differ.
+A sender pipelines as the fleet simulator's does: each capture starts at once on the sender's stream, beside
+its images still in flight (sender.node.StreamSender runs them all from the sender's one thread, with one
+pacer and one path estimate), and its times count from the capture.
 
 ``LocalNodes`` starts a receiver and a relay with an optional shared bottleneck on loopback (free ports),
 the topology a fleet scenario's first group describes or one given directly. What a run reports comes
@@ -282,41 +282,60 @@ class Sent:
 
 
 def _sender_loop(stream, plan: list[Capture], images: dict[str, Any], options, t0: float, out: list[Sent]) -> None:
-    """One sender: capture on the plan's schedule, send each image on its stream with the sender node's code;
-    a broken stream fails the image it was sending, and a stream found ended (a node's idle timeout between
-    sparse captures) or broken is opened again for the next capture."""
-    from miscnet.sender.node import ExchangeStream, StreamBroken, send_one_image
+    """One sender, as the simulator's: each capture starts on the plan's schedule, at once, while its earlier
+    images may still be in flight on the stream (they share its pacer and its path estimate). A broken stream
+    fails the images in flight on it, and a stream found ended (a node's idle timeout between sparse
+    captures) or broken is opened again for the next capture."""
+    from miscnet.channel.transport import PathEstimate
+    from miscnet.sender.node import ExchangeStream, StreamBroken, StreamSender
 
-    image_id = 0
+    path = PathEstimate()
+    session = None if stream is None else StreamSender(stream, options, path)
+    in_flight: dict[str, Sent] = {}  # by label (unique in a run)
+    image_id, k = 0, 0
     try:
-        for cap in plan:
-            at = t0 + cap.at
-            time.sleep(max(0.0, at - time.time()))
-            sent = Sent(cap, at)
-            out.append(sent)
-            if stream is not None and not stream.reader.is_alive():  # ended meanwhile (the target's idle timeout)
-                stream.close(wait_s=0.5)
-                stream = None
-            if stream is None:
-                try:
-                    stream = ExchangeStream(options)
-                except MiscError as exc:
-                    sent.detail = str(exc)
-                    continue
-            sent.started = time.time()
+        while k < len(plan) or in_flight:
+            due = t0 + plan[k].at if k < len(plan) else None
+            if due is not None and time.time() >= due:
+                cap = plan[k]
+                k += 1
+                sent = Sent(cap, due)
+                out.append(sent)
+                if session is not None and not in_flight and not session.stream.reader.is_alive():
+                    session.stream.close(wait_s=0.5)  # ended meanwhile (the target's idle timeout)
+                    session = None
+                if session is None:
+                    try:
+                        session = StreamSender(ExchangeStream(options), options, path)
+                    except MiscError as exc:
+                        sent.detail = str(exc)
+                        continue
+                sent.started = time.time()
+                session.start(image_id, cap.label, images[cap.image])
+                in_flight[cap.label] = sent
+                image_id = (image_id + 1) & 0xFFFF
+                continue
+            if session is None:  # nothing in flight, no stream: wait for the next capture
+                time.sleep(max(0.0, due - time.time()))
+                continue
+            until = None if due is None else time.monotonic() + max(0.0, due - time.time())
             try:
-                result = send_one_image(stream, image_id, cap.label, images[cap.image], options, None)
+                ended = session.step(until)
+            except StreamBroken as broken:
+                for sent in in_flight.values():
+                    sent.detail, sent.finished = str(broken), time.time()
+                in_flight.clear()
+                session.stream.close(wait_s=0.5)
+                session = None
+                continue
+            for result in ended:
+                sent = in_flight.pop(result.name)
                 sent.delivered, sent.complete, sent.detail, sent.stats = (result.delivered, result.complete,
                                                                           result.detail, result.stats)
-            except StreamBroken as broken:
-                sent.detail = str(broken)
-                stream.close(wait_s=0.5)
-                stream = None
-            sent.finished = time.time()
-            image_id = (image_id + 1) & 0xFFFF
+                sent.finished = time.time()
     finally:
-        if stream is not None:
-            stream.close()
+        if session is not None:
+            session.stream.close()
 
 
 def run_senders(spec: FleetSpec, images: dict[str, Any], target: str, *, tls=None, token: str | None = None,

@@ -142,55 +142,118 @@ class StreamBroken(Exception):
     """The Exchange call ended under an image; the caller may reconnect and resend it."""
 
 
+class _InFlight:
+    """One image on a stream: its transport state machine and, for none / fec, when its final report is due."""
+
+    def __init__(self, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
+                 path: PathEstimate | None):
+        self.image_id, self.name, self.image = image_id, name, image
+        self.sender = ImageSender(image_id, image, options.transport, path=path)
+        self.t0 = time.monotonic()
+        self.complete: bool | None = None
+        self.final_poll_at: float | None = None  # none / fec: stop waiting for the receiver's report then
+
+    @property
+    def wakes_at(self) -> float | None:
+        return self.final_poll_at if self.final_poll_at is not None else self.sender.timer_at
+
+
+class StreamSender:
+    """Images in flight on one Exchange stream, driven from one thread, as the simulator's sender drives its
+    images on one link: ``start`` an image at any time (while others are in flight), then ``step`` runs
+    feedback and timers and returns the images that ended. Feedback goes to its image by id; the images share
+    the stream's pacer and one PathEstimate (what the transport learns of the path)."""
+
+    def __init__(self, stream: ExchangeStream, options: SenderOptions, path: PathEstimate | None = None):
+        self.stream, self.options = stream, options
+        self.path = path if path is not None else PathEstimate()
+        self.in_flight: dict[int, _InFlight] = {}
+
+    def start(self, image_id: int, name: str, image: EncodedImage) -> None:
+        if image_id in self.in_flight:
+            raise ValueError(f"image id {image_id} is already in flight on this stream")
+        one = self.in_flight[image_id] = _InFlight(image_id, name, image, self.options, self.path)
+        self.stream.outbox.put(spb.LinkMessage(label=spb.ImageLabel(image_id=image_id, name=name)))
+        self.stream.send(one.sender.start(time.monotonic()))
+        if not self.options.transport.uses_feedback:
+            # nothing was promised, but ask the receiver what it got, for the report
+            # (through the pacer, behind the image's packets)
+            self.stream.send([Datagram(Packet(POLL, image_id, 0, FINAL_TOKEN, POLL_ASK).encode(), "poll", image_id)])
+            one.final_poll_at = time.monotonic() + self.options.linger_s
+
+    def step(self, until: float | None = None) -> list[SendResult]:
+        """Wait for feedback or a timer, up to monotonic time ``until`` (None: until an image ends), and run
+        it; returns the images that ended meanwhile (possibly none). Raises StreamBroken when the stream ends
+        under images in flight (they are then forgotten: the caller decides whether to resend them)."""
+        while True:
+            ended = self._collect()
+            if ended or not self.in_flight and until is None:
+                return ended
+            now = time.monotonic()
+            wakes = [w for w in (one.wakes_at for one in self.in_flight.values()) if w is not None]
+            if until is not None:
+                wakes.append(until)
+            wait = None if not wakes else max(0.0, min(wakes) - now)
+            try:
+                item = self.stream.inbox.get(timeout=wait)
+            except queue.Empty:
+                now = time.monotonic()
+                for one in self.in_flight.values():
+                    if one.final_poll_at is not None and now >= one.final_poll_at:
+                        one.final_poll_at = -1.0  # the report did not come: over, complete unknown
+                    elif one.final_poll_at is None and one.sender.timer_at is not None and now >= one.sender.timer_at:
+                        self.stream.send(one.sender.on_timer(now))
+                if until is not None and now >= until:
+                    return self._collect()
+                continue
+            if item is _END:
+                diagnose = None if self.stream.replied else (
+                    lambda: diagnose_connection(self.options.target, self.options.tls, self.options.server_name))
+                self.in_flight.clear()
+                raise StreamBroken(_describe(self.stream.error, self.options.target, diagnose))
+            try:
+                image_id, feedback = parse_feedback(item)
+            except PacketError:
+                continue
+            one = self.in_flight.get(image_id)
+            if one is None:
+                continue  # an image already over (a late answer), or never ours
+            if one.final_poll_at is not None:
+                if feedback.token == FINAL_TOKEN:  # the answer to the final report request
+                    one.complete, one.final_poll_at = feedback.complete, -1.0
+                continue
+            self.stream.send(one.sender.on_feedback(feedback, time.monotonic()))
+            if one.sender.state == "done":
+                one.complete = True
+
+    def _collect(self) -> list[SendResult]:
+        ended = []
+        for image_id in [i for i, one in self.in_flight.items() if self._over(one)]:
+            one = self.in_flight.pop(image_id)
+            sender = one.sender
+            delivered = sender.state == "done"
+            complete = one.complete
+            detail = sender.failure or ("delivered" if complete else "sent" if complete is None else "sent, incomplete")
+            ended.append(SendResult(one.name, delivered, complete, detail, sender.stats.as_dict(),
+                                    time.monotonic() - one.t0, layers_digest(one.image.layers)))
+        return ended
+
+    @staticmethod
+    def _over(one: _InFlight) -> bool:
+        if one.final_poll_at is not None:  # none / fec: over once the report came or its wait ran out
+            return one.final_poll_at < 0
+        return one.sender.finished
+
+
 def send_one_image(stream: ExchangeStream, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
-              progress, path: PathEstimate | None = None) -> SendResult:
-    t0 = time.monotonic()
-    stream.outbox.put(spb.LinkMessage(label=spb.ImageLabel(image_id=image_id, name=name)))
-    sender = ImageSender(image_id, image, options.transport, path=path)
-    stream.send(sender.start(time.monotonic()))
-    complete: bool | None = None
-    final_poll_at = None
-    if not options.transport.uses_feedback:
-        # nothing was promised, but ask the receiver what it got, for the report
-        # (through the pacer, behind the image's packets)
-        stream.send([Datagram(Packet(POLL, image_id, 0, FINAL_TOKEN, POLL_ASK).encode(), "poll", image_id)])
-        final_poll_at = time.monotonic() + options.linger_s
-    while True:
-        if sender.finished and final_poll_at is None:
-            break
-        deadline = final_poll_at if final_poll_at is not None else sender.timer_at
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            item = stream.inbox.get(timeout=wait)
-        except queue.Empty:
-            if final_poll_at is not None:
-                break
-            stream.send(sender.on_timer(time.monotonic()))
-            continue
-        if item is _END:
-            diagnose = None if stream.replied else (
-                lambda: diagnose_connection(options.target, options.tls, options.server_name))
-            raise StreamBroken(_describe(stream.error, options.target, diagnose))
-        try:
-            fb_image, feedback = parse_feedback(item)
-        except PacketError:
-            continue
-        if fb_image != image_id:
-            continue
-        if final_poll_at is not None:
-            if feedback.token != FINAL_TOKEN:
-                continue  # not the answer to the final report request
-            complete = feedback.complete
-            break
-        stream.send(sender.on_feedback(feedback, time.monotonic()))
-        if sender.state == "done":
-            complete = True
+                   progress=None, path: PathEstimate | None = None) -> SendResult:
+    """Send one image on ``stream`` and wait until it is over (the stream carries no other image meanwhile)."""
+    one = StreamSender(stream, options, path)
+    one.start(image_id, name, image)
+    (result,) = one.step()
     if progress:
-        progress(name, sender)
-    delivered = sender.state == "done"
-    detail = sender.failure or ("delivered" if complete else "sent" if complete is None else "sent, incomplete")
-    return SendResult(name, delivered, complete, detail, sender.stats.as_dict(), time.monotonic() - t0,
-                      layers_digest(image.layers))
+        progress(name, result)
+    return result
 
 
 def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, progress=None) -> list[SendResult]:

@@ -160,6 +160,21 @@ def test_a_stream_ended_between_captures_is_opened_again(tmp_path, capsys):
     assert idle_ends >= 1 and len({r["stream"] for r in rows}) == 2  # the second image came on a new stream
 
 
+def test_a_sender_pipelines_its_captures_as_the_simulator_does(tmp_path, capsys):
+    """Captures 0.2 s apart on a link that needs about a second per image: each starts at once, while the one
+    before is still in flight on the same stream, and all arrive whole."""
+    code, _, err = run(capsys, "loadgen", "--local", "--senders", 1, "--images", "chelsea", "--every", "0.2s",
+                       "--start", "0s", "--duration", "0.5s", "--rate", "8kbit", "--budget", BUDGET,
+                       "--protect", "arq", "-o", tmp_path / "o")
+    assert code == 0, err
+    rows, _ = outputs(tmp_path / "o")
+    rows.sort(key=lambda r: float(r["captured_s"]))
+    assert len(rows) == 3 and all(r["complete"] == "True" for r in rows) and len({r["stream"] for r in rows}) == 1
+    started = [float(r["captured_s"]) + float(r["send_wait_s"]) for r in rows]
+    delivered = [float(r["captured_s"]) + float(r["delivered_s"]) for r in rows]
+    assert all(started[k + 1] < delivered[k] for k in range(2)), (started, delivered)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--local", "--senders", "0"], "--senders: give 1 or more"),
     (["--local", "--senders", "2", "--images", "nosuch"], "unknown sample 'nosuch'"),
