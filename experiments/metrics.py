@@ -4,7 +4,15 @@ SSIMULACRA2 (the ``ssimulacra2`` package) and FLIP (``flip-evaluator``, NVIDIA's
 All take two arrays of the same shape, HxWx3 (RGB) or HxW (grey), normally uint8 with ``data_range``
 255; a shape mismatch raises ValueError. Arithmetic is float64. ``quality_report`` gives every metric
 reported beside a stage (QUALITY_METRICS); ``learned_metrics_status`` says, for LPIPS, DISTS, FID/KID and
-CLIP-score, why each is skipped (their weights are never downloaded: they count only when configured).
+CLIP-score, whether each is computed or why it is skipped: their weights are never downloaded and count
+only when configured by environment variable (experiments/learned_metrics.py, which defines them):
+
+- ``MISCNET_LPIPS_WEIGHTS`` + ``MISCNET_LPIPS_BACKBONE``: lpips' v0.1 alex.pth / vgg.pth heads and
+  torchvision's AlexNet / VGG16 state dict (alexnet-owt-7be5be79.pth, vgg16-397923af.pth);
+- ``MISCNET_DISTS_WEIGHTS`` + ``MISCNET_DISTS_BACKBONE``: DISTS_pytorch's weights.pt and torchvision's VGG16;
+- ``MISCNET_INCEPTION_WEIGHTS``: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID and KID, set metrics);
+- ``MISCNET_CLIP_WEIGHTS``: a transformers CLIP folder (CLIP-score against the semantic layer's caption);
+- ``MISCNET_METRICS_DEVICE``: auto (default), cpu or cuda.
 
 Definitions
 -----------
@@ -60,6 +68,8 @@ import math
 
 import numpy as np
 from scipy import ndimage
+
+from miscnet.experiments import learned_metrics as _learned
 
 __all__ = ["MS_SSIM_WEIGHTS", "QUALITY_METRICS", "flip", "learned_metrics_status", "ms_ssim", "psnr", "quality",
            "quality_report", "ssim", "ssimulacra2"]
@@ -253,30 +263,15 @@ def quality_report(reference, reconstruction, metrics: tuple[str, ...] = QUALITY
     return {m: functions[m](reference, reconstruction) for m in metrics}
 
 
-# Learned metrics: computed only from weights already on this machine (never downloaded). Each names the
-# environment variable that points at its weights; none is wired to a model loader yet, so each is reported
-# skipped, with the reason, wherever results are written.
-LEARNED_METRICS = {
-    "lpips": "MISCNET_LPIPS_WEIGHTS",
-    "dists": "MISCNET_DISTS_WEIGHTS",
-    "fid": "MISCNET_INCEPTION_WEIGHTS",
-    "kid": "MISCNET_INCEPTION_WEIGHTS",
-    "clip_score": "MISCNET_CLIP_WEIGHTS",
-}
+# Learned metrics (LPIPS, DISTS, FID, KID, CLIP-score) live in experiments/learned_metrics.py: computed only
+# from weights already on this machine, named by the environment variables of LEARNED_METRICS.
+LEARNED_METRICS = _learned.LEARNED_METRICS
 
 
-def learned_metrics_status(environ=None) -> dict[str, str]:
-    """{metric: why it was not computed} for LPIPS, DISTS, FID, KID and CLIP-score."""
-    import os
+def learned_metrics_status(environ=None, load: bool = True) -> dict[str, str]:
+    """{metric: "computed" or "skipped: <why>"} for LPIPS, DISTS, FID, KID and CLIP-score.
 
-    environ = os.environ if environ is None else environ
-    status = {}
-    for metric, variable in LEARNED_METRICS.items():
-        path = environ.get(variable)
-        if not path:
-            status[metric] = f"skipped: no weights configured (set {variable} to a local weights file)"
-        elif not os.path.exists(path):
-            status[metric] = f"skipped: {variable}={path} does not exist"
-        else:
-            status[metric] = f"skipped: weights at {path}, but miscnet has no loader for {metric} yet"
-    return status
+    ``environ`` (default os.environ) holds the variables of LEARNED_METRICS; with ``load`` each configured
+    model is loaded once to check it (a missing or malformed file is skipped, with the path and the reason).
+    """
+    return _learned.resolve(environ, load=load)[1]

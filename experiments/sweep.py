@@ -22,6 +22,7 @@ Output folder::
     results.csv           one row per reconstruction event, with every parameter of its point
     compressai/*.json     one file per configuration and method
     summary.json          counts, timings and the per-configuration figures
+    learned/*.npz         InceptionV3 features of every stage and reference, when FID/KID are configured
     *.png                 figures (experiments/plots.py)
 """
 
@@ -48,8 +49,12 @@ from miscnet.core.config import DecoderConfig
 from miscnet.core.container import CODEC_NAMES, from_bytes, to_bytes
 from miscnet.core.errors import BudgetError, MiscError
 from miscnet.core.image_io import atomic_write_bytes
-from miscnet.experiments import jpeg_progressive  # noqa: F401  (registers the baseline codec: workers decode it)
-from miscnet.experiments.metrics import QUALITY_METRICS, learned_metrics_status, quality_report
+from miscnet.experiments import (
+    jpeg_progressive,  # noqa: F401  (registers the baseline codec: workers decode it)
+    learned_metrics,
+)
+from miscnet.experiments.learned_metrics import IMAGE_METRICS, LearnedMeter, LearnedWeights
+from miscnet.experiments.metrics import QUALITY_METRICS, quality_report
 from miscnet.experiments.records import first_pixel_events, stage_order
 from miscnet.experiments.scenario import CONFIG_KEYS, Configuration, Point, ScenarioError, ScenarioSpec
 from miscnet.experiments.simulate import Scenario as SimScenario
@@ -79,6 +84,10 @@ class Prepared:
     decode_s: float = 0.0
     error: str | None = None
     fatal: bool = False  # not a property of the point (missing weights, a bad endpoint): stop the sweep
+    # the configured learned metrics (experiments/learned_metrics.py): per stage {lpips, dists, clip_score},
+    # and InceptionV3 features per stage and of the reference ("reference") for the set metrics FID/KID
+    learned: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    features: dict[str, np.ndarray] | None = None
 
 
 _DECODERS: dict[str, Any] = {}  # per process: a diffusion decoder loads its models once
@@ -98,7 +107,8 @@ def stage_key(layers) -> str:
     return "+".join(layers)
 
 
-def quality_table(encoded, reference: np.ndarray, decoder, metrics: tuple[str, ...] = ("psnr", "ms_ssim")
+def quality_table(encoded, reference: np.ndarray, decoder, metrics: tuple[str, ...] = ("psnr", "ms_ssim"),
+                  extra: Callable[[np.ndarray], dict] | None = None, extra_out: dict | None = None
                   ) -> dict[str, tuple[float | None, ...]]:
     """Quality of every stage with pixels that a receiver can make from this encoding.
 
@@ -107,21 +117,29 @@ def quality_table(encoded, reference: np.ndarray, decoder, metrics: tuple[str, .
     Blocks travel whole: the semantic and map layers together, each pixel level alone, and a pixel level
     counts only after the levels before it. So a stage is (with or without the semantic block) x (the
     first k pixel levels). The classical decoder paints pixels only, so it renders each k once.
+    ``extra(image)``, when given, measures each rendered stage once more (the learned metrics); its
+    answers go to ``extra_out`` under the same keys.
     """
     pixel = sorted((ly for ly in encoded.layers if ly.WhichOneof("params") == "pixel"), key=lambda ly: ly.level)
     other = [ly for ly in encoded.layers if ly.WhichOneof("params") != "pixel"]
     classical = isinstance(decoder, ClassicalDecoder)
     table: dict[str, tuple[float | None, ...]] = {}
     by_levels: dict[int, tuple[float | None, ...]] = {}
+    extra_by_levels: dict[int, dict] = {}
     for k in range(1, len(pixel) + 1):
         for head in ([other, []] if other else [[]]):
             stage = stage_input(encoded.width, encoded.height, [*head, *pixel[:k]])
+            key = stage_key(stage.layers)
             if classical and k in by_levels:
-                table[stage_key(stage.layers)] = by_levels[k]
+                table[key] = by_levels[k]
+                if extra is not None:
+                    extra_out[key] = dict(extra_by_levels[k])
                 continue
             image = decoder.render(stage)
             report = quality_report(reference, image, metrics)
-            by_levels[k] = table[stage_key(stage.layers)] = tuple(report[m] for m in metrics)
+            by_levels[k] = table[key] = tuple(report[m] for m in metrics)
+            if extra is not None:
+                extra_by_levels[k] = extra_out[key] = extra(image)
     return table
 
 
@@ -134,16 +152,39 @@ def _pixel_info(encoded) -> dict[str, Any]:
             "pixel_raster": f"{p.width}x{p.height}", "pixel_quality": p.quality or None}
 
 
+def _learned_tables(encoded, image: np.ndarray, decoder, learned: LearnedWeights | None, caption: str
+                    ) -> tuple[dict, dict[str, dict], dict[str, np.ndarray] | None]:
+    """quality_table with the configured learned metrics: (table, per-stage learned values, features)."""
+    if learned is None or not learned.any:
+        return quality_table(encoded, image, decoder, QUALITY_METRICS), {}, None
+    meter = LearnedMeter(learned)
+
+    def measure(stage_image: np.ndarray) -> dict:
+        values: dict[str, Any] = meter.measure(image, stage_image, caption)
+        if learned.inception:
+            values["inception"] = meter.features(stage_image)
+        return values
+
+    extra: dict[str, dict] = {}
+    table = quality_table(encoded, image, decoder, QUALITY_METRICS, measure, extra)
+    features = None
+    if learned.inception:
+        features = {key: values.pop("inception") for key, values in extra.items()}
+        features["reference"] = meter.features(image)
+    return table, extra, features
+
+
 def _failed(key: str, method: str, name: str, image: np.ndarray, t0: float, exc: MiscError) -> Prepared:
     h, w = image.shape[:2]
     return Prepared(key, method, name, w, h, b"", {}, {}, time.perf_counter() - t0, error=str(exc),
                     fatal=not isinstance(exc, BudgetError))
 
 
-def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, decoder: DecoderConfig | None = None
-                 ) -> Prepared:
+def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, decoder: DecoderConfig | None = None,
+                 learned: LearnedWeights | None = None) -> Prepared:
     """Encode with MISC's encoder and measure every stage with pixels (``decoder``: the configuration's
-    DecoderConfig; None for the classical decoder)."""
+    DecoderConfig; None for the classical decoder; ``learned``: the learned metrics to add, CLIP-score
+    against the semantic layer's caption)."""
     from miscnet.sender.encoder import encode_image
 
     h, w = image.shape[:2]
@@ -151,17 +192,21 @@ def prepare_misc(key: str, name: str, image: np.ndarray, semantics, config, deco
     try:
         result = encode_image(image, semantics, config)
         t1 = time.perf_counter()
-        table = quality_table(result.encoded, image, _decoder_for(decoder), QUALITY_METRICS)
+        table, extra, features = _learned_tables(result.encoded, image, _decoder_for(decoder), learned,
+                                                 semantics.caption)
     except MiscError as exc:
         return _failed(key, "misc", name, image, t0, exc)
     t2 = time.perf_counter()
     info = {**_pixel_info(result.encoded), "budget_bytes": config.budget_for(w, h), "fits_budget": True}
-    return Prepared(key, "misc", name, w, h, result.data, table, info, t1 - t0, t2 - t1)
+    return Prepared(key, "misc", name, w, h, result.data, table, info, t1 - t0, t2 - t1, learned=extra,
+                    features=features)
 
 
 def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget: int, raster: str,
-                     levels: int, decoder: DecoderConfig | None = None) -> Prepared:
-    """Encode the whole image as one ``codec`` file within ``budget`` bytes and measure its stages."""
+                     levels: int, decoder: DecoderConfig | None = None, learned: LearnedWeights | None = None,
+                     caption: str = "") -> Prepared:
+    """Encode the whole image as one ``codec`` file within ``budget`` bytes and measure its stages
+    (``caption``: the image's, for CLIP-score)."""
     from miscnet.experiments.baselines import encode_baseline
 
     h, w = image.shape[:2]
@@ -169,20 +214,22 @@ def prepare_baseline(key: str, name: str, image: np.ndarray, codec: str, budget:
     try:
         base = encode_baseline(image, codec, budget, raster, levels)
         t1 = time.perf_counter()
-        table = quality_table(base.encoded, image, _decoder_for(decoder), QUALITY_METRICS)
+        table, extra, features = _learned_tables(base.encoded, image, _decoder_for(decoder), learned, caption)
     except MiscError as exc:
         return _failed(key, codec, name, image, t0, exc)
     t2 = time.perf_counter()
     info = {"pixel_codec": codec, "pixel_raster": f"{base.width}x{base.height}", "pixel_quality": base.quality,
             "budget_bytes": budget, "fits_budget": base.fits}
-    return Prepared(key, codec, name, w, h, to_bytes(base.encoded), table, info, t1 - t0, t2 - t1)
+    return Prepared(key, codec, name, w, h, to_bytes(base.encoded), table, info, t1 - t0, t2 - t1, learned=extra,
+                    features=features)
 
 
 class _TableQuality:
     """Stands in for simulate's quality cache: stage quality from the prepared table, no decoding."""
 
-    def __init__(self, table: dict[str, tuple]):
+    def __init__(self, table: dict[str, tuple], learned: dict[str, dict] | None = None):
         self.table = table
+        self.learned = learned or {}
 
     @property
     def decoder(self):  # only used by simulate(keep_images=True), which the sweep never asks for
@@ -191,7 +238,8 @@ class _TableQuality:
     def __call__(self, item, stage, want_image: bool = False):
         if not stage.has_pixels:
             return None, None
-        return dict(zip(QUALITY_METRICS, self.table[stage_key(stage.layers)], strict=True)), None
+        key = stage_key(stage.layers)
+        return {**dict(zip(QUALITY_METRICS, self.table[key], strict=True)), **self.learned.get(key, {})}, None
 
 
 def simulate_points(prepared: Prepared, config: Configuration, points: list[tuple[str, int]]
@@ -202,7 +250,7 @@ def simulate_points(prepared: Prepared, config: Configuration, points: list[tupl
     link, transport = config.link_config(), config.transport_config()
     out = []
     for point_id, seed in points:
-        table = _TableQuality(prepared.quality)
+        table = _TableQuality(prepared.quality, prepared.learned)
         item = SimImage(prepared.image, encoded, None)
         result = simulate([item], SimScenario(link=link, transport=transport, seed=seed), quality_cache=table)[0]
         for event in result["events"]:
@@ -484,12 +532,14 @@ def run_sweep(spec: ScenarioSpec, out_dir: str | Path, *, workers: int | None = 
     reused = len(plan) - len(todo)
 
     timing = {"encode_s": 0.0, "decode_s": 0.0, "simulate_s": 0.0}
+    # the learned metrics whose weights are configured and load (each checked once, here); the rest skipped
+    learned, learned_status = learned_metrics.resolve(load=bool(todo))
     executor = None
     n_run = 0
     if todo:
         executor = make_executor(workers, dask)
         try:
-            n_run = _execute(spec, todo, executor, out, timing, quiet)
+            n_run = _execute(spec, todo, executor, out, timing, quiet, learned)
         finally:
             executor.close()
     records = _read_points(points_path)
@@ -497,7 +547,7 @@ def run_sweep(spec: ScenarioSpec, out_dir: str | Path, *, workers: int | None = 
     if missing:
         raise MiscError(f"{len(missing)} points have no result in {points_path}")
     t_assemble = time.perf_counter()
-    files = write_outputs(spec, plan, records, out, plots=plots)
+    files = write_outputs(spec, plan, records, out, plots=plots, learned_status=learned_status)
     timing["assemble_s"] = time.perf_counter() - t_assemble
     wall = time.perf_counter() - t_start
     n_workers = executor.workers if executor is not None else 0
@@ -511,7 +561,23 @@ def run_sweep(spec: ScenarioSpec, out_dir: str | Path, *, workers: int | None = 
     return result
 
 
-def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing: dict, quiet: bool) -> int:
+def _keep_features(prepared: Prepared, out: Path) -> None:
+    """Write a prepared encoding's InceptionV3 features to learned/ (FID/KID read them when the outputs are
+    assembled, also after a resume) and drop them from what travels on to the simulate tasks."""
+    if not prepared.features:
+        return
+    import hashlib
+
+    name = hashlib.sha256(f"{prepared.method}\n{prepared.key}".encode()).hexdigest()[:20] + ".npz"
+    buf = io.BytesIO()
+    np.savez(buf, **prepared.features)
+    atomic_write_bytes(out / "learned" / name, buf.getvalue())
+    prepared.info["learned_features"] = f"learned/{name}"
+    prepared.features = None
+
+
+def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing: dict, quiet: bool,
+             learned: LearnedWeights | None = None) -> int:
     try:
         from tqdm import tqdm
     except ImportError:  # the progress bar is optional
@@ -572,7 +638,8 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
         points = by_misc[key]
         c = configs[points[0].config]
         handle = executor.submit(prepare_misc, ":".join(map(str, key)), spec.images[key[0]].name, images[key[0]],
-                                 semantics[(key[0], c.semantics_key())], c.encoder_config(), c.decoder_config())
+                                 semantics[(key[0], c.semantics_key())], c.encoder_config(), c.decoder_config(),
+                                 learned)
         tasks[handle] = ("misc", key)
     try:
         while tasks:
@@ -588,6 +655,7 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
                     bar.update(len(results))
                     continue
                 prepared: Prepared = value
+                _keep_features(prepared, out)
                 timing["encode_s"] += prepared.encode_s
                 timing["decode_s"] += prepared.decode_s
                 if kind == "misc":
@@ -606,9 +674,12 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
                         baseline_waiting[bkey].append(p)
                         if bkey not in baseline_prepared:
                             baseline_prepared[bkey] = None
+                            sem = semantics.get((p.image, configs[p.config].semantics_key()))
+                            caption = sem.caption if sem is not None else ""
                             handle = executor.submit(prepare_baseline, ":".join(map(str, bkey)),
                                                      spec.images[p.image].name, images[p.image], p.method, budget,
-                                                     raster, levels, configs[p.config].decoder_config())
+                                                     raster, levels, configs[p.config].decoder_config(), learned,
+                                                     caption)
                             tasks[handle] = ("baseline", bkey)
                         elif baseline_prepared[bkey] is not None:  # already encoded for an equal budget
                             ready = baseline_prepared[bkey]
@@ -634,7 +705,7 @@ def _execute(spec: ScenarioSpec, todo: list[Point], executor, out: Path, timing:
 # ---------------------------------------------------------------------------------------------- outputs
 
 EVENT_FIELDS = ["event", "stage", "layers", "time_s", "payload_bytes", "wire_bytes", "bpp", "wire_bpp",
-                *QUALITY_METRICS]
+                *QUALITY_METRICS, *IMAGE_METRICS]  # the learned ones stay empty unless configured
 POINT_FIELDS = ["completed", "bit_exact", "failure", "first_stage_time_s", "first_semantic_time_s",
                 "completion_time_s", "wire_bytes_total", "fec_bytes", "retransmitted_bytes", "control_bytes",
                 "packets_sent", "packets_lost", "rounds", "error"]
@@ -671,7 +742,7 @@ def point_rows(spec: ScenarioSpec, point: Point, rec: dict) -> list[dict]:
         rows.append({**common, "event": i, "stage": e["stage"], "layers": e.get("layers"), "time_s": e["time_s"],
                      "payload_bytes": e["payload_bytes"], "wire_bytes": e["wire_bytes"],
                      "bpp": e["payload_bytes"] * 8 / pixels, "wire_bpp": e["wire_bytes"] * 8 / pixels,
-                     **{m: e.get(m) for m in QUALITY_METRICS}})
+                     **{m: e.get(m) for m in (*QUALITY_METRICS, *IMAGE_METRICS)}})
     return rows or [{**common, "stage": ""}]
 
 
@@ -701,8 +772,49 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     return {"mean": float(a.mean()), "median": float(np.median(a)), "p90": float(np.percentile(a, 90)), "n": len(a)}
 
 
-def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -> list[dict]:
-    """Per (configuration, method): the CompressAI-style curve over pixel stages, and time figures."""
+def _set_metrics(ok: list[dict], stages: list[str], out: Path | None) -> dict[str, list] | None:
+    """FID and KID of each stage: the reconstructions of the distinct images (one per encoding, whatever the
+    seed) against their references, from the features in learned/; None without features."""
+    files = sorted({r["prep"]["learned_features"] for r in ok if r.get("prep", {}).get("learned_features")})
+    if not files or out is None:
+        return None
+    feats: dict[str, dict[str, np.ndarray]] = {}
+    for f in files:
+        try:
+            with np.load(out / f, allow_pickle=False) as z:
+                feats[f] = {k: z[k] for k in z.files}
+        except (OSError, ValueError):  # removed or torn: its images drop out of the sets
+            continue
+    res: dict[str, list] = {"fid": [], "kid": [], "kid-std": [], "fid-images": []}
+    for s in stages:
+        recon: dict[tuple[str, str], np.ndarray] = {}
+        refs: dict[str, np.ndarray] = {}
+        for r in ok:
+            f = r.get("prep", {}).get("learned_features")
+            if f not in feats:
+                continue
+            for e in first_pixel_events(r):
+                if e["stage"] == s and e.get("layers") in feats[f]:
+                    recon[(f, e["layers"])] = feats[f][e["layers"]]
+                    refs[f] = feats[f]["reference"]
+        m = learned_metrics.set_metrics(np.stack(list(recon.values())) if recon else np.zeros((0, 1)),
+                                        np.stack(list(refs.values())) if refs else np.zeros((0, 1)))
+        res["fid"].append(m["fid"])
+        res["kid"].append(m["kid"])
+        res["kid-std"].append(m["kid_std"])
+        res["fid-images"].append(len(refs))
+    return res
+
+
+def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict], out_dir: Path | None = None,
+              learned_status: dict[str, str] | None = None) -> list[dict]:
+    """Per (configuration, method): the CompressAI-style curve over pixel stages, and time figures.
+
+    The learned metrics that were computed join the curve: the means of lpips, dists and clip-score per
+    stage, and per stage the set metrics fid, kid (with kid-std) over the distinct images (fid-images);
+    ``learned-metrics`` says, per metric, "computed" (with a note when the sets are small) or why not."""
+    if learned_status is None:
+        learned_status = learned_metrics.resolve(load=False)[1]
     groups: dict[tuple[int, str], list[tuple[Point, dict]]] = defaultdict(list)
     for p in plan:
         groups[(p.config, p.method)].append((p, records[p.id]))
@@ -734,6 +846,21 @@ def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -
             res["time-s-median"].append(t["median"])
             res["time-s-p90"].append(t["p90"])
             res["arrived"].append(len(ev) / n)
+        for metric in IMAGE_METRICS:  # only those computed: an unconfigured metric adds no empty list
+            curve = []
+            for s in stages:
+                values = [e[metric] for e in per_stage[s] if e.get(metric) is not None]
+                curve.append(float(np.mean(values)) if values else None)
+            if any(v is not None for v in curve):
+                res["clip-score" if metric == "clip_score" else metric] = curve
+        status = dict(learned_status)
+        sets = _set_metrics(ok, stages, out_dir)
+        if sets is not None:
+            res.update(sets)
+            note = learned_metrics.set_note(max(sets["fid-images"], default=0), max(sets["fid-images"], default=0))
+            for metric in learned_metrics.SET_METRICS:
+                if note and status.get(metric) == learned_metrics.COMPUTED:
+                    status[metric] = f"{learned_metrics.COMPUTED}: {note}"
         first = [r["totals"]["first_stage_time_s"] for r in ok if r["totals"].get("first_stage_time_s") is not None]
         sem = [r["totals"]["first_semantic_time_s"] for r in ok if r["totals"].get("first_semantic_time_s") is not None]
         done = [r["totals"]["completion_time_s"] for r in ok if r["completed"]]
@@ -755,7 +882,7 @@ def aggregate(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict]) -
                      "first-stage-fraction": len(first) / n if n else 0.0,
                      "first-semantic-stage-fraction": len(sem) / n if n else 0.0},
             "final-psnr-rgb": _stats(finals),
-            "learned-metrics": learned_metrics_status(),
+            "learned-metrics": status,
             "wire-overhead": (sent / payload) if payload else None,
             "config": c.id, "label": c.label, "case": c.case, "method": method,
             "protection": c.protection_label(), "params": c.params, "swept": c.swept,
@@ -771,11 +898,11 @@ def _safe(text: str) -> str:
 
 
 def write_outputs(spec: ScenarioSpec, plan: list[Point], records: dict[str, dict], out: Path,
-                  plots: bool = True) -> list[Path]:
+                  plots: bool = True, learned_status: dict[str, str] | None = None) -> list[Path]:
     rows = [row for p in plan for row in point_rows(spec, p, records[p.id])]
     files = [out / "results.csv"]
     atomic_write_bytes(files[0], csv_text(rows).encode())
-    summaries = aggregate(spec, plan, records)
+    summaries = aggregate(spec, plan, records, out, learned_status)
     for s in summaries:
         cj = {k: s[k] for k in ("name", "description", "results")}
         cj.update({k: s[k] for k in ("time", "final-psnr-rgb", "wire-overhead", "params", "points", "errors",

@@ -296,7 +296,11 @@ def test_quality_report_and_learned_metrics_status(tmp_path):
     assert set(status) == {"lpips", "dists", "fid", "kid", "clip_score"}
     assert all(v.startswith("skipped: no weights configured") for v in status.values())
     weights = tmp_path / "lpips.pth"
-    weights.write_bytes(b"")
+    weights.write_bytes(b"")  # exists, but is no torch file: skipped with the reason (or torch's absence)
     status = metrics.learned_metrics_status({"MISCNET_LPIPS_WEIGHTS": str(weights),
-                                             "MISCNET_DISTS_WEIGHTS": str(tmp_path / "missing")})
-    assert "no loader" in status["lpips"] and "does not exist" in status["dists"]
+                                             "MISCNET_LPIPS_BACKBONE": str(weights),
+                                             "MISCNET_DISTS_WEIGHTS": str(tmp_path / "missing"),
+                                             "MISCNET_DISTS_BACKBONE": str(weights)})
+    assert status["lpips"].startswith("skipped: ") and ("lpips.pth: cannot be read" in status["lpips"]
+                                                         or "pip install 'miscnet[models]'" in status["lpips"])
+    assert status["dists"] == f"skipped: MISCNET_DISTS_WEIGHTS={tmp_path / 'missing'} does not exist"
