@@ -138,6 +138,11 @@ def resolve(environ=None, load: bool = True) -> tuple[LearnedWeights, dict[str, 
                 status[metric] = f"skipped: {exc}"
                 del found[metric]
                 continue
+            except (OSError, RuntimeError, ValueError) as exc:  # e.g. no memory left on the device
+                text = " ".join(str(exc).split())[:200]
+                status[metric] = f"skipped: {metric} weights {' + '.join(paths)}: {type(exc).__name__}: {text}"
+                del found[metric]
+                continue
         status[metric] = COMPUTED
     inception = found.get("fid") or found.get("kid")
     weights = LearnedWeights(lpips=found.get("lpips"), dists=found.get("dists"),
