@@ -3,21 +3,22 @@ CLIP-score. Nothing is downloaded and no Hub id is named: each metric is configu
 variables that point at local files (the ones their publishers ship), and is reported skipped, with the
 reason, when they are unset, missing or not what they should be.
 
-=========================  ==================================================================================
-``MISCNET_LPIPS_WEIGHTS``  the ``lpips`` package's v0.1 linear heads: ``lpips/weights/v0.1/alex.pth`` or
-                           ``vgg.pth`` (keys ``lin0.model.1.weight`` ... ``lin4.model.1.weight``)
-``MISCNET_LPIPS_BACKBONE`` torchvision's ImageNet AlexNet or VGG16 state dict matching those heads
-                           (``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``)
-``MISCNET_DISTS_WEIGHTS``  DISTS_pytorch's ``weights.pt`` (``alpha``, ``beta``)
-``MISCNET_DISTS_BACKBONE`` torchvision's VGG16 state dict (``vgg16-397923af.pth``)
-``MISCNET_INCEPTION_WEIGHTS`` pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (FID and KID)
-``MISCNET_CLIP_WEIGHTS``   a transformers CLIP folder (config.json, weights, tokenizer, preprocessor_config.json)
-``MISCNET_METRICS_DEVICE`` ``auto`` (default: CUDA when present), ``cpu`` or ``cuda[:N]``; always float32
-=========================  ==================================================================================
+- ``MISCNET_LPIPS_WEIGHTS``: the ``lpips`` package's v0.1 linear heads, ``lpips/weights/v0.1/alex.pth`` or
+  ``vgg.pth`` (keys ``lin0.model.1.weight`` ... ``lin4.model.1.weight``);
+- ``MISCNET_LPIPS_BACKBONE``: torchvision's ImageNet AlexNet or VGG16 state dict matching those heads
+  (``alexnet-owt-7be5be79.pth`` / ``vgg16-397923af.pth``);
+- ``MISCNET_DISTS_WEIGHTS``: DISTS_pytorch's ``weights.pt`` (``alpha``, ``beta``);
+- ``MISCNET_DISTS_BACKBONE``: torchvision's VGG16 state dict (``vgg16-397923af.pth``);
+- ``MISCNET_INCEPTION_WEIGHTS``: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (FID and KID);
+- ``MISCNET_CLIP_WEIGHTS``: a transformers CLIP folder (config.json, weights, tokenizer,
+  preprocessor_config.json);
+- ``MISCNET_METRICS_DEVICE``: ``auto`` (default: CUDA when present), ``cpu`` or ``cuda[:N]``; always float32.
 
 Files are read with safetensors or ``torch.load(weights_only=True)``, CLIP with
 ``from_pretrained(folder, local_files_only=True)``; a wrong file is one MiscError line naming the path.
-torch (the 'models' extra) is imported only when a metric is loaded (experiments/learned_nets.py).
+torch (the 'models' extra) is imported only when a metric is loaded (experiments/learned_nets.py). On the
+same weights the values equal those of the reference packages' own code (lpips 0.1.4, DISTS_pytorch 0.1,
+pytorch-fid 0.3.0): ``python -m miscnet.experiments.crosscheck_learned``.
 
 Definitions (images uint8 RGB; grey is repeated to three channels)
 ---------------------------------------------------------------------
