@@ -33,6 +33,7 @@ refuses such payloads) instead of silently decoding garbage.
 from __future__ import annotations
 
 import array
+import bisect
 import decimal
 import functools
 import re
@@ -47,10 +48,10 @@ from miscnet.core.errors import BitstreamError, SemanticsError
 from miscnet.core.semantics import MAX_OBJECTS_HARD, SemanticObject, Semantics
 from miscnet.v1 import bitstream_pb2 as pb
 
-MODEL_VERSION = 1
+MODEL_VERSION = 2
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
 # crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
-MODEL_CHECKSUM = 1631792483
+MODEL_CHECKSUM = 2304261571
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
 
@@ -61,17 +62,19 @@ def misc_raw_bytes(sem: Semantics) -> int:
 
 
 # =========================================================================== range coder
-# A carry-propagating range coder on a 64-bit window. Frequencies are integers with a total of at
-# most 2**48 (in practice below 2**44), so the range (kept >= 2**56) divided by the total loses at
-# most 2**-8 relative (in practice 2**-12).
+# A carry-propagating range coder on a 128-bit window (Python integers). Frequencies are integers with a
+# total below 2**100, so the range (kept >= 2**120) divided by the total loses at most 2**-20 relative. The
+# wide window lets the word model mix several distributions exactly, as products of their totals.
 
-_TOP = 1 << 64
+_WINDOW = 16  # bytes
+_SHIFT = 8 * (_WINDOW - 1)
+_TOP = 1 << (8 * _WINDOW)
 _MASK = _TOP - 1
-_BOT = 1 << 56
-_MAX_TOTAL = 1 << 48
+_BOT = 1 << _SHIFT
+_MAX_TOTAL = 1 << 100
 # The encoder drops at most this many trailing zero bytes (the decoder reads zeros past the end),
 # so a decoder that needs more than that past the end knows the payload is truncated or garbage.
-_MAX_ZERO_RUN = 16
+_MAX_ZERO_RUN = 24
 
 
 class _RangeEncoder:
@@ -83,13 +86,14 @@ class _RangeEncoder:
         self.out = bytearray()
 
     def encode(self, cum: int, freq: int, total: int) -> None:
+        assert 0 <= cum and 0 < freq and cum + freq <= total < _MAX_TOTAL
         r = self.rng // total
         self.low += r * cum
         self.rng = r * freq
         if self.low >= _TOP:
             self._carry()
         while self.rng < _BOT:
-            self.out.append(self.low >> 56)
+            self.out.append(self.low >> _SHIFT)
             self.low = (self.low << 8) & _MASK
             self.rng <<= 8
 
@@ -108,11 +112,11 @@ class _RangeEncoder:
         if self.low == 0 or self.low + self.rng > _TOP:
             x = 0 if self.low == 0 else _TOP
         else:
-            x = -(-self.low // _BOT) * _BOT  # a multiple of 2**56 exists because rng >= 2**56
+            x = -(-self.low // _BOT) * _BOT  # a multiple of _BOT exists because rng >= _BOT
         self.low = x
         if self.low >= _TOP:
             self._carry()
-        self.out.append((self.low >> 56) & 0xFF)
+        self.out.append((self.low >> _SHIFT) & 0xFF)
         out = bytes(self.out)
         return out[: max(len(out.rstrip(b"\0")), len(out) - _MAX_ZERO_RUN)]
 
@@ -122,8 +126,8 @@ class _RangeDecoder:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        self.pos = 8
-        self.code = int.from_bytes(data[:8].ljust(8, b"\0"), "big")  # offset from the window's low
+        self.pos = _WINDOW
+        self.code = int.from_bytes(data[:_WINDOW].ljust(_WINDOW, b"\0"), "big")  # offset from the window's low
         self.rng = _MASK
         self.r = 1
 
@@ -138,7 +142,7 @@ class _RangeDecoder:
         self.code -= self.r * cum
         self.rng = self.r * freq
         while self.rng < _BOT:
-            if self.pos > len(self.data) + _MAX_ZERO_RUN + 6:
+            if self.pos > len(self.data) + _MAX_ZERO_RUN + _WINDOW - 2:
                 raise BitstreamError("semantic layer: truncated word-model payload")
             b = self.data[self.pos] if self.pos < len(self.data) else 0
             self.pos += 1
@@ -148,7 +152,7 @@ class _RangeDecoder:
     def check_end(self) -> None:
         # The encoder writes one byte per renormalisation plus one; more bytes than that were
         # never written by it.
-        if len(self.data) > self.pos - 7:
+        if len(self.data) > self.pos - (_WINDOW - 1):
             raise BitstreamError("semantic layer: trailing bytes after the word-model payload")
 
 
@@ -235,12 +239,88 @@ class _Coder:
         return v
 
 
+# =========================================================================== letters and tokens
+
+# Word letters: a..z, A..Z, and the letters of these blocks whose lower case is one letter that maps
+# back (Latin-1, Latin Extended-A and -B, Greek, Cyrillic, Latin Extended Additional). These blocks are
+# fully assigned in every Unicode version that Python 3.11+ ships, so encoder and decoder agree on them;
+# every other character is a symbol.
+_LETTER_BLOCKS = ((0xC0, 0x250), (0x370, 0x500), (0x1E00, 0x1F00))
+
+
+def _upper(low: str) -> str:
+    """The capital of a lower-case letter, or the letter itself where no one-letter capital maps back."""
+    up = low.upper()
+    return up if len(up) == 1 and up.lower() == low else low
+
+
+@functools.lru_cache(maxsize=8192)
+def _is_letter(ch: str) -> bool:
+    o = ord(ch)
+    if o < 128:
+        return ch.isalpha()
+    if not ch.isalpha() or not any(a <= o < b for a, b in _LETTER_BLOCKS):
+        return False
+    low = ch.lower()
+    return len(low) == 1 and (low == ch or (_upper(low) == ch and _is_letter(low)))
+
+
+def _lower(word: str) -> str:
+    return "".join(ch.lower() for ch in word)  # letter by letter: str.lower() knows final sigma
+
+
+def _lower_word(w: str) -> bool:
+    """A word the lexicon may hold: lower-case word letters only."""
+    if w.isascii():
+        return w.isalpha() and w.islower()
+    return all(_is_letter(ch) and ch.lower() == ch for ch in w)
+
+
+_MAX_DIGITS = 12  # a longer digit run is coded as several numbers with no space between them
+
+# token classes
+_C_WORD, _C_SPELL, _C_SYM, _C_NUM, _C_END = range(5)
+
+
+def _tokens(text: str) -> list[tuple[int, int, str]]:
+    """(gap before, class, text) per token, then (trailing gap, END, '').
+
+    A word is a run of word letters, a number a run of ASCII digits (_C_NUM here; the coder sends a
+    number it has seen before as a word), anything else one symbol."""
+    out = []
+    i, n = 0, len(text)
+    while i < n:
+        j = i
+        while j < n and text[j] == " ":
+            j += 1
+        if j == n:
+            break
+        ch = text[j]
+        k = j + 1
+        if _is_letter(ch):
+            while k < n and _is_letter(text[k]):
+                k += 1
+            kind = _C_WORD
+        elif "0" <= ch <= "9":
+            while k < n and k - j < _MAX_DIGITS and "0" <= text[k] <= "9":
+                k += 1
+            kind = _C_NUM
+        else:
+            kind = _C_SYM
+        out.append((j - i, kind, text[j:k]))
+        i = k
+    out.append((n - i, _C_END, ""))
+    return out
+
+
 # =========================================================================== static lexicon
 
-_WORD_RE = re.compile(r"[a-z]+")
 _FREQ_SCALE = 1 << 28  # static word counts: frequency * 2**28 (the rarest wordfreq words get 3)
 _CAPTION_BOOST = 8  # image-description words are this much likelier than in general text
-_MAX_NEW_WORDS = 1 << 14  # spelt words that join the cache; later ones are spelt every time
+_FOREIGN = ("fr", "de", "es", "it", "pt", "nl")  # wordfreq lists whose words join the vocabulary
+_FOREIGN_SHIFT = 5  # a word only another language knows: its frequency there / 2**5
+_FOREIGN_BUCKETS = 600  # of those lists, the words above frequency 10**-6
+_MAX_NEW_WORDS = 1 << 14  # spelt words and numbers that join the cache; later ones are spelt every time
 _SPELL_CUTOFF = 700  # letter statistics from words above frequency 10**-7 (the tail is noisy)
 
 
@@ -252,7 +332,7 @@ class _Lexicon:
     tree: array.array  # Fenwick tree over ``static``, 1-based; int64
     total: int
     top: int  # highest power of two <= len(static)
-    spell: tuple[list[int], ...]  # per previous letter (0 = start): cumulative counts, END first
+    spell: tuple[list[int], ...]  # per context p2 * 28 + p1: cumulative counts of END, a..z, other
     checksum: int
 
 
@@ -260,7 +340,7 @@ def _caption_words() -> list[str]:
     words = []
     for line in _CAPTION_WORDS.read_text(encoding="utf-8").splitlines():
         for w in line.split("#", 1)[0].split():
-            if _WORD_RE.fullmatch(w):
+            if w.isascii() and w.isalpha() and w.islower():
                 words.append(w)
     return sorted(set(words))
 
@@ -275,49 +355,85 @@ def _bucket_counts(n: int) -> list[int]:
                            .to_integral_value(decimal.ROUND_HALF_EVEN))) for b in range(n)]
 
 
+_SPELL_OTHER = 27  # a letter outside a..z: coded next from the learned-letter table
+_SPELL_N = 28  # END (0), a..z (1..26), other (27)
+
+
+def _speller(common: list[str]) -> tuple[list[int], ...]:
+    """Cumulative counts of the next letter given the two before it, from the vocabulary's word types.
+
+    Trigram counts interpolated with bigram counts (Witten-Bell: the bigram weighs as much as the number
+    of letters seen after the pair), all in integers. After a letter outside a..z the context is as at the
+    start of a word."""
+    codes = np.frombuffer(("{{" + "{{".join(common) + "{").encode(), dtype=np.uint8).astype(np.int64) - 96
+    codes[codes == 27] = 0  # '{' is 123 = 'z' + 1: word boundary (start and END are both 0)
+    n = _SPELL_N
+    tri = np.bincount((codes[:-2] * n + codes[1:-1]) * n + codes[2:], minlength=n ** 3).reshape(n, n, n)
+    tri[0, 0, 0] = 0  # the doubled boundary is not a word
+    bi = np.bincount(codes[:-1] * n + codes[1:], minlength=n * n).reshape(n, n)
+    bi[0, 0] = 0
+    bi = bi * 4 + 1  # every letter possible after every letter
+    bi[0, 0] = 1  # an empty word is never sent
+    bi_total = bi.sum(axis=1)
+    rows = []
+    for p2 in range(n):
+        for p1 in range(n):
+            t = tri[p2, p1]
+            distinct = int((t > 0).sum()) + 1
+            f = t * int(bi_total[p1]) + bi[p1] * distinct
+            f[_SPELL_OTHER] = max(1, int(f.sum()) >> 8)  # about 1 in 256: accented and other letters
+            if p1 == 0:
+                f[0] = 1  # at the start END is impossible in practice
+            rows.append([0] + np.cumsum(f).tolist())
+    return tuple(rows)
+
+
 @functools.lru_cache(maxsize=1)
 def _lexicon() -> _Lexicon:
-    """Build the static model once per process (about 0.3 s, mostly loading wordfreq)."""
+    """Build the static model once per process (about 1 s, mostly reading wordfreq's lists)."""
     import wordfreq  # imported here: only the word model needs it
 
-    buckets = wordfreq.get_frequency_list("en")  # bucket b holds words of frequency 10**(-b/100)
+    per_bucket = _bucket_counts(800)
     words: list[str] = []
-    bucket_of: list[int] = []
-    for b, bucket in enumerate(buckets):
-        # [a-z]+ words; keeping wordfreq's own string objects (it caches them anyway) saves memory
-        found = [w for w in bucket if w.isascii() and w.isalpha() and w.islower()]
-        words += found
-        bucket_of += [b] * len(found)
+    counts_l: list[int] = []
+    seen: set[str] = set()
+    ascii_common: list[str] = []
+    # English: every word of wordfreq's list; bucket b holds words of frequency 10**(-b/100)
+    for b, bucket in enumerate(wordfreq.get_frequency_list("en")):
+        for w in bucket:
+            if w not in seen and _lower_word(w):
+                seen.add(w)
+                words.append(w)
+                counts_l.append(per_bucket[b])
+                if b < _SPELL_CUTOFF and w.isascii():
+                    ascii_common.append(w)
+    # other languages: their common words English lacks, much less likely (names, shop signs, menus)
+    for lang in _FOREIGN:
+        for b, bucket in enumerate(wordfreq.get_frequency_list(lang)[:_FOREIGN_BUCKETS]):
+            c = max(1, per_bucket[b] >> _FOREIGN_SHIFT)
+            for w in bucket:
+                if w not in seen and _lower_word(w):
+                    seen.add(w)
+                    words.append(w)
+                    counts_l.append(c)
     boosted = _caption_words()
-    crc = zlib.crc32("\n".join(words).encode())
-    crc = zlib.crc32(bytes(np.array(bucket_of, dtype="<u2")), crc)
-    crc = zlib.crc32("\n".join(boosted).encode(), crc)
-
     index = dict(zip(words, range(len(words)), strict=True))
-    # counts per bucket computed once in integers, so every word of a bucket gets the same count
-    per_bucket = _bucket_counts(len(buckets))
-    counts = np.array([per_bucket[b] for b in bucket_of] + [0] * _MAX_NEW_WORDS, dtype=np.int64)
+    counts = np.array(counts_l + [0] * _MAX_NEW_WORDS, dtype=np.int64)
     for w in boosted:
         i = index.get(w)
         if i is not None:
             counts[i] *= _CAPTION_BOOST
+    crc = zlib.crc32("\n".join(words).encode())
+    crc = zlib.crc32(counts.astype("<i8").tobytes(), crc)
+
     n = len(counts)
     cum = np.concatenate(([0], np.cumsum(counts)))
     pos = np.arange(1, n + 1)
     tree = np.concatenate(([0], cum[pos] - cum[pos - (pos & -pos)]))
-
-    # letter bigrams (END = 0, a..z = 1..26) from the vocabulary's word types
-    common = [w for w, b in zip(words, bucket_of, strict=True) if b < _SPELL_CUTOFF]
-    codes = np.frombuffer(("{" + "{".join(common) + "{").encode(), dtype=np.uint8).astype(np.int64) - 96
-    codes[codes == 27] = 0  # '{' is 123 = 'z' + 1: word boundary
-    pairs = np.bincount(codes[:-1] * 27 + codes[1:], minlength=27 * 27).reshape(27, 27)
-    pairs = pairs * 4 + 1  # every letter possible after every letter
-    pairs[0, 0] = 1  # an empty word is never sent
-    spell = tuple([0] + np.cumsum(row).tolist() for row in pairs)
     return _Lexicon(
         words=tuple(words), index=index, static=array.array("q", counts.tobytes()),
         tree=array.array("q", tree.astype(np.int64).tobytes()),
-        total=int(cum[-1]), top=1 << (n.bit_length() - 1), spell=spell, checksum=crc,
+        total=int(cum[-1]), top=1 << (n.bit_length() - 1), spell=_speller(ascii_common), checksum=crc,
     )
 
 
@@ -333,8 +449,6 @@ def _model() -> _Lexicon | None:
 
 # =========================================================================== the word model
 
-# token classes
-_C_WORD, _C_SPELL, _C_SYM, _C_END = range(4)
 # field kinds
 _F_NAME, _F_DETAIL, _F_CAPTION = range(3)
 # what came before, for the class and case contexts
@@ -344,8 +458,7 @@ _LOWER, _TITLE, _UPPER, _MIXED = range(4)
 
 _SYMBOLS = (
     ".,'-\n:;!?\"()/&%+*=#@$[]{}<>_~`^|\\\t"
-    "0123456789"
-    "\u2019\u2018\u201c\u201d\u2014\u2013\u2026\u00b0\u00d7\u00e9"
+    "\u2019\u2018\u201c\u201d\u2014\u2013\u2026\u00b0\u00d7\u20ac\u00a3\u00a5"
 )
 _SYM_INDEX = {c: i for i, c in enumerate(_SYMBOLS)}
 _SYM_OTHER = len(_SYMBOLS)  # a learned symbol (or a new one)
@@ -361,17 +474,26 @@ _GAP_MAX = 8  # gap symbols 0..7 are the gap; 8 means "8 more spaces, then anoth
 # gap classes
 _G_START, _G_WORD, _G_CLOSE, _G_OPEN, _G_QUOTE, _G_DASH, _G_NL, _G_DIGIT, _G_OTHER, _G_END = range(10)
 
-# The word distribution mixes the static model and a cache of the words sent so far with fixed
-# weights: P(w) = (D * S(w) / T + E * c(w) / n) / (D + E), S the static counts (total T), c(w) the
-# word's count in the cache and n the cache's total. The cache is halved when n reaches _CACHE_MAX.
-_CACHE_D = 4
-_CACHE_E = 1
+# The word distribution mixes, with integer weights:
+#   P0(w) = (ws * S(w) / T + wc * c(w) / n) / (ws + wc)
+# S the static counts (total T), c(w) the word's count in the cache of words sent so far (total n,
+# halved when it reaches _CACHE_MAX), ws = _CACHE_MISS0 + misses and wc = _CACHE_HIT0 + hits counting
+# how often the words sent so far were (hits) or were not (misses) already in the cache; then, when the
+# previous token was a word p that has been followed by others in this payload,
+#   P(w) = (_SUCC_K * a_p(w) + d_p * P0(w)) / (_SUCC_K * A_p + d_p)
+# a_p(w) how often w followed p so far (total A_p, d_p distinct followers): texts repeat their phrases.
 _CACHE_MAX = 2048
+_CACHE_HIT0 = 1
+_CACHE_MISS0 = 3
+_CACHE_HALVE = 256  # hits + misses are halved past this, so the weight follows the text
+_SUCC_K = 2
 
 
 def _gap_class(kind: int, text: str) -> int:
     if kind == _C_END:
         return _G_END
+    if kind == _C_NUM:
+        return _G_DIGIT
     if kind != _C_SYM:
         return _G_WORD
     if text in _CLOSE:
@@ -384,8 +506,6 @@ def _gap_class(kind: int, text: str) -> int:
         return _G_DASH
     if text == "\n":
         return _G_NL
-    if text.isdigit():
-        return _G_DIGIT
     return _G_OTHER
 
 
@@ -397,8 +517,6 @@ def _gap_prior(prev: int, cur: int) -> list[int]:
         likely = 0
     elif prev == _G_DASH or cur == _G_DASH:
         likely, strong = 0, 12
-    elif prev == _G_DIGIT and cur == _G_DIGIT:
-        likely = 0
     elif cur == _G_QUOTE:
         likely, strong = (0, 20) if prev == _G_WORD else (1, 8)
     elif prev == _G_QUOTE:
@@ -413,20 +531,20 @@ def _gap_prior(prev: int, cur: int) -> list[int]:
 
 
 def _class_prior(field: int, prev: int) -> list[int]:
-    """Starting counts for (word, spell, symbol, end) given the field and what came before."""
+    """Starting counts for (word, spell, symbol, number, end) given the field and what came before."""
     if prev == _P_START:
-        return [60, 2, 3, 1]
+        return [60, 2, 3, 2, 1]
     if prev == _P_WORD:
-        return {_F_NAME: [24, 1, 2, 24], _F_DETAIL: [70, 2, 12, 2], _F_CAPTION: [70, 2, 12, 1]}[field]
+        return {_F_NAME: [24, 1, 2, 1, 24], _F_DETAIL: [70, 2, 12, 3, 2], _F_CAPTION: [70, 2, 12, 3, 1]}[field]
     if prev == _P_STOP:
-        return {_F_NAME: [2, 1, 2, 20], _F_DETAIL: [6, 1, 2, 40], _F_CAPTION: [40, 2, 4, 8]}[field]
+        return {_F_NAME: [2, 1, 2, 1, 20], _F_DETAIL: [6, 1, 2, 1, 40], _F_CAPTION: [40, 2, 4, 2, 8]}[field]
     if prev == _P_APOS:
-        return [40, 2, 4, 2]
+        return [40, 2, 4, 1, 2]
     if prev == _P_COMMA:
-        return [40, 2, 4, 1]
+        return [40, 2, 4, 3, 1]
     if prev == _P_DIGIT:
-        return [10, 1, 30, 3]
-    return [30, 2, 10, 4]
+        return [16, 2, 30, 1, 3]
+    return [30, 2, 10, 4, 4]
 
 
 def _symbol_prior(prev: int) -> list[int]:
@@ -437,20 +555,14 @@ def _symbol_prior(prev: int) -> list[int]:
                      ("!", 2), ("?", 1), ("\u2019", 3), ("\n", 2), ('"', 2)):
             prior[_SYM_INDEX[c]] = n
     elif prev == _P_DIGIT:
-        for c in "0123456789":
-            prior[_SYM_INDEX[c]] = 12
-        for c, n in ((".", 6), (",", 6), ("%", 3), ("-", 2), (":", 2)):
+        for c, n in ((".", 10), (",", 10), ("%", 3), ("-", 3), (":", 6), ("\u2013", 2), ("\u00b0", 2)):
             prior[_SYM_INDEX[c]] = n
     elif prev == _P_START:
         for c, n in (('"', 4), ("(", 2), ("-", 3), ("\u201c", 2)):
             prior[_SYM_INDEX[c]] = n
-        for c in "0123456789":
-            prior[_SYM_INDEX[c]] = 3
     else:
         for c, n in (("\n", 6), ('"', 4), (")", 3), ("(", 2), ("-", 3)):
             prior[_SYM_INDEX[c]] = n
-        for c in "0123456789":
-            prior[_SYM_INDEX[c]] = 2
     prior[_SYM_OTHER] = 2
     return prior
 
@@ -459,7 +571,13 @@ def _suffix_prior() -> list[int]:
     return [40, 6, 4, 4, 4, 4, 4, 8]  # _SUFFIXES, then "another word"
 
 
-def _case_prior(name: int, start: int, prev_case: int) -> list[int]:
+def _case_prior(name: int, start: int, prev_case: int, last: int) -> list[int]:
+    if last >= 0:  # the case this word had last time
+        prior = [2, 2, 1, 1]
+        prior[last] = 40 if last != _LOWER or not start else 8
+        if start and last == _LOWER:
+            prior[_TITLE] = 30
+        return prior
     if name:
         return [8, 40, 2, 1] if prev_case != _LOWER else [30, 8, 1, 1]
     if start:
@@ -469,29 +587,41 @@ def _case_prior(name: int, start: int, prev_case: int) -> list[int]:
     return [80, 4, 1, 1]
 
 
-def _case_of(word: str) -> int:
-    if word.islower():
+def _case_of(word: str, low: str) -> int:
+    ups = [a != b for a, b in zip(word, low, strict=True)]
+    if not any(ups):
         return _LOWER
-    if word[0].isupper() and (len(word) == 1 or word[1:].islower()):
+    if ups[0] and not any(ups[1:]):
         return _TITLE
-    if word.isupper():
+    cased = [_upper(ch) != ch for ch in low]
+    if sum(cased) >= 2 and ups == cased:
         return _UPPER
     return _MIXED
 
 
-_TOKEN_RE = re.compile(r"( *)(?:([A-Za-z]+)|([^ ]))", re.S)
+def _length_prior(prev: int) -> list[int]:
+    return [30, 24, 14, 24, 6, 4, 3, 2, 1, 1, 1, 1]  # digits 1.._MAX_DIGITS
 
 
-def _tokens(text: str) -> list[tuple[int, int, str]]:
-    """(gap before, class, text) per token, then (trailing gap, END, '')."""
-    out = []
-    end = 0
-    for m in _TOKEN_RE.finditer(text):
-        word = m.group(2)
-        out.append((len(m.group(1)), _C_WORD if word else _C_SYM, word or m.group(3)))
-        end = m.end()
-    out.append((len(text) - end, _C_END, ""))
-    return out
+def _digit_prior(length: int, place: int, first: int) -> list[int]:
+    """Starting counts of a digit given the number's length, its place (0 = first) and the first digit."""
+    if place == 0:
+        if length == 4:
+            return [1, 30, 30, 2, 2, 2, 2, 2, 2, 2]  # years
+        return [2 if length == 1 else 1, 8, 6, 5, 4, 4, 3, 3, 3, 3]
+    if place == 1 and length == 4 and first in (1, 2):
+        return [2, 2, 2, 2, 2, 2, 2, 2, 10, 40] if first == 1 else [40, 8, 10, 2, 2, 2, 2, 2, 2, 2]
+    return [8, 4, 4, 4, 4, 6, 4, 4, 4, 4]
+
+
+_COMMON_LETTERS = (  # starting counts of the learned-letter table: letters of European names and words
+    ("é", 12), ("è", 4), ("ê", 3), ("ë", 2), ("à", 4), ("á", 5), ("â", 2), ("ä", 5), ("ã", 3), ("å", 3),
+    ("ç", 3), ("ñ", 4), ("ö", 5), ("ó", 5), ("ò", 2), ("ô", 3), ("õ", 2), ("ø", 3), ("ü", 6), ("ú", 3),
+    ("ù", 1), ("û", 1), ("í", 4), ("ì", 1), ("î", 2), ("ï", 2), ("ý", 1), ("ÿ", 1), ("æ", 2), ("œ", 1),
+    ("ß", 3), ("ł", 2), ("ś", 1), ("ź", 1), ("ż", 1), ("ń", 1), ("ą", 1), ("ę", 1), ("č", 2), ("š", 2),
+    ("ž", 2), ("ř", 1), ("ě", 1), ("ů", 1), ("ő", 1), ("ű", 1), ("ğ", 1), ("ş", 1), ("ā", 2), ("ē", 1),
+    ("ī", 1), ("ō", 3), ("ū", 2), ("ạ", 1), ("ả", 1), ("ố", 1), ("ộ", 1), ("ơ", 1), ("ư", 1), ("đ", 1),
+)
 
 
 class _WordModel:
@@ -504,10 +634,17 @@ class _WordModel:
         self.cache: dict[int, int] = {}  # Fenwick nodes of the cache counts (sparse)
         self.cache_freq: dict[int, int] = {}  # slot -> cache count
         self.n = 0  # cache total
+        self.hits = 0
+        self.misses = 0
+        self.succ: dict[int, dict[int, int]] = {}  # slot -> {following slot: count}
+        self.last_case: dict[int, int] = {}  # slot -> the case it was sent in last
         self.new_words: dict[str, int] = {}
         self.new_list: list[str] = []
         self.learned = _Table([1], inc=24)  # learned symbols, entry 0 = a new one
         self.learned_chars: list[str] = []
+        # letters of words outside a..z: entry 0 = a new one, then the common ones, then those learned
+        self.letters = _Table([6] + [c for _, c in _COMMON_LETTERS], inc=24)
+        self.letter_list: list[str] = [ch for ch, _ in _COMMON_LETTERS]
         self.chars = 0
 
     # ---- tables by context
@@ -518,14 +655,28 @@ class _WordModel:
             t = self.tables[(prior, *key)] = _Table(prior(*key), inc)
         return t
 
-    # ---- the word distribution: static counts plus a sparse cache, both as Fenwick trees
-    def _word_code(self, slot: int | None) -> int:
+    # ---- the word distribution: static counts, a sparse cache and the followers of the previous word
+    def _word_code(self, prev_slot: int | None, slot: int | None) -> int:
         lex = self.lex
         st, ct = lex.tree, self.cache
-        # integer weights of the two parts: a * S(w) + b * c(w), total a * T + b * n
-        a = _CACHE_D * max(self.n, 1)
-        b = _CACHE_E * lex.total if self.n else 0
-        total = a * lex.total + b * self.n
+        if self.n:
+            ws, wc = _CACHE_MISS0 + self.misses, _CACHE_HIT0 + self.hits
+            a, b = ws * self.n, wc * lex.total
+            d0 = (ws + wc) * self.n * lex.total
+        else:
+            a, b, d0 = 1, 0, lex.total
+        follow = self.succ.get(prev_slot) if prev_slot is not None else None
+        if follow:
+            f_slots = sorted(follow)
+            f_cum = [0]
+            for s in f_slots:
+                f_cum.append(f_cum[-1] + follow[s])
+            esc = len(f_slots)
+            g = _SUCC_K * d0
+            a, b = a * esc, b * esc
+            total = (_SUCC_K * f_cum[-1] + esc) * d0
+        else:
+            f_slots, f_cum, g, total = [], [0], 0, d0
         if self.c.encoding:
             assert slot is not None
             cs = cc = 0
@@ -534,27 +685,49 @@ class _WordModel:
                 cs += st[i]
                 cc += ct.get(i, 0)
                 i -= i & -i
+            k = bisect.bisect_left(f_slots, slot)
+            cum = a * cs + b * cc + g * f_cum[k]
             freq = a * lex.static[slot] + b * self.cache_freq.get(slot, 0)
-            self.c.enc.encode(a * cs + b * cc, freq, total)
+            if k < len(f_slots) and f_slots[k] == slot:
+                freq += g * (f_cum[k + 1] - f_cum[k])
+            self.c.enc.encode(cum, freq, total)
             return slot
         v = self.c.dec.target(total)
         pos, rem, step, n = 0, v, lex.top, len(lex.static)
+        lo_k = 0  # followers below pos
         while step:
             nxt = pos + step
             if nxt <= n:
                 t = a * st[nxt] + b * ct.get(nxt, 0)
+                if g:
+                    hi_k = bisect.bisect_left(f_slots, nxt)
+                    t += g * (f_cum[hi_k] - f_cum[lo_k])
                 if t <= rem:
                     pos = nxt
                     rem -= t
+                    if g:
+                        lo_k = hi_k
             step >>= 1
-        freq = a * lex.static[pos] + b * self.cache_freq.get(pos, 0) if pos < n else 0
+        if pos >= n:
+            raise BitstreamError("semantic layer: corrupt word-model payload")
+        freq = a * lex.static[pos] + b * self.cache_freq.get(pos, 0)
+        if lo_k < len(f_slots) and f_slots[lo_k] == pos:
+            freq += g * (f_cum[lo_k + 1] - f_cum[lo_k])
         if freq <= 0:
             raise BitstreamError("semantic layer: corrupt word-model payload")
         self.c.dec.consume(v - rem, freq)
         return pos
 
-    def _see(self, slot: int) -> None:
-        """Count a word just sent: captions repeat the objects' names and their own words."""
+    def _see(self, prev_slot: int | None, slot: int) -> None:
+        """Count a word just sent: captions repeat the objects' names, their own words and phrases."""
+        if self.n:
+            if slot in self.cache_freq:
+                self.hits += 1
+            else:
+                self.misses += 1
+            if self.hits + self.misses > _CACHE_HALVE:
+                self.hits >>= 1
+                self.misses >>= 1
         if self.n >= _CACHE_MAX:  # halve, so long texts keep adapting and totals stay bounded
             self.cache_freq = {k: c // 2 for k, c in self.cache_freq.items() if c >= 2}
             self.cache = {}
@@ -563,6 +736,10 @@ class _WordModel:
                 self._fenwick_add(k, c)
         self._fenwick_add(slot, 1)
         self.cache_freq[slot] = self.cache_freq.get(slot, 0) + 1
+        if prev_slot is not None:
+            follow = self.succ.setdefault(prev_slot, {})
+            if follow.get(slot, 0) < _CACHE_MAX:
+                follow[slot] = follow.get(slot, 0) + 1
 
     def _fenwick_add(self, slot: int, c: int) -> None:
         self.n += c
@@ -577,30 +754,70 @@ class _WordModel:
             i = self.new_words.get(word)
         return i
 
+    def _word(self, slot: int) -> str:
+        n = len(self.lex.words)
+        return self.lex.words[slot] if slot < n else self.new_list[slot - n]
+
     def _spell(self, word: str | None) -> str:
+        """A lower-case word letter by letter: a..z from the trigram speller, others from the learned
+        letters (or as a new code point)."""
         spell = self.lex.spell
-        if self.c.encoding:
-            assert word is not None
-            prev = 0
-            for ch in word:
-                s = ord(ch) - 96
-                self.c.static(spell[prev], s)
-                prev = s
-            self.c.static(spell[prev], 0)
-            return word
-        letters = []
-        prev = 0
+        letters: list[str] = []
+        p2 = p1 = 0
+        i = 0
         while True:
-            s = self.c.static(spell[prev], None)
+            want = None
+            if word is not None:
+                if i == len(word):
+                    want = 0
+                else:
+                    ch = word[i]
+                    want = ord(ch) - 96 if "a" <= ch <= "z" else _SPELL_OTHER
+            s = self.c.static(spell[p2 * _SPELL_N + p1], want)
             if s == 0:
                 break
-            letters.append(chr(96 + s))
-            prev = s
+            if s == _SPELL_OTHER:
+                letters.append(self._other_letter(None if word is None else word[i]))
+                s = 0  # the next letter is predicted as at a word's start
+            else:
+                letters.append(chr(96 + s))
+            i += 1
+            p2, p1 = p1, s
             if len(letters) + self.chars > MAX_TEXT_CHARS:
                 raise BitstreamError("semantic layer: decoded text over the size limit")
         if not letters:
             raise BitstreamError("semantic layer: corrupt word-model payload (empty word)")
         return "".join(letters)
+
+    def _other_letter(self, ch: str | None) -> str:
+        want = None
+        if ch is not None:
+            want = self.letter_list.index(ch) + 1 if ch in self.letter_list else 0
+        k = self.c.table(self.letters, want)
+        if k > 0:
+            return self.letter_list[k - 1]
+        cp = None if ch is None else ord(ch)
+        hi = self.c.uniform(0x2000 >> 7, None if cp is None else cp >> 7)  # letters lie below U+2000
+        lo = self.c.uniform(128, None if cp is None else cp & 127)
+        new = chr((hi << 7) | lo)
+        if new.isascii() or not _is_letter(new) or new != new.lower() or new in self.letter_list:
+            raise BitstreamError("semantic layer: corrupt word-model payload (bad letter)")
+        self.letter_list.append(new)
+        self.letters.append(24)
+        return new
+
+    def _number(self, prev: int, digits: str | None) -> str:
+        t = self._t(16, _length_prior, prev == _P_SYM)
+        length = self.c.table(t, None if digits is None else len(digits) - 1) + 1
+        out = []
+        first = 0
+        for place in range(length):
+            t = self._t(12, _digit_prior, length, min(place, 2), first if place == 1 else 0)
+            d = self.c.table(t, None if digits is None else ord(digits[place]) - 48)
+            if place == 0:
+                first = d
+            out.append(chr(48 + d))
+        return "".join(out)
 
     def _add_word(self, word: str) -> int | None:
         if len(self.new_list) >= _MAX_NEW_WORDS:
@@ -629,7 +846,7 @@ class _WordModel:
         if 0xD800 <= cp <= 0xDFFF:
             raise BitstreamError("semantic layer: corrupt word-model payload (surrogate)")
         ch = chr(cp)
-        if ch == " " or ch in _SYM_INDEX or ch in self.learned_chars or (ch.isascii() and ch.isalpha()):
+        if ch == " " or ch in _SYM_INDEX or ch in self.learned_chars or _is_letter(ch) or "0" <= ch <= "9":
             raise BitstreamError("semantic layer: corrupt word-model payload (bad symbol)")
         self.learned_chars.append(ch)
         self.learned.append(24)
@@ -647,28 +864,42 @@ class _WordModel:
             if total + self.chars > MAX_TEXT_CHARS:
                 raise BitstreamError("semantic layer: decoded text over the size limit")
 
-    def _case(self, key: tuple[int, int, int], word: str, case: int | None) -> tuple[int, str]:
+    def _cased(self, key: tuple[int, int, int, int], low: str, tok: str | None) -> tuple[int, str]:
         t = self._t(12, _case_prior, *key)
-        case = self.c.table(t, case)
+        case = self.c.table(t, None if tok is None else _case_of(tok, low))
         if case == _LOWER:
-            return case, word
+            return case, low
         if case == _TITLE:
-            return case, word[0].upper() + word[1:]
+            return case, _upper(low[0]) + low[1:]
         if case == _UPPER:
-            return case, word.upper()
-        return case, word  # mixed: the caller codes one bit per letter
+            return case, "".join(_upper(ch) for ch in low)
+        letters = []  # mixed: one bit per letter that has a capital
+        for i, ch in enumerate(low):
+            up = _upper(ch)
+            if up == ch:
+                letters.append(ch)
+                continue
+            bit = self.c.uniform(2, None if tok is None else int(tok[i] != ch))
+            letters.append(up if bit else ch)
+        return case, "".join(letters)
 
     def code_field(self, field: int, text: str | None) -> str:
         """Encode ``text`` (encoder) or decode a field (decoder); returns the field's text."""
         toks = _tokens(text) if text is not None else None
         out: list[str] = []
         prev, prev_g, prev_case = _P_START, _G_START, -1
+        prev_slot: int | None = None  # the previous token's slot when it was a word or a number
         k = 0
         while True:
             gap, kind, tok = toks[k] if toks is not None else (None, None, None)
             k += 1
-            if kind == _C_WORD and self._slot(tok.lower()) is None:
-                kind = _C_SPELL
+            low = None
+            if kind in (_C_WORD, _C_NUM):
+                low = _lower(tok) if kind == _C_WORD else tok
+                if self._slot(low) is not None:
+                    kind = _C_WORD
+                elif kind == _C_WORD:
+                    kind = _C_SPELL
             ctab = self._t(8, _class_prior, field, prev)
             kind = self.c.table(ctab, kind)
             if kind == _C_END:
@@ -676,58 +907,60 @@ class _WordModel:
                 out.append(" " * gap)
                 self.chars += gap
                 return "".join(out)
+            slot = None
             if kind == _C_SYM:
                 tok = self._symbol(prev, tok)
                 new_prev = (_P_STOP if tok in _STOPS else _P_COMMA if tok in _COMMAS
-                            else _P_NL if tok == "\n" else _P_DIGIT if tok.isdigit()
-                            else _P_APOS if tok in _APOS and prev == _P_WORD else _P_SYM)
+                            else _P_NL if tok == "\n" else _P_APOS if tok in _APOS and prev == _P_WORD
+                            else _P_SYM)
+                cur_g = _gap_class(_C_SYM, tok)
             else:
-                lower = tok.lower() if tok is not None else None
                 if kind == _C_WORD:
-                    lower = self._code_word(prev, lower)
-                else:
-                    lower = self._spell(lower)
-                    if self._slot(lower) is not None:
+                    low, slot = self._code_word(prev, prev_slot, low)
+                elif kind == _C_SPELL:
+                    low = self._spell(low)
+                    if self._slot(low) is not None:
                         raise BitstreamError("semantic layer: corrupt word-model payload (known word spelt)")
-                    slot = self._add_word(lower)
+                    slot = self._add_word(low)
+                else:
+                    low = self._number(prev, low)
+                    if self._slot(low) is not None:
+                        raise BitstreamError("semantic layer: corrupt word-model payload (known number spelt)")
+                    slot = self._add_word(low)
+                if slot is not None and kind != _C_WORD:
+                    self._see(prev_slot, slot)
+                if "0" <= low[0] <= "9":
+                    tok = low
+                    new_prev, cur_g = _P_DIGIT, _G_DIGIT
+                else:
+                    start = field != _F_NAME and prev in (_P_START, _P_STOP, _P_NL)
+                    last = -1 if slot is None else self.last_case.get(slot, -1)
+                    key = (int(field == _F_NAME), int(start), prev_case, last)
+                    case, tok = self._cased(key, low, tok)
                     if slot is not None:
-                        self._see(slot)
-                start = field != _F_NAME and prev in (_P_START, _P_STOP, _P_NL)
-                key = (int(field == _F_NAME), int(start), prev_case)
-                case, tok = self._case(key, lower, None if tok is None else _case_of(tok))
-                if case == _MIXED:
-                    want = None if toks is None else toks[k - 1][2]
-                    letters = []
-                    for i, ch in enumerate(lower):
-                        up = None if want is None else int(want[i].isupper())
-                        up = self.c.uniform(2, up)
-                        letters.append(ch.upper() if up else ch)
-                    tok = "".join(letters)
-                prev_case = case
-                new_prev = _P_WORD
-            cur_g = _gap_class(_C_SYM if kind == _C_SYM else _C_WORD, tok)
+                        self.last_case[slot] = case
+                    prev_case = case
+                    new_prev, cur_g = _P_WORD, _G_WORD
             gap = self._gap(prev_g, cur_g, gap)
             out.append(" " * gap)
             out.append(tok)
             self.chars += gap + len(tok)
             if self.chars > MAX_TEXT_CHARS:
                 raise BitstreamError("semantic layer: decoded text over the size limit")
-            prev, prev_g = new_prev, cur_g
+            prev, prev_g, prev_slot = new_prev, cur_g, slot
 
-    def _code_word(self, prev: int, lower: str | None) -> str:
+    def _code_word(self, prev: int, prev_slot: int | None, low: str | None) -> tuple[str, int | None]:
         if prev == _P_APOS:
             t = self._t(16, _suffix_prior)
             want = None
-            if lower is not None:
-                want = _SUFFIXES.index(lower) if lower in _SUFFIXES else len(_SUFFIXES)
+            if low is not None:
+                want = _SUFFIXES.index(low) if low in _SUFFIXES else len(_SUFFIXES)
             s = self.c.table(t, want)
             if s < len(_SUFFIXES):
-                return _SUFFIXES[s]
-        slot = self._word_code(None if lower is None else self._slot(lower))
-        n = len(self.lex.words)
-        word = self.lex.words[slot] if slot < n else self.new_list[slot - n]
-        self._see(slot)
-        return word
+                return _SUFFIXES[s], None
+        slot = self._word_code(prev_slot, None if low is None else self._slot(low))
+        self._see(prev_slot, slot)
+        return self._word(slot), slot
 
 
 def _wordmodel_encode(lex: _Lexicon, fields: list[str], n_objects: int) -> bytes:
