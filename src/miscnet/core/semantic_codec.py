@@ -51,9 +51,10 @@ from miscnet.v1 import bitstream_pb2 as pb
 MODEL_VERSION = 2
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
 # crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
-MODEL_CHECKSUM = 2304261571
+MODEL_CHECKSUM = 65443392
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
+_VISUAL_WORDS = Path(__file__).with_name("data") / "visual_words.txt"  # built by tools/build_visual_words.py
 
 
 def misc_raw_bytes(sem: Semantics) -> int:
@@ -317,6 +318,7 @@ def _tokens(text: str) -> list[tuple[int, int, str]]:
 
 _FREQ_SCALE = 1 << 28  # static word counts: frequency * 2**28 (the rarest wordfreq words get 3)
 _CAPTION_BOOST = 8  # image-description words are this much likelier than in general text
+_VISUAL_BOOST = 3  # and so are words that name things one can see (WordNet's concrete senses)
 _FOREIGN = ("fr", "de", "es", "it", "pt", "nl")  # wordfreq lists whose words join the vocabulary
 _FOREIGN_SHIFT = 5  # a word only another language knows: its frequency there / 2**5
 _FOREIGN_BUCKETS = 600  # of those lists, the words above frequency 10**-6
@@ -336,9 +338,9 @@ class _Lexicon:
     checksum: int
 
 
-def _caption_words() -> list[str]:
+def _caption_words(path: Path) -> list[str]:
     words = []
-    for line in _CAPTION_WORDS.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         for w in line.split("#", 1)[0].split():
             if w.isascii() and w.isalpha() and w.islower():
                 words.append(w)
@@ -416,13 +418,13 @@ def _lexicon() -> _Lexicon:
                     seen.add(w)
                     words.append(w)
                     counts_l.append(c)
-    boosted = _caption_words()
     index = dict(zip(words, range(len(words)), strict=True))
     counts = np.array(counts_l + [0] * _MAX_NEW_WORDS, dtype=np.int64)
-    for w in boosted:
-        i = index.get(w)
-        if i is not None:
-            counts[i] *= _CAPTION_BOOST
+    for path, boost in ((_CAPTION_WORDS, _CAPTION_BOOST), (_VISUAL_WORDS, _VISUAL_BOOST)):
+        for w in _caption_words(path):
+            i = index.get(w)
+            if i is not None:
+                counts[i] *= boost
     crc = zlib.crc32("\n".join(words).encode())
     crc = zlib.crc32(counts.astype("<i8").tobytes(), crc)
 
@@ -530,8 +532,14 @@ def _gap_prior(prev: int, cur: int) -> list[int]:
     return prior
 
 
-def _class_prior(field: int, prev: int) -> list[int]:
-    """Starting counts for (word, spell, symbol, number, end) given the field and what came before."""
+_FUNCTION_WORDS = 120  # the most frequent English words: after them a symbol or the end is rare
+
+
+def _class_prior(field: int, prev: int, func: bool) -> list[int]:
+    """Starting counts for (word, spell, symbol, number, end) given the field, what came before and
+    whether it was a function word."""
+    if func:
+        return [80, 3, 2, 4, 1]
     if prev == _P_START:
         return [60, 2, 3, 2, 1]
     if prev == _P_WORD:
@@ -900,7 +908,9 @@ class _WordModel:
                     kind = _C_WORD
                 elif kind == _C_WORD:
                     kind = _C_SPELL
-            ctab = self._t(8, _class_prior, field, prev)
+            # after a function word ("the", "of", "with") a symbol or the end is rare
+            func = prev == _P_WORD and prev_slot is not None and prev_slot < _FUNCTION_WORDS
+            ctab = self._t(8, _class_prior, field, prev, func)
             kind = self.c.table(ctab, kind)
             if kind == _C_END:
                 gap = self._gap(prev_g, _G_END, gap)
