@@ -51,10 +51,11 @@ from miscnet.v1 import bitstream_pb2 as pb
 MODEL_VERSION = 2
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
 # crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
-MODEL_CHECKSUM = 65443392
+MODEL_CHECKSUM = 289061101
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
 _VISUAL_WORDS = Path(__file__).with_name("data") / "visual_words.txt"  # built by tools/build_visual_words.py
+_BIGRAMS = Path(__file__).with_name("data") / "word_bigrams.txt"  # built by tools/build_word_bigrams.py
 
 
 def misc_raw_bytes(sem: Semantics) -> int:
@@ -335,6 +336,9 @@ class _Lexicon:
     total: int
     top: int  # highest power of two <= len(static)
     spell: tuple[list[int], ...]  # per context p2 * 28 + p1: cumulative counts of END, a..z, other
+    # context (a word's slot, or _CTX_START / _CTX_COMMA / _CTX_NUMBER) -> (followers' slots, ascending;
+    # their counts; the counts' sum; the escape count)
+    bigrams: dict[int, tuple[tuple[int, ...], tuple[int, ...], int, int]]
     checksum: int
 
 
@@ -355,6 +359,28 @@ def _bucket_counts(n: int) -> list[int]:
         scale = decimal.Decimal(_FREQ_SCALE)
         return [max(1, int((scale * decimal.Decimal(10) ** (decimal.Decimal(-b) / 100))
                            .to_integral_value(decimal.ROUND_HALF_EVEN))) for b in range(n)]
+
+
+_CTX_START, _CTX_COMMA, _CTX_NUMBER, _CTX_WORD = -1, -2, -3, -4  # bigram contexts that are not one word
+_CTX_MARKS = {"<s>": _CTX_START, "<,>": _CTX_COMMA, "<n>": _CTX_NUMBER, "<w>": _CTX_WORD}
+_BIGRAM_ESC = (1, 1)  # the escape count is (distinct + unlisted followers) * num / den
+
+
+def _bigrams(index: dict[str, int]) -> dict[int, tuple[tuple[int, ...], tuple[int, ...], int, int]]:
+    out = {}
+    for line in _BIGRAMS.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        f = line.split(" ")
+        ctx = _CTX_MARKS.get(f[0], index.get(f[0]))
+        if ctx is None:
+            continue
+        seen, distinct = int(f[1]), int(f[2])
+        pairs = sorted((index[w], int(c)) for w, c in zip(f[3::2], f[4::2], strict=True) if w in index)
+        listed = sum(c for _, c in pairs)
+        esc = max(1, (distinct + seen - listed) * _BIGRAM_ESC[0] // _BIGRAM_ESC[1])
+        out[ctx] = (tuple(s for s, _ in pairs), tuple(c for _, c in pairs), listed, esc)
+    return out
 
 
 _SPELL_OTHER = 27  # a letter outside a..z: coded next from the learned-letter table
@@ -427,6 +453,7 @@ def _lexicon() -> _Lexicon:
                 counts[i] *= boost
     crc = zlib.crc32("\n".join(words).encode())
     crc = zlib.crc32(counts.astype("<i8").tobytes(), crc)
+    crc = zlib.crc32(_BIGRAMS.read_bytes(), crc)
 
     n = len(counts)
     cum = np.concatenate(([0], np.cumsum(counts)))
@@ -435,7 +462,8 @@ def _lexicon() -> _Lexicon:
     return _Lexicon(
         words=tuple(words), index=index, static=array.array("q", counts.tobytes()),
         tree=array.array("q", tree.astype(np.int64).tobytes()),
-        total=int(cum[-1]), top=1 << (n.bit_length() - 1), spell=_speller(ascii_common), checksum=crc,
+        total=int(cum[-1]), top=1 << (n.bit_length() - 1), spell=_speller(ascii_common),
+        bigrams=_bigrams(index), checksum=crc,
     )
 
 
@@ -535,9 +563,12 @@ def _gap_prior(prev: int, cur: int) -> list[int]:
 _FUNCTION_WORDS = 120  # the most frequent English words: after them a symbol or the end is rare
 
 
-def _class_prior(field: int, prev: int, func: bool) -> list[int]:
-    """Starting counts for (word, spell, symbol, number, end) given the field, what came before and
-    whether it was a function word."""
+_RUN_BUCKETS = (0, 1, 2, 3, 3, 3, 4, 4, 4, 4, 4, 4, 5)  # words since the last stop -> a context bucket
+
+
+def _class_prior(field: int, prev: int, func: bool, run: int) -> list[int]:
+    """Starting counts for (word, spell, symbol, number, end) given the field, what came before, whether
+    it was a function word, and how many words the sentence has so far (bucketed; the priors ignore it)."""
     if func:
         return [80, 3, 2, 4, 1]
     if prev == _P_START:
@@ -642,8 +673,8 @@ class _WordModel:
         self.cache: dict[int, int] = {}  # Fenwick nodes of the cache counts (sparse)
         self.cache_freq: dict[int, int] = {}  # slot -> cache count
         self.n = 0  # cache total
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # words sent that were in the cache already
+        self.misses = 0  # and that were not
         self.succ: dict[int, dict[int, int]] = {}  # slot -> {following slot: count}
         self.last_case: dict[int, int] = {}  # slot -> the case it was sent in last
         self.new_words: dict[str, int] = {}
@@ -664,27 +695,46 @@ class _WordModel:
         return t
 
     # ---- the word distribution: static counts, a sparse cache and the followers of the previous word
-    def _word_code(self, prev_slot: int | None, slot: int | None) -> int:
+    def _word_code(self, ctx: int | None, prev_slot: int | None, slot: int | None) -> int:
         lex = self.lex
         st, ct = lex.tree, self.cache
         if self.n:
             ws, wc = _CACHE_MISS0 + self.misses, _CACHE_HIT0 + self.hits
             a, b = ws * self.n, wc * lex.total
-            d0 = (ws + wc) * self.n * lex.total
+            total = (ws + wc) * self.n * lex.total
         else:
-            a, b, d0 = 1, 0, lex.total
-        follow = self.succ.get(prev_slot) if prev_slot is not None else None
-        if follow:
-            f_slots = sorted(follow)
-            f_cum = [0]
-            for s in f_slots:
-                f_cum.append(f_cum[-1] + follow[s])
-            esc = len(f_slots)
-            g = _SUCC_K * d0
+            a, b, total = 1, 0, lex.total
+        sparse: dict[int, int] = {}  # slot -> weight of the bigram parts
+        bg = None
+        if ctx is not None:
+            bg = lex.bigrams.get(ctx)
+            if bg is None and ctx >= 0:
+                bg = lex.bigrams.get(_CTX_WORD)
+        if bg is not None:
+            # P1(w) = W(w) / (W + esc) for a listed follower, else esc / (W + esc) * P0(w) / (1 - P0(listed)):
+            # the unigram part only ranks the words the list does not name
+            b_slots, b_counts, listed, esc = bg
+            cf = self.cache_freq
+            x = sum(a * lex.static[s] + b * cf.get(s, 0) for s in b_slots)
+            rest = total - x
             a, b = a * esc, b * esc
-            total = (_SUCC_K * f_cum[-1] + esc) * d0
-        else:
-            f_slots, f_cum, g, total = [], [0], 0, d0
+            sparse = {s: c * rest - a * lex.static[s] - b * cf.get(s, 0)
+                      for s, c in zip(b_slots, b_counts, strict=True)}
+            total = (listed + esc) * rest
+        follow = self.succ.get(prev_slot) if prev_slot is not None else None
+        if follow:  # P2 = (K a_p(w) + d_p P1(w)) / (K A_p + d_p)
+            d = len(follow)
+            a, b = a * d, b * d
+            sparse = {s: c * d for s, c in sparse.items()}
+            k_total = _SUCC_K * total
+            for s, c in follow.items():
+                sparse[s] = sparse.get(s, 0) + c * k_total
+            total *= _SUCC_K * sum(follow.values()) + d
+        f_slots = sorted(sparse)
+        f_cum = [0]
+        for s in f_slots:
+            f_cum.append(f_cum[-1] + sparse[s])
+        g = 1 if f_slots else 0
         if self.c.encoding:
             assert slot is not None
             cs = cc = 0
@@ -896,6 +946,7 @@ class _WordModel:
         toks = _tokens(text) if text is not None else None
         out: list[str] = []
         prev, prev_g, prev_case = _P_START, _G_START, -1
+        run = 0  # words since the field's start or the last full stop
         prev_slot: int | None = None  # the previous token's slot when it was a word or a number
         k = 0
         while True:
@@ -910,7 +961,7 @@ class _WordModel:
                     kind = _C_SPELL
             # after a function word ("the", "of", "with") a symbol or the end is rare
             func = prev == _P_WORD and prev_slot is not None and prev_slot < _FUNCTION_WORDS
-            ctab = self._t(8, _class_prior, field, prev, func)
+            ctab = self._t(8, _class_prior, field, prev, func, _RUN_BUCKETS[min(run, len(_RUN_BUCKETS) - 1)])
             kind = self.c.table(ctab, kind)
             if kind == _C_END:
                 gap = self._gap(prev_g, _G_END, gap)
@@ -926,7 +977,7 @@ class _WordModel:
                 cur_g = _gap_class(_C_SYM, tok)
             else:
                 if kind == _C_WORD:
-                    low, slot = self._code_word(prev, prev_slot, low)
+                    low, slot = self._code_word(field, prev, prev_slot, low)
                 elif kind == _C_SPELL:
                     low = self._spell(low)
                     if self._slot(low) is not None:
@@ -958,8 +1009,13 @@ class _WordModel:
             if self.chars > MAX_TEXT_CHARS:
                 raise BitstreamError("semantic layer: decoded text over the size limit")
             prev, prev_g, prev_slot = new_prev, cur_g, slot
+            run = 0 if prev in (_P_STOP, _P_NL) else run + (prev == _P_WORD)
 
-    def _code_word(self, prev: int, prev_slot: int | None, low: str | None) -> tuple[str, int | None]:
+    def _code_word(self, field: int, prev: int, prev_slot: int | None, low: str | None) -> tuple[str, int | None]:
+        # names and details start with a content word ("Red barn"), not like a sentence
+        start = prev in (_P_STOP, _P_NL) or (prev == _P_START and field == _F_CAPTION)
+        ctx = (_CTX_START if start else None if prev == _P_START else _CTX_COMMA if prev == _P_COMMA
+               else _CTX_NUMBER if prev == _P_DIGIT else prev_slot if prev == _P_WORD else None)
         if prev == _P_APOS:
             t = self._t(16, _suffix_prior)
             want = None
@@ -968,7 +1024,7 @@ class _WordModel:
             s = self.c.table(t, want)
             if s < len(_SUFFIXES):
                 return _SUFFIXES[s], None
-        slot = self._word_code(prev_slot, None if low is None else self._slot(low))
+        slot = self._word_code(ctx, prev_slot, None if low is None else self._slot(low))
         self._see(prev_slot, slot)
         return self._word(slot), slot
 
