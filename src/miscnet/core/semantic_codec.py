@@ -482,7 +482,8 @@ def _model() -> _Lexicon | None:
 # field kinds
 _F_NAME, _F_DETAIL, _F_CAPTION = range(3)
 # what came before, for the class and case contexts
-_P_START, _P_WORD, _P_STOP, _P_COMMA, _P_APOS, _P_NL, _P_DIGIT, _P_SYM = range(8)
+_P_START, _P_WORD, _P_STOP, _P_COMMA, _P_APOS, _P_NL, _P_DIGIT, _P_SYM, _P_NUMSEP = range(9)
+_NUM_SEPS = ":.,"  # right after a number with no space: a time, a decimal, thousands (_P_NUMSEP)
 # cases
 _LOWER, _TITLE, _UPPER, _MIXED = range(4)
 
@@ -502,7 +503,7 @@ _DASH = "-/\u2013\u2014"
 _GAP_MAX = 8  # gap symbols 0..7 are the gap; 8 means "8 more spaces, then another gap symbol"
 
 # gap classes
-_G_START, _G_WORD, _G_CLOSE, _G_OPEN, _G_QUOTE, _G_DASH, _G_NL, _G_DIGIT, _G_OTHER, _G_END = range(10)
+_G_START, _G_WORD, _G_CLOSE, _G_OPEN, _G_QUOTE, _G_DASH, _G_NL, _G_DIGIT, _G_OTHER, _G_END, _G_NUMSEP = range(11)
 
 # The word distribution mixes, with integer weights:
 #   P0(w) = (ws * S(w) / T + wc * c(w) / n) / (ws + wc)
@@ -543,7 +544,9 @@ def _gap_prior(prev: int, cur: int) -> list[int]:
     """Hand-set starting counts for the number of spaces between two token classes."""
     likely = 1  # one space, unless a rule below says otherwise
     strong = 60
-    if cur in (_G_END, _G_CLOSE, _G_NL) or prev in (_G_START, _G_OPEN, _G_NL):
+    if prev == _G_NUMSEP:
+        likely, strong = (0, 30) if cur == _G_DIGIT else (1, 30)
+    elif cur in (_G_END, _G_CLOSE, _G_NL) or prev in (_G_START, _G_OPEN, _G_NL):
         likely = 0
     elif prev == _G_DASH or cur == _G_DASH:
         likely, strong = 0, 12
@@ -583,6 +586,8 @@ def _class_prior(field: int, prev: int, func: bool, run: int) -> list[int]:
         return [40, 2, 4, 3, 1]
     if prev == _P_DIGIT:
         return [16, 2, 30, 1, 3]
+    if prev == _P_NUMSEP:
+        return [8, 1, 4, 60, 2]
     return [30, 2, 10, 4, 4]
 
 
@@ -591,7 +596,7 @@ def _symbol_prior(prev: int) -> list[int]:
     prior = [1] * (len(_SYMBOLS) + 1)
     if prev == _P_WORD:
         for c, n in ((".", 40), (",", 50), ("'", 6), ("-", 10), (":", 3), (";", 2), (")", 3),
-                     ("!", 2), ("?", 1), ("\u2019", 3), ("\n", 2), ('"', 2)):
+                     ("!", 2), ("?", 1), ("\u2019", 3), ("\n", 2), ('"', 6)):
             prior[_SYM_INDEX[c]] = n
     elif prev == _P_DIGIT:
         for c, n in ((".", 10), (",", 10), ("%", 3), ("-", 3), (":", 6), ("\u2013", 2), ("\u00b0", 2)):
@@ -638,8 +643,15 @@ def _case_of(word: str, low: str) -> int:
     return _MIXED
 
 
-def _length_prior(prev: int) -> list[int]:
-    return [30, 24, 14, 24, 6, 4, 3, 2, 1, 1, 1, 1]  # digits 1.._MAX_DIGITS
+def _length_prior(sep: str) -> list[int]:
+    """Starting counts of a number's length (1.._MAX_DIGITS digits) given the separator right before it."""
+    if sep == ":":
+        return [2, 60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # 10:45
+    if sep == ".":
+        return [12, 20, 8, 4, 1, 1, 1, 1, 1, 1, 1, 1]  # 91.25, 45.000
+    if sep == ",":
+        return [4, 12, 30, 2, 1, 1, 1, 1, 1, 1, 1, 1]  # 83,000, 1.299,00
+    return [30, 24, 14, 24, 6, 4, 3, 2, 1, 1, 1, 1]
 
 
 def _digit_prior(length: int, place: int, first: int) -> list[int]:
@@ -864,8 +876,8 @@ class _WordModel:
         self.letters.append(24)
         return new
 
-    def _number(self, prev: int, digits: str | None) -> str:
-        t = self._t(16, _length_prior, prev == _P_SYM)
+    def _number(self, sep: str, digits: str | None) -> str:
+        t = self._t(16, _length_prior, sep)
         length = self.c.table(t, None if digits is None else len(digits) - 1) + 1
         out = []
         first = 0
@@ -947,6 +959,8 @@ class _WordModel:
         out: list[str] = []
         prev, prev_g, prev_case = _P_START, _G_START, -1
         run = 0  # words since the field's start or the last full stop
+        quote_open = False  # a '"' opens a quote when none is open, else closes it
+        sep = ""  # the separator of _P_NUMSEP
         prev_slot: int | None = None  # the previous token's slot when it was a word or a number
         k = 0
         while True:
@@ -975,6 +989,10 @@ class _WordModel:
                             else _P_NL if tok == "\n" else _P_APOS if tok in _APOS and prev == _P_WORD
                             else _P_SYM)
                 cur_g = _gap_class(_C_SYM, tok)
+                if tok == '"':  # an opening quote follows a space, a closing one a word
+                    cur_g = _G_CLOSE if quote_open else _G_OPEN
+                    new_prev = _P_WORD if quote_open else _P_SYM
+                    quote_open = not quote_open
             else:
                 if kind == _C_WORD:
                     low, slot = self._code_word(field, prev, prev_slot, low)
@@ -984,7 +1002,7 @@ class _WordModel:
                         raise BitstreamError("semantic layer: corrupt word-model payload (known word spelt)")
                     slot = self._add_word(low)
                 else:
-                    low = self._number(prev, low)
+                    low = self._number(sep if prev == _P_NUMSEP else "", low)
                     if self._slot(low) is not None:
                         raise BitstreamError("semantic layer: corrupt word-model payload (known number spelt)")
                     slot = self._add_word(low)
@@ -1003,6 +1021,8 @@ class _WordModel:
                     prev_case = case
                     new_prev, cur_g = _P_WORD, _G_WORD
             gap = self._gap(prev_g, cur_g, gap)
+            if kind == _C_SYM and prev == _P_DIGIT and gap == 0 and tok in _NUM_SEPS:
+                new_prev, cur_g, sep = _P_NUMSEP, _G_NUMSEP, tok
             out.append(" " * gap)
             out.append(tok)
             self.chars += gap + len(tok)
