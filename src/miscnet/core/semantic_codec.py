@@ -421,15 +421,17 @@ def _lexicon() -> _Lexicon:
     """Build the static model once per process (about 1 s, mostly reading wordfreq's lists)."""
     import wordfreq  # imported here: only the word model needs it
 
+    # wordfreq caches every list it reads; reading them past its cache lets the strings we do not keep go
+    read = getattr(wordfreq.get_frequency_list, "__wrapped__", wordfreq.get_frequency_list)
     per_bucket = _bucket_counts(800)
     words: list[str] = []
     counts_l: list[int] = []
     seen: set[str] = set()
     ascii_common: list[str] = []
     # English: every word of wordfreq's list; bucket b holds words of frequency 10**(-b/100)
-    for b, bucket in enumerate(wordfreq.get_frequency_list("en")):
+    for b, bucket in enumerate(read("en")):
         for w in bucket:
-            if w not in seen and _lower_word(w):
+            if w not in seen and ((w.isascii() and w.isalpha() and w.islower()) or _lower_word(w)):
                 seen.add(w)
                 words.append(w)
                 counts_l.append(per_bucket[b])
@@ -437,7 +439,7 @@ def _lexicon() -> _Lexicon:
                     ascii_common.append(w)
     # other languages: their common words English lacks, much less likely (names, shop signs, menus)
     for lang in _FOREIGN:
-        for b, bucket in enumerate(wordfreq.get_frequency_list(lang)[:_FOREIGN_BUCKETS]):
+        for b, bucket in enumerate(read(lang)[:_FOREIGN_BUCKETS]):
             c = max(1, per_bucket[b] >> _FOREIGN_SHIFT)
             for w in bucket:
                 if w not in seen and _lower_word(w):
