@@ -320,7 +320,7 @@ def _tokens(text: str) -> list[tuple[int, int, str]]:
 _FREQ_SCALE = 1 << 28  # static word counts: frequency * 2**28 (the rarest wordfreq words get 3)
 _CAPTION_BOOST = 8  # image-description words are this much likelier than in general text
 _VISUAL_BOOST = 3  # and so are words that name things one can see (WordNet's concrete senses)
-_FOREIGN = ("fr", "de", "es", "it", "pt", "nl")  # wordfreq lists whose words join the vocabulary
+_FOREIGN = ("fr", "de", "es", "it", "pt", "nl", "ru")  # wordfreq lists whose words join the vocabulary
 _FOREIGN_SHIFT = 5  # a word only another language knows: its frequency there / 2**5
 _FOREIGN_BUCKETS = 600  # of those lists, the words above frequency 10**-6
 _MAX_NEW_WORDS = 1 << 14  # spelt words and numbers that join the cache; later ones are spelt every time
