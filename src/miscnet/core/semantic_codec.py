@@ -51,11 +51,12 @@ from miscnet.v1 import bitstream_pb2 as pb
 MODEL_VERSION = 2
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
 # crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
-MODEL_CHECKSUM = 289061101
+MODEL_CHECKSUM = 841382753
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
 _VISUAL_WORDS = Path(__file__).with_name("data") / "visual_words.txt"  # built by tools/build_visual_words.py
 _BIGRAMS = Path(__file__).with_name("data") / "word_bigrams.txt"  # built by tools/build_word_bigrams.py
+_ASSOCIATIONS = Path(__file__).with_name("data") / "word_associations.txt"  # tools/build_word_associations.py
 
 
 def misc_raw_bytes(sem: Semantics) -> int:
@@ -65,7 +66,7 @@ def misc_raw_bytes(sem: Semantics) -> int:
 
 # =========================================================================== range coder
 # A carry-propagating range coder on a 128-bit window (Python integers). Frequencies are integers with a
-# total below 2**100, so the range (kept >= 2**120) divided by the total loses at most 2**-20 relative. The
+# total below 2**110, so the range (kept >= 2**120) divided by the total loses at most 2**-10 relative. The
 # wide window lets the word model mix several distributions exactly, as products of their totals.
 
 _WINDOW = 16  # bytes
@@ -73,7 +74,7 @@ _SHIFT = 8 * (_WINDOW - 1)
 _TOP = 1 << (8 * _WINDOW)
 _MASK = _TOP - 1
 _BOT = 1 << _SHIFT
-_MAX_TOTAL = 1 << 100
+_MAX_TOTAL = 1 << 110
 # The encoder drops at most this many trailing zero bytes (the decoder reads zeros past the end),
 # so a decoder that needs more than that past the end knows the payload is truncated or garbage.
 _MAX_ZERO_RUN = 24
@@ -339,6 +340,7 @@ class _Lexicon:
     # context (a word's slot, or _CTX_START / _CTX_COMMA / _CTX_NUMBER) -> (followers' slots, ascending;
     # their counts; the counts' sum; the escape count)
     bigrams: dict[int, tuple[tuple[int, ...], tuple[int, ...], int, int]]
+    associates: dict[int, tuple[int, ...]]  # slot -> the slots of the words that come with it, strongest first
     checksum: int
 
 
@@ -380,6 +382,17 @@ def _bigrams(index: dict[str, int]) -> dict[int, tuple[tuple[int, ...], tuple[in
         listed = sum(c for _, c in pairs)
         esc = max(1, (distinct + seen - listed) * _BIGRAM_ESC[0] // _BIGRAM_ESC[1])
         out[ctx] = (tuple(s for s, _ in pairs), tuple(c for _, c in pairs), listed, esc)
+    return out
+
+
+def _associations(index: dict[str, int]) -> dict[int, tuple[int, ...]]:
+    out = {}
+    for line in _ASSOCIATIONS.read_text(encoding="utf-8").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        f = line.split(" ")
+        if f[0] in index:
+            out[index[f[0]]] = tuple(index[w] for w in f[1:] if w in index)
     return out
 
 
@@ -456,6 +469,7 @@ def _lexicon() -> _Lexicon:
     crc = zlib.crc32("\n".join(words).encode())
     crc = zlib.crc32(counts.astype("<i8").tobytes(), crc)
     crc = zlib.crc32(_BIGRAMS.read_bytes(), crc)
+    crc = zlib.crc32(_ASSOCIATIONS.read_bytes(), crc)
 
     n = len(counts)
     cum = np.concatenate(([0], np.cumsum(counts)))
@@ -465,7 +479,7 @@ def _lexicon() -> _Lexicon:
         words=tuple(words), index=index, static=array.array("q", counts.tobytes()),
         tree=array.array("q", tree.astype(np.int64).tobytes()),
         total=int(cum[-1]), top=1 << (n.bit_length() - 1), spell=_speller(ascii_common),
-        bigrams=_bigrams(index), checksum=crc,
+        bigrams=_bigrams(index), associates=_associations(index), checksum=crc,
     )
 
 
@@ -520,6 +534,12 @@ _CACHE_HIT0 = 1
 _CACHE_MISS0 = 3
 _CACHE_HALVE = 256  # hits + misses are halved past this, so the weight follows the text
 _SUCC_K = 2
+# ... and the associates of the content words sent so far (data/word_associations.txt: "bakery" brings
+# "pastries", "cakes", "oven"): a third part of P0 of weight _ASSOC_WEIGHT / 8 of the static part's, each
+# associate counting _ASSOC_TOP minus its rank; halved past _ASSOC_MAX.
+_ASSOC_WEIGHT = 1
+_ASSOC_TOP = 14
+_ASSOC_MAX = 1 << 15
 
 
 def _gap_class(kind: int, text: str) -> int:
@@ -690,6 +710,9 @@ class _WordModel:
         self.hits = 0  # words sent that were in the cache already
         self.misses = 0  # and that were not
         self.succ: dict[int, dict[int, int]] = {}  # slot -> {following slot: count}
+        self.assoc: dict[int, int] = {}  # slot -> association count
+        self.assoc_n = 0
+        self.assoc_seen: set[int] = set()
         self.last_case: dict[int, int] = {}  # slot -> the case it was sent in last
         self.new_words: dict[str, int] = {}
         self.new_list: list[str] = []
@@ -718,7 +741,12 @@ class _WordModel:
             total = (ws + wc) * self.n * lex.total
         else:
             a, b, total = 1, 0, lex.total
-        sparse: dict[int, int] = {}  # slot -> weight of the bigram parts
+        sparse: dict[int, int] = {}  # slot -> weight of the sparse parts
+        if self.assoc_n and _ASSOC_WEIGHT:  # P0' = (8 P0 + w A(w) / A) / (8 + w)
+            wa = total * _ASSOC_WEIGHT  # the associates' part, before dividing by their total
+            a, b = a * 8 * self.assoc_n, b * 8 * self.assoc_n
+            sparse = {s: c * wa for s, c in self.assoc.items()}
+            total *= (8 + _ASSOC_WEIGHT) * self.assoc_n
         bg = None
         if ctx is not None:
             bg = lex.bigrams.get(ctx)
@@ -729,11 +757,12 @@ class _WordModel:
             # the unigram part only ranks the words the list does not name
             b_slots, b_counts, listed, esc = bg
             cf = self.cache_freq
-            x = sum(a * lex.static[s] + b * cf.get(s, 0) for s in b_slots)
+            x = sum(a * lex.static[s] + b * cf.get(s, 0) + sparse.get(s, 0) for s in b_slots)
             rest = total - x
             a, b = a * esc, b * esc
-            sparse = {s: c * rest - a * lex.static[s] - b * cf.get(s, 0)
-                      for s, c in zip(b_slots, b_counts, strict=True)}
+            sparse = {s: c * esc for s, c in sparse.items()}
+            for s, c in zip(b_slots, b_counts, strict=True):
+                sparse[s] = c * rest - a * lex.static[s] - b * cf.get(s, 0)
             total = (listed + esc) * rest
         follow = self.succ.get(prev_slot) if prev_slot is not None else None
         if follow:  # P2 = (K a_p(w) + d_p P1(w)) / (K A_p + d_p)
@@ -808,6 +837,15 @@ class _WordModel:
                 self._fenwick_add(k, c)
         self._fenwick_add(slot, 1)
         self.cache_freq[slot] = self.cache_freq.get(slot, 0) + 1
+        assoc = self.lex.associates.get(slot)
+        if assoc and slot not in self.assoc_seen:
+            self.assoc_seen.add(slot)
+            if self.assoc_n >= _ASSOC_MAX:
+                self.assoc = {k: c // 2 for k, c in self.assoc.items() if c >= 2}
+                self.assoc_n = sum(self.assoc.values())
+            for rank, s in enumerate(assoc[:_ASSOC_TOP]):
+                self.assoc[s] = self.assoc.get(s, 0) + _ASSOC_TOP - rank
+                self.assoc_n += _ASSOC_TOP - rank
         if prev_slot is not None:
             follow = self.succ.setdefault(prev_slot, {})
             if follow.get(slot, 0) < _CACHE_MAX:
