@@ -51,7 +51,7 @@ from miscnet.v1 import bitstream_pb2 as pb
 MODEL_VERSION = 2
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
 # crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
-MODEL_CHECKSUM = 841382753
+MODEL_CHECKSUM = 155847808
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
 _VISUAL_WORDS = Path(__file__).with_name("data") / "visual_words.txt"  # built by tools/build_visual_words.py
@@ -460,7 +460,8 @@ def _lexicon() -> _Lexicon:
                     words.append(w)
                     counts_l.append(c)
     index = dict(zip(words, range(len(words)), strict=True))
-    counts = np.array(counts_l + [0] * _MAX_NEW_WORDS, dtype=np.int64)
+    # a learned word's slot keeps a count of 1, so it can always be coded (even after the cache halves)
+    counts = np.array(counts_l + [1] * _MAX_NEW_WORDS, dtype=np.int64)
     for path, boost in ((_CAPTION_WORDS, _CAPTION_BOOST), (_VISUAL_WORDS, _VISUAL_BOOST)):
         for w in _caption_words(path):
             i = index.get(w)
@@ -540,6 +541,7 @@ _SUCC_K = 2
 _ASSOC_WEIGHT = 1
 _ASSOC_TOP = 14
 _ASSOC_MAX = 1 << 15
+_FOLLOW_MAX = 64  # distinct followers remembered per word (bounds the work per word)
 
 
 def _gap_class(kind: int, text: str) -> int:
@@ -697,6 +699,15 @@ _COMMON_LETTERS = (  # starting counts of the learned-letter table: letters of E
 )
 
 
+def _fenwick_add(tree: dict[int, int], size: int, slot: int, c: int) -> int:
+    """Add ``c`` at ``slot`` to a sparse Fenwick tree (1-based nodes) over ``size`` slots; returns ``c``."""
+    i = slot + 1
+    while i <= size:
+        tree[i] = tree.get(i, 0) + c
+        i += i & -i
+    return c
+
+
 class _WordModel:
     """The adaptive state shared by encoder and decoder; ``code_field`` walks one field."""
 
@@ -711,6 +722,7 @@ class _WordModel:
         self.misses = 0  # and that were not
         self.succ: dict[int, dict[int, int]] = {}  # slot -> {following slot: count}
         self.assoc: dict[int, int] = {}  # slot -> association count
+        self.assoc_tree: dict[int, int] = {}  # its Fenwick nodes (sparse)
         self.assoc_n = 0
         self.assoc_seen: set[int] = set()
         self.last_case: dict[int, int] = {}  # slot -> the case it was sent in last
@@ -734,19 +746,17 @@ class _WordModel:
     # ---- the word distribution: static counts, a sparse cache and the followers of the previous word
     def _word_code(self, ctx: int | None, prev_slot: int | None, slot: int | None) -> int:
         lex = self.lex
-        st, ct = lex.tree, self.cache
-        if self.n:
-            ws, wc = _CACHE_MISS0 + self.misses, _CACHE_HIT0 + self.hits
-            a, b = ws * self.n, wc * lex.total
-            total = (ws + wc) * self.n * lex.total
-        else:
-            a, b, total = 1, 0, lex.total
-        sparse: dict[int, int] = {}  # slot -> weight of the sparse parts
-        if self.assoc_n and _ASSOC_WEIGHT:  # P0' = (8 P0 + w A(w) / A) / (8 + w)
-            wa = total * _ASSOC_WEIGHT  # the associates' part, before dividing by their total
-            a, b = a * 8 * self.assoc_n, b * 8 * self.assoc_n
-            sparse = {s: c * wa for s, c in self.assoc.items()}
-            total *= (8 + _ASSOC_WEIGHT) * self.assoc_n
+        st, ct, at = lex.tree, self.cache, self.assoc_tree
+        sf, cf, af = lex.static, self.cache_freq, self.assoc
+        # P0: static S (total T), cache c (total n), associates A (total m), with integer weights
+        # a * S(w) + b * c(w) + e * A(w), a total of a * T + b * n + e * m
+        ws = _CACHE_MISS0 + self.misses
+        wc = _CACHE_HIT0 + self.hits if self.n else 0
+        wa = _ASSOC_WEIGHT if self.assoc_n else 0
+        n, m = max(self.n, 1), max(self.assoc_n, 1)
+        a, b, e = ws * n * m, wc * lex.total * m, wa * lex.total * n
+        total = (ws + wc + wa) * lex.total * n * m
+        sparse: dict[int, int] = {}  # slot -> weight on top of a * S + b * c + e * A
         bg = None
         if ctx is not None:
             bg = lex.bigrams.get(ctx)
@@ -756,18 +766,15 @@ class _WordModel:
             # P1(w) = W(w) / (W + esc) for a listed follower, else esc / (W + esc) * P0(w) / (1 - P0(listed)):
             # the unigram part only ranks the words the list does not name
             b_slots, b_counts, listed, esc = bg
-            cf = self.cache_freq
-            x = sum(a * lex.static[s] + b * cf.get(s, 0) + sparse.get(s, 0) for s in b_slots)
-            rest = total - x
-            a, b = a * esc, b * esc
-            sparse = {s: c * esc for s, c in sparse.items()}
-            for s, c in zip(b_slots, b_counts, strict=True):
-                sparse[s] = c * rest - a * lex.static[s] - b * cf.get(s, 0)
+            p0 = [a * sf[s] + b * cf.get(s, 0) + e * af.get(s, 0) for s in b_slots]
+            rest = total - sum(p0)
+            a, b, e = a * esc, b * esc, e * esc
+            sparse = {s: c * rest - esc * p for s, c, p in zip(b_slots, b_counts, p0, strict=True)}
             total = (listed + esc) * rest
         follow = self.succ.get(prev_slot) if prev_slot is not None else None
         if follow:  # P2 = (K a_p(w) + d_p P1(w)) / (K A_p + d_p)
             d = len(follow)
-            a, b = a * d, b * d
+            a, b, e = a * d, b * d, e * d
             sparse = {s: c * d for s, c in sparse.items()}
             k_total = _SUCC_K * total
             for s, c in follow.items():
@@ -777,50 +784,48 @@ class _WordModel:
         f_cum = [0]
         for s in f_slots:
             f_cum.append(f_cum[-1] + sparse[s])
-        g = 1 if f_slots else 0
+
+        def freq_of(x: int) -> int:
+            f = a * sf[x] + b * cf.get(x, 0) + e * af.get(x, 0)
+            k = bisect.bisect_left(f_slots, x)
+            if k < len(f_slots) and f_slots[k] == x:
+                f += f_cum[k + 1] - f_cum[k]
+            return f
+
         if self.c.encoding:
             assert slot is not None
-            cs = cc = 0
+            cs = cc = ca = 0
             i = slot
             while i > 0:
                 cs += st[i]
                 cc += ct.get(i, 0)
+                ca += at.get(i, 0)
                 i -= i & -i
-            k = bisect.bisect_left(f_slots, slot)
-            cum = a * cs + b * cc + g * f_cum[k]
-            freq = a * lex.static[slot] + b * self.cache_freq.get(slot, 0)
-            if k < len(f_slots) and f_slots[k] == slot:
-                freq += g * (f_cum[k + 1] - f_cum[k])
-            self.c.enc.encode(cum, freq, total)
+            cum = a * cs + b * cc + e * ca + f_cum[bisect.bisect_left(f_slots, slot)]
+            self.c.enc.encode(cum, freq_of(slot), total)
             return slot
         v = self.c.dec.target(total)
-        pos, rem, step, n = 0, v, lex.top, len(lex.static)
-        lo_k = 0  # followers below pos
+        pos, rem, step, size = 0, v, lex.top, len(sf)
+        lo_k = 0  # sparse entries below pos
         while step:
             nxt = pos + step
-            if nxt <= n:
-                t = a * st[nxt] + b * ct.get(nxt, 0)
-                if g:
-                    hi_k = bisect.bisect_left(f_slots, nxt)
-                    t += g * (f_cum[hi_k] - f_cum[lo_k])
+            if nxt <= size:
+                hi_k = bisect.bisect_left(f_slots, nxt, lo_k)
+                t = a * st[nxt] + b * ct.get(nxt, 0) + e * at.get(nxt, 0) + f_cum[hi_k] - f_cum[lo_k]
                 if t <= rem:
                     pos = nxt
                     rem -= t
-                    if g:
-                        lo_k = hi_k
+                    lo_k = hi_k
             step >>= 1
-        if pos >= n:
-            raise BitstreamError("semantic layer: corrupt word-model payload")
-        freq = a * lex.static[pos] + b * self.cache_freq.get(pos, 0)
-        if lo_k < len(f_slots) and f_slots[lo_k] == pos:
-            freq += g * (f_cum[lo_k + 1] - f_cum[lo_k])
+        freq = freq_of(pos) if pos < size else 0
         if freq <= 0:
             raise BitstreamError("semantic layer: corrupt word-model payload")
         self.c.dec.consume(v - rem, freq)
         return pos
 
     def _see(self, prev_slot: int | None, slot: int) -> None:
-        """Count a word just sent: captions repeat the objects' names, their own words and phrases."""
+        """Count a word just sent: captions repeat the objects' names, their own words and phrases, and
+        name things that go together."""
         if self.n:
             if slot in self.cache_freq:
                 self.hits += 1
@@ -830,33 +835,29 @@ class _WordModel:
                 self.hits >>= 1
                 self.misses >>= 1
         if self.n >= _CACHE_MAX:  # halve, so long texts keep adapting and totals stay bounded
-            self.cache_freq = {k: c // 2 for k, c in self.cache_freq.items() if c >= 2}
-            self.cache = {}
-            self.n = 0
-            for k, c in sorted(self.cache_freq.items()):
-                self._fenwick_add(k, c)
-        self._fenwick_add(slot, 1)
+            self.cache_freq, self.cache, self.n = self._halved(self.cache_freq)
+        self.n += _fenwick_add(self.cache, len(self.lex.static), slot, 1)
         self.cache_freq[slot] = self.cache_freq.get(slot, 0) + 1
         assoc = self.lex.associates.get(slot)
         if assoc and slot not in self.assoc_seen:
             self.assoc_seen.add(slot)
             if self.assoc_n >= _ASSOC_MAX:
-                self.assoc = {k: c // 2 for k, c in self.assoc.items() if c >= 2}
-                self.assoc_n = sum(self.assoc.values())
+                self.assoc, self.assoc_tree, self.assoc_n = self._halved(self.assoc)
             for rank, s in enumerate(assoc[:_ASSOC_TOP]):
                 self.assoc[s] = self.assoc.get(s, 0) + _ASSOC_TOP - rank
-                self.assoc_n += _ASSOC_TOP - rank
+                self.assoc_n += _fenwick_add(self.assoc_tree, len(self.lex.static), s, _ASSOC_TOP - rank)
         if prev_slot is not None:
             follow = self.succ.setdefault(prev_slot, {})
-            if follow.get(slot, 0) < _CACHE_MAX:
-                follow[slot] = follow.get(slot, 0) + 1
+            c = follow.get(slot, 0)
+            if c < _CACHE_MAX and (c or len(follow) < _FOLLOW_MAX):
+                follow[slot] = c + 1
 
-    def _fenwick_add(self, slot: int, c: int) -> None:
-        self.n += c
-        i, n, ct = slot + 1, len(self.lex.static), self.cache
-        while i <= n:
-            ct[i] = ct.get(i, 0) + c
-            i += i & -i
+    def _halved(self, counts: dict[int, int]) -> tuple[dict[int, int], dict[int, int], int]:
+        """(halved counts, their Fenwick nodes, their total)."""
+        half = {k: c // 2 for k, c in counts.items() if c >= 2}
+        tree: dict[int, int] = {}
+        total = sum(_fenwick_add(tree, len(self.lex.static), k, c) for k, c in sorted(half.items()))
+        return half, tree, total
 
     def _slot(self, word: str) -> int | None:
         i = self.lex.index.get(word)
@@ -866,7 +867,11 @@ class _WordModel:
 
     def _word(self, slot: int) -> str:
         n = len(self.lex.words)
-        return self.lex.words[slot] if slot < n else self.new_list[slot - n]
+        if slot < n:
+            return self.lex.words[slot]
+        if slot - n >= len(self.new_list):
+            raise BitstreamError("semantic layer: corrupt word-model payload (a word not learned yet)")
+        return self.new_list[slot - n]
 
     def _spell(self, word: str | None) -> str:
         """A lower-case word letter by letter: a..z from the trigram speller, others from the learned
