@@ -51,7 +51,7 @@ from miscnet.v1 import bitstream_pb2 as pb
 MODEL_VERSION = 2
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
 # crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
-MODEL_CHECKSUM = 155847808
+MODEL_CHECKSUM = 3992526208
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
 _VISUAL_WORDS = Path(__file__).with_name("data") / "visual_words.txt"  # built by tools/build_visual_words.py
@@ -319,10 +319,10 @@ def _tokens(text: str) -> list[tuple[int, int, str]]:
 # =========================================================================== static lexicon
 
 _FREQ_SCALE = 1 << 28  # static word counts: frequency * 2**28 (the rarest wordfreq words get 3)
-_CAPTION_BOOST = 8  # image-description words are this much likelier than in general text
+_CAPTION_BOOST = 12  # image-description words are this much likelier than in general text
 _VISUAL_BOOST = 3  # and so are words that name things one can see (WordNet's concrete senses)
 _FOREIGN = ("fr", "de", "es", "it", "pt", "nl", "ru")  # wordfreq lists whose words join the vocabulary
-_FOREIGN_SHIFT = 5  # a word only another language knows: its frequency there / 2**5
+_FOREIGN_SHIFT = 6  # a word only another language knows: its frequency there / 2**5
 _FOREIGN_BUCKETS = 600  # of those lists, the words above frequency 10**-6
 _MAX_NEW_WORDS = 1 << 14  # spelt words and numbers that join the cache; later ones are spelt every time
 _SPELL_CUTOFF = 700  # letter statistics from words above frequency 10**-7 (the tail is noisy)
@@ -534,7 +534,8 @@ _CACHE_MAX = 2048
 _CACHE_HIT0 = 1
 _CACHE_MISS0 = 3
 _CACHE_HALVE = 256  # hits + misses are halved past this, so the weight follows the text
-_SUCC_K = 2
+_SUCC_K = 1
+_SUCC_D = 2  # the escape d_p counts this many times
 # ... and the associates of the content words sent so far (data/word_associations.txt: "bakery" brings
 # "pastries", "cakes", "oven"): a third part of P0 of weight _ASSOC_WEIGHT / 8 of the static part's, each
 # associate counting _ASSOC_TOP minus its rank; halved past _ASSOC_MAX.
@@ -773,7 +774,7 @@ class _WordModel:
             total = (listed + esc) * rest
         follow = self.succ.get(prev_slot) if prev_slot is not None else None
         if follow:  # P2 = (K a_p(w) + d_p P1(w)) / (K A_p + d_p)
-            d = len(follow)
+            d = len(follow) * _SUCC_D
             a, b, e = a * d, b * d, e * d
             sparse = {s: c * d for s, c in sparse.items()}
             k_total = _SUCC_K * total
