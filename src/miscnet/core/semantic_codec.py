@@ -749,29 +749,32 @@ class _WordModel:
         lex = self.lex
         st, ct, at = lex.tree, self.cache, self.assoc_tree
         sf, cf, af = lex.static, self.cache_freq, self.assoc
-        # P0: static S (total T), cache c (total n), associates A (total m), with integer weights
-        # a * S(w) + b * c(w) + e * A(w), a total of a * T + b * n + e * m
-        ws = _CACHE_MISS0 + self.misses
-        wc = _CACHE_HIT0 + self.hits if self.n else 0
-        wa = _ASSOC_WEIGHT if self.assoc_n else 0
-        n, m = max(self.n, 1), max(self.assoc_n, 1)
-        a, b, e = ws * n * m, wc * lex.total * m, wa * lex.total * n
-        total = (ws + wc + wa) * lex.total * n * m
-        sparse: dict[int, int] = {}  # slot -> weight on top of a * S + b * c + e * A
+        # PS: the static counts S (total T), or where the previous token has a list of followers W (total
+        # L, escape count esc): PS(w) = W(w) / (L + esc) for a listed follower, else
+        # esc / (L + esc) * S(w) / (T - S(listed)): the unigram part only ranks the words the list does not name
+        a, sparse, total_s = 1, {}, lex.total  # PS's weights: a * S(w) + sparse[w], total total_s
         bg = None
         if ctx is not None:
             bg = lex.bigrams.get(ctx)
             if bg is None and ctx >= 0:
                 bg = lex.bigrams.get(_CTX_WORD)
         if bg is not None:
-            # P1(w) = W(w) / (W + esc) for a listed follower, else esc / (W + esc) * P0(w) / (1 - P0(listed)):
-            # the unigram part only ranks the words the list does not name
             b_slots, b_counts, listed, esc = bg
-            p0 = [a * sf[s] + b * cf.get(s, 0) + e * af.get(s, 0) for s in b_slots]
-            rest = total - sum(p0)
-            a, b, e = a * esc, b * esc, e * esc
-            sparse = {s: c * rest - esc * p for s, c, p in zip(b_slots, b_counts, p0, strict=True)}
-            total = (listed + esc) * rest
+            rest = lex.total - sum(sf[s] for s in b_slots)
+            a = esc
+            sparse = {s: c * rest - esc * sf[s] for s, c in zip(b_slots, b_counts, strict=True)}
+            total_s = (listed + esc) * rest
+        # P1 = (ws * PS(w) + wc * c(w) / n + wa * A(w) / m) / (ws + wc + wa): the cache c of the words sent
+        # (total n) and the associates A of the content words sent (total m)
+        ws = _CACHE_MISS0 + self.misses
+        wc = _CACHE_HIT0 + self.hits if self.n else 0
+        wa = _ASSOC_WEIGHT if self.assoc_n else 0
+        n, m = max(self.n, 1), max(self.assoc_n, 1)
+        k = ws * n * m
+        a *= k
+        sparse = {s: c * k for s, c in sparse.items()}
+        b, e = wc * total_s * m, wa * total_s * n
+        total = (ws + wc + wa) * total_s * n * m
         follow = self.succ.get(prev_slot) if prev_slot is not None else None
         if follow:  # P2 = (K a_p(w) + d_p P1(w)) / (K A_p + d_p)
             d = len(follow) * _SUCC_D
