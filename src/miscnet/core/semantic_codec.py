@@ -6,28 +6,50 @@ smallest payload:
 
 * ``CODEC_TEXT_RAW``: UTF-8;
 * ``CODEC_TEXT_BROTLI``: brotli at quality 11 (its built-in dictionary knows English);
-* ``CODEC_TEXT_WORDMODEL``: a word-level model (wordfreq's English unigram frequencies, a boost
-  for words that image descriptions use, and an adaptive cache of the words already sent) driving
-  an arithmetic (range) coder.
+* ``CODEC_TEXT_WORDMODEL``: a word-level model driving an arithmetic (range) coder.
 
 For raw and brotli the fields are joined by ``\\n`` (a backslash and newlines inside a field are
-escaped). The word model codes fields one after the other, each ended by an END symbol. A field is
-tokenised into ASCII letter runs (words), single other characters (symbols) and runs of spaces
-(gaps). Each token is coded as a class (word in the vocabulary or cache / word to spell / symbol /
-end of field), then its content, then the number of spaces in front of it, all with contexts
-chosen so the common cases cost almost nothing: a space between words, no space before a comma, a
-capital after a full stop, "s" after an apostrophe. Words outside the vocabulary are spelt with a
-letter-bigram model and join the cache; characters outside the symbol table are sent as code
-points once and learned. So any string, of any script, round-trips exactly.
+escaped). The word model (version 2) codes fields one after the other, each ended by an END symbol.
+A field is tokenised into words (runs of letters: a..z, A..Z and the letters of Latin-1, Latin
+Extended-A/B, Greek, Cyrillic and Latin Extended Additional whose lower case maps back), numbers
+(runs of up to 12 ASCII digits), single other characters (symbols) and runs of spaces (gaps). Each
+token is coded as a class (word in the vocabulary or cache / word to spell / symbol / number / end of
+field), then its content, then the number of spaces in front of it, all with contexts chosen so the
+common cases cost almost nothing: a space between words, no space before a comma, a capital after a
+full stop, "s" after an apostrophe, no space inside 10:45 or 91.25, a closing quote after a word.
 
-The range coder is our own (64-bit window, integer frequencies, Python integers) rather than
+A word's lower case is coded from a mixture of integer distributions:
+
+* the static vocabulary: wordfreq 3.1.1's English list, then the common words of its French, German,
+  Spanish, Italian, Portuguese, Dutch and Russian lists that English lacks (at 1/64 of their
+  frequency there), with boosts for words image descriptions use (data/caption_words.txt) and words
+  that name things one can see (data/visual_words.txt, from WordNet 3.0);
+* where the previous token is one of the commonest words (or a sentence start, a comma, a number),
+  the words that follow it in WordNet 3.0's glosses (data/word_bigrams.txt), the unigram part then
+  ranking only the words that list does not name;
+* an adaptive cache of the words and numbers sent so far, weighted by how often words were repeats;
+* the associates of the content words sent so far (data/word_associations.txt: "bakery" brings
+  "pastries" and "cakes");
+* the words that followed the previous word earlier in the payload (texts repeat their phrases).
+
+Its case is coded next, in the context of the case the word had the last time. Words outside the
+vocabulary are spelt with a letter-trigram model (letters outside a..z from a learned table or as
+a code point) and join the cache, as do numbers, coded by length and digits; characters outside
+the symbol table are sent as code points once and learned. So any string, of any script,
+round-trips exactly.
+
+The range coder is our own (128-bit window, integer frequencies, Python integers) rather than
 constriction's: the model is part of the format, so it must be integer arithmetic that no library
 release can change, and the coder flushes byte-exactly where a 32-bit-word coder wastes up to 4
-bytes per layer.
+bytes per layer. The wide window lets the mixture be coded exactly as products of its parts' totals.
 
-The model depends on wordfreq 3.1.1's data and on data/caption_words.txt; a checksum of both is
-pinned, and a mismatch disables the word model (the encoder falls back to brotli and the decoder
-refuses such payloads) instead of silently decoding garbage.
+The model depends on wordfreq 3.1.1's data and on the files in data/ (built by the scripts in tools/
+from WordNet 3.0, see their docstrings); a checksum of all of it is pinned (MODEL_CHECKSUM), and a
+mismatch disables the word model (the encoder falls back to brotli and the decoder refuses such
+payloads) instead of silently decoding garbage. Version 1 payloads (the unigram model of before) are
+refused with an error naming the version; a change to the model or its data needs a new
+MODEL_VERSION. The work one payload can cause is bounded: at most MAX_TEXT_CHARS decoded characters,
+_MAX_NEW_WORDS learned words, _FOLLOW_MAX remembered followers per word, and halved caches.
 """
 
 from __future__ import annotations
@@ -48,9 +70,10 @@ from miscnet.core.errors import BitstreamError, SemanticsError
 from miscnet.core.semantics import MAX_OBJECTS_HARD, SemanticObject, Semantics
 from miscnet.v1 import bitstream_pb2 as pb
 
-MODEL_VERSION = 2
+MODEL_VERSION = 2  # 1: a unigram word model (no longer decoded); 2: the mixture described above
 MAX_TEXT_CHARS = 1 << 16  # decoded text cap: a corrupt layer cannot make us build more than this
-# crc32 of the model's data (wordfreq 3.1.1 'en' + data/caption_words.txt); see _lexicon()
+# crc32 of the model's data (the vocabulary and its counts from wordfreq 3.1.1 and data/, the follower
+# lists, the associations); see _lexicon()
 MODEL_CHECKSUM = 3992526208
 
 _CAPTION_WORDS = Path(__file__).with_name("data") / "caption_words.txt"
@@ -522,23 +545,25 @@ _GAP_MAX = 8  # gap symbols 0..7 are the gap; 8 means "8 more spaces, then anoth
 # gap classes
 _G_START, _G_WORD, _G_CLOSE, _G_OPEN, _G_QUOTE, _G_DASH, _G_NL, _G_DIGIT, _G_OTHER, _G_END, _G_NUMSEP = range(11)
 
-# The word distribution mixes, with integer weights:
-#   P0(w) = (ws * S(w) / T + wc * c(w) / n) / (ws + wc)
-# S the static counts (total T), c(w) the word's count in the cache of words sent so far (total n,
-# halved when it reaches _CACHE_MAX), ws = _CACHE_MISS0 + misses and wc = _CACHE_HIT0 + hits counting
-# how often the words sent so far were (hits) or were not (misses) already in the cache; then, when the
-# previous token was a word p that has been followed by others in this payload,
-#   P(w) = (_SUCC_K * a_p(w) + d_p * P0(w)) / (_SUCC_K * A_p + d_p)
-# a_p(w) how often w followed p so far (total A_p, d_p distinct followers): texts repeat their phrases.
+# The word distribution mixes, with integer weights (see _WordModel._word_code):
+#   PS(w) = S(w) / T, the static counts S (total T); or, where the previous token has a list of followers
+#           W (total L, escape esc = (distinct + unlisted followers) * _BIGRAM_ESC):
+#           W(w) / (L + esc) for a listed word, esc / (L + esc) * S(w) / (T - S(listed)) for the others;
+#   P1(w) = (ws * PS(w) + wc * c(w) / n + wa * A(w) / m) / (ws + wc + wa), c(w) the word's count in the
+#           cache of words sent so far (total n, halved when it reaches _CACHE_MAX), ws = _CACHE_MISS0 +
+#           misses and wc = _CACHE_HIT0 + hits counting how often the words sent so far were (hits) or
+#           were not (misses) already in the cache, A(w) the associates' count (total m, each new content
+#           word adding _ASSOC_TOP - rank to each of its associates; halved past _ASSOC_MAX), wa =
+#           _ASSOC_WEIGHT;
+#   P(w)  = (_SUCC_K * a_p(w) + _SUCC_D * d_p * P1(w)) / (_SUCC_K * A_p + _SUCC_D * d_p) when the
+#           previous word p has been followed by others in this payload: a_p(w) how often w followed p so
+#           far (total A_p, d_p distinct followers): texts repeat their phrases.
 _CACHE_MAX = 2048
 _CACHE_HIT0 = 1
 _CACHE_MISS0 = 3
 _CACHE_HALVE = 256  # hits + misses are halved past this, so the weight follows the text
 _SUCC_K = 1
-_SUCC_D = 2  # the escape d_p counts this many times
-# ... and the associates of the content words sent so far (data/word_associations.txt: "bakery" brings
-# "pastries", "cakes", "oven"): a third part of P0 of weight _ASSOC_WEIGHT / 8 of the static part's, each
-# associate counting _ASSOC_TOP minus its rank; halved past _ASSOC_MAX.
+_SUCC_D = 2
 _ASSOC_WEIGHT = 1
 _ASSOC_TOP = 14
 _ASSOC_MAX = 1 << 15
