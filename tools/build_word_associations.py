@@ -5,14 +5,14 @@ that tend to come with them.
 
 Source: WordNet 3.0 (Princeton University; the WordNet 3.0 licence, a permissive BSD-style licence whose
 copyright notice the generated file repeats), Debian package ``wordnet-base``, and wordfreq 3.1.1's
-English list. Each WordNet synset is a small document: its words and the words of its gloss and
-examples ("bakery: a workplace where baked goods (breads and cakes and pastries) are produced or
-sold"), without its example sentences. A head word's associates are the words that share most documents with it, each weighed by
-how rare it is (count * log(documents / documents with it)); heads are the words of
-data/caption_words.txt and data/visual_words.txt among the ``HEAD_WORDS`` commonest, associates any word of wordfreq's English list above
-frequency 10**-6 that is not one of the ``SKIP`` commonest words. The semantic codec's word model
-makes the associates of the words already sent likelier (semantic_codec._ASSOC_WEIGHT); the file is
-part of the coded format (its checksum is pinned).
+English list. Each WordNet synset is a small document: its words and the words of its gloss without
+the example sentences ("bakery: a workplace where baked goods (breads and cakes and pastries) are
+produced or sold"). A head word's associates are the words that share most documents with it, each
+weighed by how rare it is (count * log(documents / documents with it)); heads are the words of
+data/caption_words.txt and data/visual_words.txt among the ``HEAD_WORDS`` commonest English words,
+associates any word of wordfreq's English list above frequency 10**-6 that is not one of the ``SKIP``
+commonest words. The semantic codec's word model makes the associates of the words already sent
+likelier (semantic_codec._ASSOC_WEIGHT); the file is part of the coded format (its checksum is pinned).
 """
 
 from __future__ import annotations

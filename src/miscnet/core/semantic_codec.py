@@ -1264,8 +1264,9 @@ def decode_semantic_layer(codec: int, params: pb.SemanticParams, payload: bytes)
         fields = _split(_brotli_decode(payload), 2 * n + 1)
     elif codec == pb.CODEC_TEXT_WORDMODEL:
         if params.model_version != MODEL_VERSION:
-            raise BitstreamError(f"semantic layer: unknown word-model version {params.model_version} "
-                                 f"(this build knows {MODEL_VERSION})")
+            known = "no longer decoded" if 0 < params.model_version < MODEL_VERSION else "unknown"
+            raise BitstreamError(f"semantic layer: word-model version {params.model_version} is {known} "
+                                 f"(this build decodes version {MODEL_VERSION})")
         try:
             fields = _wordmodel_decode(payload, n)
         except BitstreamError:
