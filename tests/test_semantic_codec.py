@@ -131,3 +131,16 @@ def test_data_files_are_small_and_packaged():
     assert '"miscnet.core" = ["data/*.txt"]' in pyproject
     for name in ("caption_words", "visual_words", "word_bigrams", "word_associations"):
         assert (Path(sc.__file__).parent / "data" / f"{name}.txt").stat().st_size < 300_000
+
+
+def test_work_is_bounded_by_the_payload_size():
+    # junk decodes to at most _TOKENS_PER_BYTE tokens per byte, not to MAX_TEXT_CHARS of a likely word
+    params = pb.SemanticParams(model_version=sc.MODEL_VERSION, objects=0)
+    for junk in (b"", b"\0" * 64):
+        with pytest.raises(BitstreamError, match="more tokens than its size allows"):
+            sc.decode_semantic_layer(pb.CODEC_TEXT_WORDMODEL, params, junk)
+    # a text that predictable is sent by another codec, and still arrives whole
+    sem = Semantics((), "a " * 20000)
+    codec, params, payload = sc.encode_semantic_layer(sem)
+    assert pb.CODEC_TEXT_WORDMODEL not in sc.encode_candidates(sem)
+    assert sc.decode_semantic_layer(codec, params, payload) == sem

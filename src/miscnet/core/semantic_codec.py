@@ -302,6 +302,8 @@ def _lower_word(w: str) -> bool:
     return all(_is_letter(ch) and ch.lower() == ch for ch in w)
 
 
+_TOKENS_PER_BYTE = 32  # real texts code one or two tokens per payload byte
+_TOKENS_FREE = 256
 _MAX_DIGITS = 12  # a longer digit run is coded as several numbers with no space between them
 
 # token classes
@@ -760,6 +762,10 @@ class _WordModel:
         self.letters = _Table([6] + [c for _, c in _COMMON_LETTERS], inc=24)
         self.letter_list: list[str] = [ch for ch, _ in _COMMON_LETTERS]
         self.chars = 0
+        # a decoder codes at most this many tokens: a junk payload cannot make it decode a well-predicted
+        # word until MAX_TEXT_CHARS (an encoder whose text needs more falls back to brotli)
+        self.max_tokens = None if coder.encoding else _TOKENS_PER_BYTE * len(coder.dec.data) + _TOKENS_FREE
+        self.tokens = 0
 
     # ---- tables by context
     def _t(self, inc: int, prior, *key) -> _Table:
@@ -1040,6 +1046,9 @@ class _WordModel:
         while True:
             gap, kind, tok = toks[k] if toks is not None else (None, None, None)
             k += 1
+            self.tokens += 1
+            if self.max_tokens is not None and self.tokens > self.max_tokens:
+                raise BitstreamError("semantic layer: word-model payload decodes to more tokens than its size allows")
             low = None
             if kind in (_C_WORD, _C_NUM):
                 low = _lower(tok) if kind == _C_WORD else tok
