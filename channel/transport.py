@@ -307,15 +307,18 @@ class PathEstimate:
 # Probes. Loss chains that step per packet (netem's gemodel) hold a burst for N packets however long the
 # sender waits, so one POLL per timeout needs N timeouts: a probe is a train of POLLs (12 bytes each) that
 # grows TRAIN_GROWTH-fold with every unanswered probe, at a steady interval for the first PROBE_STEADY
-# probes; then the interval doubles (capped at rto_max_s). Once the rate is measured, a train spends at most
-# PROBE_SHARE of it. (Measured against growth 2 and 5 steady probes: worst image 1.7 s against 2.1 s in
-# bursts of 16, experiments/bench_transport.py.)
+# probes; then the interval doubles (capped at rto_max_s). The first probe waits 2 * SRTT after the data
+# (RFC 8985); the trains after it are due PROBE_RTTS bare round trips apart, since nothing of the image's is
+# queued ahead of them any more (2 * SRTT, inflated by the image's own queue, left a burst of 50 packets
+# 1.36 s to clear against 1.23 s: experiments/bench_transport.py, bursts of 16). Once the rate is measured,
+# a train spends at most PROBE_SHARE of it.
 POLL_TRAIN_MAX = 32
 UNANSWERED_TRAIN_MAX = 16  # before the path has ever answered
 BACKOFF_TRAIN = 4  # once the interval backs off (the burst outlasted 1 + 4 + 16 + 32 POLLs)
 TRAIN_GROWTH = 4
-PROBE_STEADY = 3
+PROBE_STEADY = 4
 PROBE_SHARE = 0.1
+PROBE_RTTS = 1.25
 GIVE_UP_ROUNDS_S = 5.0  # the sender gives up after 2 * max_rounds unanswered probes and 5 s per round of silence
 
 
@@ -374,6 +377,7 @@ class ImageSender:
         self._token = 0
         self._polls: dict[int, int] = {}  # token -> seq of the POLL, until answered
         self._answered: set[int] = set()  # POLL seqs answered
+        self._probe_seqs: set[int] = set()  # POLLs of probe trains: sent while in trouble, not counted as fates
         self._acted = -1  # seq of the newest POLL whose answer was acted on: older answers are stale
         self._covered = 0  # packets below this seq have had their fate reported
         self._last_answer: tuple[int, float] | None = None  # (POLL seq, time) of the newest answer, for the rate
@@ -421,13 +425,15 @@ class ImageSender:
         self._repairs_sent[block.index] += count
         return [self._data(block, s, role) for s in range(first, first + count)]
 
-    def _poll(self, now: float) -> Datagram:
+    def _poll(self, now: float, probe: bool = False) -> Datagram:
         self._token = self._token % (FINAL_TOKEN - 1) + 1  # 1 .. 0xFFFE
         packet = Packet(POLL, self.image_id, 0, self._token, POLL_ASK)
         seq = self._next_seq(-1, self._token, len(packet.encode()))
         self._polls[self._token] = seq
         self._sent_at[seq] = now
         self._newest_poll = seq
+        if probe:
+            self._probe_seqs.add(seq)
         return self._control(packet)
 
     def _control(self, packet: Packet) -> Datagram:
@@ -464,6 +470,10 @@ class ImageSender:
         p = self.path
         if p.srtt is None:
             base = self.config.rto_initial_s
+        elif self._probes > 0 and p.min_rtt is not None:
+            # probing: nothing of ours is queued ahead of a train, so its answer is due a bare round trip
+            # after it (plus the train itself) rather than 2 * SRTT, which the image's own queue inflates
+            base = max(PROBE_RTTS * p.min_rtt, self.config.rto_min_s)
         else:
             base = max(2 * p.srtt, self.config.rto_min_s)
         if self._probes < PROBE_STEADY:  # the train grows first; the interval backs off after
@@ -581,13 +591,13 @@ class ImageSender:
         # short trains until the path has answered: before that, silence may as well be a long queue that
         # long trains would add to
         cap = POLL_TRAIN_MAX if self.path.srtt is not None else UNANSWERED_TRAIN_MAX
-        if self._probes > PROBE_STEADY + 1:  # backing off: a fade in time, where trains buy nothing
+        if self._probes > PROBE_STEADY:  # backing off: a fade in time, where trains buy nothing
             cap = min(cap, BACKOFF_TRAIN)
         train = min(TRAIN_GROWTH ** (self._probes - 1), cap)
         if self.path.rate_bps is not None:
             affordable = self.path.rate_bps * PROBE_SHARE * self._pto() / (8 * HEADER_BYTES)
             train = max(1, min(train, int(affordable)))
-        out = [self._poll(now) for _ in range(train)]
+        out = [self._poll(now, probe=True) for _ in range(train)]
         self._sent_batch(now)
         return out
 
@@ -704,7 +714,10 @@ class ImageSender:
         for seq in range(self._covered, poll_seq + 1):
             block, symbol, _size = self._log[seq]
             if block < 0:
-                fates.append(seq not in self._answered)
+                # probe trains are sent only while nothing answers: counting them would read one burst as a
+                # loss rate near 1 (and make hybrid's rounds send several copies of everything)
+                if seq not in self._probe_seqs:
+                    fates.append(seq not in self._answered)
                 continue
             st = status.get(block)
             key = (block, symbol)
