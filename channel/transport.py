@@ -236,6 +236,7 @@ def repairs_for(k: int, loss: float, burst: float, depth: int, failure: float, m
 
 # ---------------------------------------------------------------- what a sender learns of its path
 
+QUEUE_SAMPLES = 8
 PATH_MIN_FATES = 20  # packets whose fate was reported before the loss estimate is used
 PATH_WINDOW = 400  # the loss counters halve past this many packets: the estimate follows a changing path
 ISOLATED_BURST = 1.5  # mean loss burst (packets) under which losses count as isolated: finer FEC symbols pay
@@ -259,6 +260,9 @@ class PathEstimate:
     lost: float = 0.0  # packets reported lost
     bursts: float = 0.0  # runs of consecutive losses among them
     _last_lost: bool = False
+    # (bytes sent ahead of a POLL in its batch, its round trip): the newest few, for the time a POLL's answer
+    # is due behind a queue of its own image's bytes (ImageSender._pto)
+    queue_samples: list[tuple[int, float]] = field(default_factory=list)
 
     def rtt_sample(self, rtt: float) -> None:
         if self.srtt is None:
@@ -267,6 +271,24 @@ class PathEstimate:
             self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - rtt)
             self.srtt = 0.875 * self.srtt + 0.125 * rtt
         self.min_rtt = rtt if self.min_rtt is None else min(self.min_rtt, rtt)
+
+    def queue_sample(self, ahead_bytes: int, rtt: float) -> None:
+        self.queue_samples = [*self.queue_samples[-(QUEUE_SAMPLES - 1):], (ahead_bytes, rtt)]
+
+    def answer_due(self, ahead_bytes: int) -> float | None:
+        """When the answer to a POLL sent behind ``ahead_bytes`` of its batch is due (seconds after it), or
+        None where the samples cannot tell. With a measured rate: the bare round trip (the least a sample
+        leaves once its bytes are drained) plus the bytes at that rate. Without one, only for a batch no
+        larger than a sampled one: that sample's round trip scaled by the bytes (it takes the whole round trip
+        for queueing, so it tells a smaller batch no later than it is due and a larger one nothing)."""
+        if not self.queue_samples:
+            return None
+        if self.rate_bps is not None:
+            drain = 8 / self.rate_bps
+            bare = max(0.0, min(rtt - ahead * drain for ahead, rtt in self.queue_samples))
+            return bare + ahead_bytes * drain
+        ahead, rtt = max(self.queue_samples)
+        return rtt * ahead_bytes / ahead if ahead_bytes <= ahead else None
 
     def rate_sample(self, bits: float, seconds: float) -> None:
         if seconds > 0 and bits > 0:
@@ -314,11 +336,14 @@ class PathEstimate:
 # a train spends at most PROBE_SHARE of it.
 POLL_TRAIN_MAX = 32
 UNANSWERED_TRAIN_MAX = 16  # before the path has ever answered
-BACKOFF_TRAIN = 4  # once the interval backs off (the burst outlasted 1 + 4 + 16 + 32 POLLs)
+BACKOFF_TRAIN = 16  # once the interval backs off: at most 16 POLLs (192 bytes) a second through a fade in time,
+# and a per-packet burst that outlasted 1 + 4 + 16 + 32 POLLs is crossed in seconds, not tens (4 a second left
+# one image 4.7 s in bursts of 16, bench_transport --seeds 250)
 TRAIN_GROWTH = 4
 PROBE_STEADY = 4
 PROBE_SHARE = 0.1
 PROBE_RTTS = 1.25
+PTO_MARGIN = 1.25  # the first probe waits this many times the time the newest POLL's answer is due
 GIVE_UP_ROUNDS_S = 5.0  # the sender gives up after 2 * max_rounds unanswered probes and 5 s per round of silence
 
 
@@ -382,6 +407,8 @@ class ImageSender:
         self._covered = 0  # packets below this seq have had their fate reported
         self._last_answer: tuple[int, float] | None = None  # (POLL seq, time) of the newest answer, for the rate
         self._newest_poll = -1
+        self._batch_bytes = 0  # bytes sent by the current event (start, answer or timer) so far
+        self._ahead: dict[int, int] = {}  # POLL seq -> bytes of its batch up to and including it
         self._reported_lost: dict[tuple[int, int], int] = {}  # (block, symbol) -> seq it was declared lost in
         self._reordering = False  # a symbol declared lost turned up later: wait RACK's reordering window
         self._suspects: dict[tuple[int, int], float] = {}  # holes inside the reordering window -> when lost
@@ -396,6 +423,7 @@ class ImageSender:
     def _next_seq(self, block: int, symbol: int, size: int) -> int:
         seq = self._seq
         self._seq += 1
+        self._batch_bytes += size
         self._log[seq] = (block, symbol, size)
         return seq
 
@@ -431,6 +459,7 @@ class ImageSender:
         seq = self._next_seq(-1, self._token, len(packet.encode()))
         self._polls[self._token] = seq
         self._sent_at[seq] = now
+        self._ahead[seq] = self._batch_bytes
         self._newest_poll = seq
         if probe:
             self._probe_seqs.add(seq)
@@ -476,6 +505,12 @@ class ImageSender:
             base = max(PROBE_RTTS * p.min_rtt, self.config.rto_min_s)
         else:
             base = max(2 * p.srtt, self.config.rto_min_s)
+            due = p.answer_due(self._ahead[self._newest_poll]) if self._newest_poll >= 0 else None
+            if due is not None:
+                # the newest POLL waits behind its batch: its answer is due when the batch has drained, which
+                # 2 * SRTT (an SRTT of other batches) can overshoot by a whole copy of the image; never later
+                # than 2 * SRTT (a probe that comes early costs one POLL)
+                base = max(min(PTO_MARGIN * due, base), self.config.rto_min_s)
         if self._probes < PROBE_STEADY:  # the train grows first; the interval backs off after
             return base
         return min(base * 2 ** (self._probes - PROBE_STEADY + 1), max(self.config.rto_max_s, base))
@@ -492,6 +527,7 @@ class ImageSender:
 
     # -- events
     def start(self, now: float) -> list[Datagram]:
+        self._batch_bytes = 0
         self.started_at = self._last_heard = now
         cfg = self.config
         self._drop_late_blocks(now)
@@ -562,6 +598,7 @@ class ImageSender:
         """A timer fired: the reordering window of a suspect hole, or the probe timeout (nothing answered)."""
         if self.state not in ("waiting", "closing") or self.timer_at is None or now < self.timer_at:
             return []
+        self._batch_bytes = 0
         if self.state == "closing":
             return self._final_poll(now)
         if (late := self._out_of_time(now)) is not None:
@@ -617,9 +654,13 @@ class ImageSender:
             return []  # not a POLL of this image, or answered already
         self._answered.add(seq)
         self.path.rtt_sample(now - self._sent_at[seq])
+        self.path.queue_sample(self._ahead[seq], now - self._sent_at[seq])
+        self._batch_bytes = 0
         if self._last_answer is not None:
             last_seq, last_time = self._last_answer
-            if seq > last_seq and self._sent_at[seq] <= last_time:  # sent back to back: the link was busy
+            # sent before the previous POLL reached the receiver (its answer less the way back, half the
+            # least round trip): the link was busy between the two, so their answers' spacing is its rate
+            if seq > last_seq and self._sent_at[seq] <= last_time - (self.path.min_rtt or 0.0) / 2:
                 bits = 8 * sum(self._log[s][2] for s in range(last_seq + 1, seq + 1))
                 self.path.rate_sample(bits, now - last_time)
         if self._last_answer is None or seq > self._last_answer[0]:

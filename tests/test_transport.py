@@ -219,7 +219,7 @@ def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
     sender = ImageSender(4, encoded_samples[0].encoded, TransportConfig(mode="arq"), path=path)
     sender.start(0.0)
     trains, gaps = _probe_trains(sender, 7)
-    assert trains == [1, 4, 16, 32, 4, 4, 4]
+    assert trains == [1, 4, 16, 32, 16, 16, 16]
     # the first probe 2 * SRTT after the data; the trains then at a bare 1.25 round trips (nothing of ours is
     # queued ahead of them), steady for four trains, then backing off
     assert gaps[0] == pytest.approx(0.2) and gaps[1:4] == [pytest.approx(0.125)] * 3
@@ -229,7 +229,7 @@ def test_unanswered_probes_grow_into_poll_trains_then_back_off(encoded_samples):
     sender = ImageSender(5, encoded_samples[0].encoded, TransportConfig(mode="arq"))
     sender.start(0.0)
     trains, gaps = _probe_trains(sender, 5)
-    assert trains == [1, 4, 16, 16, 4] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
+    assert trains == [1, 4, 16, 16, 16] and gaps[0] == pytest.approx(0.3) and max(gaps) <= 1.0
 
 
 def _isolated_path(loss: float) -> PathEstimate:
