@@ -6,11 +6,14 @@ and 10 % loss in bursts of 2, 4, 8 and 16 packets (Gilbert chains, as ``experime
 with none, arq, fec and hybrid, one fresh link per (image, seed), every mode meeting the same loss patterns.
 It prints, side by side: the share of images completed, p50 / p90 / worst completion time, worst / p90,
 the mean completion time over the erasure-channel bound ``delay + file bytes * 8 / (rate * (1 - loss))``
-and wire bytes over the file's size. Then one 2 KB image (astronaut) at random 5 %, as bench_channel.
+and wire bytes over the file's size. Then one 2 KB image (astronaut) at random 5 %, as bench_channel, its
+wire bytes split into the first copy, repair, resent data and POLLs. Then outages: the link delivers
+nothing for 2 s or 11 s from 0 to 0.4 s into each sample, and the longest an image waits once it is back.
 
 Targets (exit status 1 when one is missed): hybrid at most 1.15x the bound and 1.10x the file's bytes at
 random 5 % (the 2 KB image); worst at most 3x p90 for arq and hybrid in every pattern; fec and hybrid
-complete at least as many images as none in every pattern.
+complete at least as many images as none in every pattern; after an outage, arq and hybrid complete every
+image, none more than 2 s after the link is back.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import statistics
 
 from miscnet.channel.link import LinkSpec
+from miscnet.channel.loss import Outages
 from miscnet.channel.transport import MODES, TransportConfig
 from miscnet.core.config import EncoderConfig
 from miscnet.core.container import to_bytes
@@ -35,6 +39,12 @@ RATE, DELAY = 64000.0, 0.040
 PATTERNS = [("random 5%", "random 5%", 0.05), ("random 10%", "random 10%", 0.10),
             ("bursts of 2", "gemodel 5.556% 50%", 0.10), ("bursts of 4", "gemodel 2.778% 25%", 0.10),
             ("bursts of 8", "gemodel 1.389% 12.5%", 0.10), ("bursts of 16", "gemodel 0.694% 6.25%", 0.10)]
+
+
+# outages (nothing delivered) of 2 s and of 11 s (the Verizon EVDO trace's longest gap) that begin while an
+# image is being sent, at these offsets from its first packet (seconds)
+OUTAGE_S = (2.0, 11.0)
+OUTAGE_STARTS = tuple(round(0.02 * i, 2) for i in range(21))
 
 
 def _item(name: str, config: EncoderConfig) -> SimImage:
@@ -76,12 +86,31 @@ def measure(items: list[SimImage], loss: str, mean_loss: float, mode: str, seeds
     return row
 
 
+def after_outage(items: list[SimImage], mode: str) -> dict:
+    """The longest an image waited after the link came back (completion - end of the outage), over every
+    image, outage length and start; and how many completed."""
+    waits, runs, completed = [], 0, 0
+    for item in items:
+        for length in OUTAGE_S:
+            for start in OUTAGE_STARTS:
+                link = LinkSpec(rate="64kbit", delay="40ms", outage=Outages([(start, start + length)])).build()
+                (r,) = simulate([item], Scenario(link=link, transport=TransportConfig(mode=mode), quality=False))
+                runs += 1
+                t = r["totals"]["completion_time_s"]
+                if t is not None:
+                    completed += 1
+                    if t > start:  # it met the outage
+                        waits.append(t - (start + length))
+    return {"mode": mode, "runs": runs, "completed": completed / runs, "worst_after_s": max(waits)}
+
+
 def run(seeds: int) -> dict:
     samples = [_item(name, EncoderConfig()) for name in SAMPLE_NAMES]
     table = {label: [measure(samples, loss, mean, mode, seeds) for mode in MODES] for label, loss, mean in PATTERNS}
     big = [_item("astronaut", EncoderConfig(budget_bytes=2048))]
     single = {mode: measure(big, "random 5%", 0.05, mode, 4 * seeds) for mode in MODES}
-    return {"seeds": seeds, "patterns": table, "image_2kb": single}
+    outage = {mode: after_outage(samples, mode) for mode in ("arq", "hybrid")}
+    return {"seeds": seeds, "patterns": table, "image_2kb": single, "outage": outage}
 
 
 def misses(result: dict) -> list[str]:
@@ -96,6 +125,10 @@ def misses(result: dict) -> list[str]:
             ratio = by[mode].get("worst_to_p90")
             if ratio is not None and ratio > 3.0:
                 out.append(f"{label}: {mode} worst {by[mode]['worst_s']:.2f} s = {ratio:.1f}x p90 (target <= 3x)")
+    for mode, row in result["outage"].items():
+        if row["completed"] < 1.0 or row["worst_after_s"] > 2.0:
+            out.append(f"outages: {mode} completed {row['completed']:.1%}, waited up to {row['worst_after_s']:.2f} s "
+                       "after the link came back (target: all, <= 2 s)")
     hybrid = result["image_2kb"]["hybrid"]
     if hybrid.get("mean_to_bound", float("inf")) > 1.15:
         out.append(f"2 KB image, random 5%: hybrid {hybrid.get('mean_to_bound', 0):.3f}x the bound (target <= 1.15)")
@@ -134,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
               f"p90 {_f(r, 'p90_s', '.3f')} s  wire/file {r['wire_to_file']:.3f} = first copy "
               f"{r['wire_to_file'] - r['retransmitted_bytes'] - r['fec_bytes'] - r['control_bytes']:.3f} + repair "
               f"{r['fec_bytes']:.3f} + resent {r['retransmitted_bytes']:.3f} + POLLs {r['control_bytes']:.3f}")
+    print(f"\noutages of {' and '.join(f'{x:g} s' for x in OUTAGE_S)} starting {OUTAGE_STARTS[0]:g} to "
+          f"{OUTAGE_STARTS[-1]:g} s into each sample (no other loss):")
+    for r in result["outage"].values():
+        print(f"  {r['mode']:<7} complete {r['completed']:>6.1%}  longest wait after the link came back "
+              f"{r['worst_after_s']:.2f} s")
     print("\n" + ("every target met" if not missed else "missed:\n  " + "\n  ".join(missed)))
     return 1 if missed else 0
 
