@@ -275,20 +275,29 @@ class PathEstimate:
     def queue_sample(self, ahead_bytes: int, rtt: float) -> None:
         self.queue_samples = [*self.queue_samples[-(QUEUE_SAMPLES - 1):], (ahead_bytes, rtt)]
 
-    def answer_due(self, ahead_bytes: int) -> float | None:
-        """When the answer to a POLL sent behind ``ahead_bytes`` of its batch is due (seconds after it), or
-        None where the samples cannot tell. With a measured rate: the bare round trip (the least a sample
-        leaves once its bytes are drained) plus the bytes at that rate. Without one, only for a batch no
-        larger than a sampled one: that sample's round trip scaled by the bytes (it takes the whole round trip
-        for queueing, so it tells a smaller batch no later than it is due and a larger one nothing)."""
+    def bare_rtt(self) -> float | None:
+        """The round trip of a POLL with nothing of its own batch ahead of it, from the newest samples (so a
+        queue that other images of the stream keep standing stays in it): the least a sample leaves once
+        its batch is drained at the measured rate; without a rate, the least sampled round trip."""
         if not self.queue_samples:
             return None
+        if self.rate_bps is None:
+            return min(rtt for _, rtt in self.queue_samples)
+        drain = 8 / self.rate_bps
+        return max(0.0, min(rtt - ahead * drain for ahead, rtt in self.queue_samples))
+
+    def answer_due(self, ahead_bytes: int) -> float | None:
+        """When the answer to a POLL sent behind ``ahead_bytes`` of its batch is due (seconds after it), or
+        None where the samples cannot tell. With a measured rate: the bare round trip plus the bytes at that
+        rate. Without one, only for a batch no larger than a sampled one: the largest sample's round trip
+        scaled by the bytes (all of it taken for queueing), and at least the least sampled round trip."""
+        bare = self.bare_rtt()
+        if bare is None:
+            return None
         if self.rate_bps is not None:
-            drain = 8 / self.rate_bps
-            bare = max(0.0, min(rtt - ahead * drain for ahead, rtt in self.queue_samples))
-            return bare + ahead_bytes * drain
+            return bare + ahead_bytes * 8 / self.rate_bps
         ahead, rtt = max(self.queue_samples)
-        return rtt * ahead_bytes / ahead if ahead_bytes <= ahead else None
+        return max(bare, rtt * ahead_bytes / ahead) if ahead_bytes <= ahead else None
 
     def rate_sample(self, bits: float, seconds: float) -> None:
         if seconds > 0 and bits > 0:
@@ -500,9 +509,11 @@ class ImageSender:
         if p.srtt is None:
             base = self.config.rto_initial_s
         elif self._probes > 0 and p.min_rtt is not None:
-            # probing: nothing of ours is queued ahead of a train, so its answer is due a bare round trip
-            # after it (plus the train itself) rather than 2 * SRTT, which the image's own queue inflates
-            base = max(PROBE_RTTS * p.min_rtt, self.config.rto_min_s)
+            # probing: nothing of the image's own is queued ahead of a train, so its answer is due a bare
+            # round trip after it rather than 2 * SRTT, which that queue inflates (the bare round trip of the
+            # newest samples: a queue the stream's other images keep standing counts)
+            bare = p.bare_rtt()
+            base = max(PROBE_RTTS * (bare if bare is not None else p.min_rtt), self.config.rto_min_s)
         else:
             base = max(2 * p.srtt, self.config.rto_min_s)
             due = p.answer_due(self._ahead[self._newest_poll]) if self._newest_poll >= 0 else None
