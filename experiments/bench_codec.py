@@ -87,6 +87,11 @@ def equal_bytes_image(name: str) -> np.ndarray:
     return np.ascontiguousarray(arr[..., :3].astype(np.uint8))
 
 
+def _settings_text(s) -> str:
+    """What rate control chose, as the table prints it: codec, last level's raster, quality and chroma."""
+    return f"{s.codec} {s.width}x{s.height} q{s.quality} {s.chroma}" if s is not None else "-"
+
+
 def _scores(recon: np.ndarray, image: np.ndarray) -> tuple[float, float]:
     return psnr(recon, image), ms_ssim(recon, image)
 
@@ -113,17 +118,19 @@ def equal_bytes_row(name: str, budgets: tuple[int, ...]) -> list[dict]:
             row.update(file_codec=best.codec, file_raster=f"{best.width}x{best.height}", file_quality=best.quality,
                        file_option=best.option, file_bytes=best.bytes, file_psnr=bp, file_msssim=bm)
         try:
-            data = encode_image(image, semantics, EncoderConfig(budget_bytes=budget)).data
-            final = progressive_stages(from_bytes(data))[-1]
+            result = encode_image(image, semantics, EncoderConfig(budget_bytes=budget))
+            final = progressive_stages(from_bytes(result.data))[-1]
             dp, dm = _scores(ClassicalDecoder().render(final), image)
-            row.update(default_bytes=len(data), default_psnr=dp, default_msssim=dm)
+            row.update(default_bytes=len(result.data), default_psnr=dp, default_msssim=dm,
+                       default_pixel=_settings_text(result.pixel_settings))
         except MiscError as exc:
             row["default_error"] = str(exc)
         try:
-            _, levels = choose_settings(image, config.pixel_codec, config.levels, budget)
+            settings, levels = choose_settings(image, config.pixel_codec, config.levels, budget)
             pp, pm = _scores(decode_pixels(levels, w, h), image)
             row.update(pixel_bytes=sum(len(lv.payload) for lv in levels), pixel_codec=lookup_id(levels[0].codec).name,
-                       pixel_psnr=pp, pixel_msssim=pm)
+                       pixel_psnr=pp, pixel_msssim=pm, pixel_settings=_settings_text(settings),
+                       pixel_preview_bytes=sum(len(lv.payload) for lv in levels[:-1]))
         except MiscError as exc:
             row["pixel_error"] = str(exc)
         rows.append(row)
@@ -161,14 +168,15 @@ def equal_bytes(budgets: tuple[int, ...], jobs: int, as_json: bool) -> int:
         print(json.dumps({"rows": rows, "summary": summary, "pass": ok}, indent=1))
         return 0 if ok else 1
     print(f"{'image':<21} {'budget':>6}  {'best file':<26} {'dB':>6}  {'default B':>9} {'dB':>6}  "
-          f"{'pixels B':>8} {'dB':>6}")
+          f"{'pixels B':>8} {'dB':>6}  {'pixel layers: last level (preview B)':<36}")
     for r in rows:
         f = (f"{r['file_codec']} {r['file_raster']} q{r['file_quality']} {r['file_option']}".strip()
              if "file_psnr" in r else "nothing fits")
         fp = f"{r['file_psnr']:6.2f}" if "file_psnr" in r else "     -"
         d = f"{r['default_bytes']:>9} {r['default_psnr']:6.2f}" if "default_psnr" in r else f"{'failed':>9}      -"
         p = f"{r['pixel_bytes']:>8} {r['pixel_psnr']:6.2f}" if "pixel_psnr" in r else f"{'failed':>8}      -"
-        print(f"{r['image']:<21} {r['budget']:>6}  {f:<26} {fp}  {d}  {p}")
+        chosen = f"{r['pixel_settings']} ({r['pixel_preview_bytes']} B)" if "pixel_psnr" in r else ""
+        print(f"{r['image']:<21} {r['budget']:>6}  {f:<26} {fp}  {d}  {p}  {chosen}")
     print(f"\nmean difference from the best single WebP/AVIF file (PSNR dB, MS-SSIM); targets: pixel layers "
           f">= +{TARGET_PIXEL_DB} dB, default file >= {TARGET_DEFAULT_DB} dB")
     print(f"{'budget':>6}  {'file dB':>7}  {'default dB':>10} {'MS-SSIM':>8}  {'pixels dB':>9} {'MS-SSIM':>8}  result")

@@ -37,27 +37,40 @@ from miscnet.core.pixel.ref import read_ref_file
 from miscnet.core.pixel.thumbnail import ThumbnailCodec, thumbnail_targets
 
 SCORE_MAX_SIDE = 1536  # rate control measures PSNR at full size up to this long side (see _Search)
+PREVIEW_SCORE_SIDE = 256  # ... and the previews' PSNR at most at this one
 _QUALITY_LADDER = (10, 30, 50, 70, 90)  # the coarse grid of candidate_settings for quality-searched codecs
 _RASTER_RATIO = 2 ** 0.25
+# The full-size ladder's step: the baselines' (experiments/baselines.py), so that rate control can reach
+# every raster a standard file of the same bytes may use.
+_FULL_RASTER_RATIO = 2 ** (1 / 6)
 
 
-def raster_ladder(width: int, height: int, smallest: int = 8, largest: int = 512) -> list[tuple[int, int]]:
+def raster_ladder(width: int, height: int, smallest: int = 8, largest: int = 512, full_size: bool = False
+                  ) -> list[tuple[int, int]]:
     """Rasters with the image's aspect, short side on a geometric ladder from ``smallest`` up to
-    half the image's short side (or ``largest``)."""
+    half the image's short side (or ``largest``); with ``full_size``, up to the image's own size (its
+    last raster) in finer steps, clamped to MAX_RASTER."""
     short = min(width, height)
     lo = min(smallest, short)
-    hi = max(lo, min(short // 2, largest))
+    hi = short if full_size else max(lo, min(short // 2, largest))
+    ratio = _FULL_RASTER_RATIO if full_size else _RASTER_RATIO
     out: list[tuple[int, int]] = []
     s = float(lo)
     while True:
         side = min(hi, round(s))
         f = side / short
-        r = (max(1, min(MAX_RASTER, round(width * f))), max(1, min(MAX_RASTER, round(height * f))))
+        r = (width, height) if side >= short else (round(width * f), round(height * f))
+        r = (max(1, min(MAX_RASTER, r[0])), max(1, min(MAX_RASTER, r[1])))
         if not out or r != out[-1]:
             out.append(r)
         if side >= hi:
             return out
-        s *= _RASTER_RATIO
+        s *= ratio
+
+
+def codec_ladder(codec: PixelCodec, width: int, height: int) -> list[tuple[int, int]]:
+    """The raster ladder rate control searches for one codec."""
+    return raster_ladder(width, height, smallest=codec.ladder_smallest, full_size=codec.ladder_full_size)
 
 
 def misc_block_settings(width: int, height: int, blocks: int = MISC_BLOCKS, step: int = MISC_STEP,
@@ -86,31 +99,46 @@ def candidate_settings(width: int, height: int, codec: str, levels: int = 1) -> 
     if codec == "auto":
         return [s for c in auto_codec_names() for s in candidate_settings(width, height, c, levels)]
     c = _selectable(codec)
-    rasters = raster_ladder(width, height, smallest=c.ladder_smallest)
+    rasters = codec_ladder(c, width, height)
     if not c.quality_search:
         return c.candidates(rasters, levels)
-    return [PixelSettings(codec, w, h, quality=q, levels=levels) for w, h in rasters for q in _QUALITY_LADDER]
+    return [PixelSettings(codec, w, h, quality=q, levels=levels, chroma=ch) for w, h in rasters
+            for ch in c.chroma_options for q in _QUALITY_LADDER]
 
 
 class _Search:
     """Encodes and scores candidates for one image, remembering what it already tried."""
 
-    def __init__(self, image: np.ndarray) -> None:
-        self.scratch = Scratch()  # what codecs derive from the image once (the thumbnails' down-sampled targets)
+    def __init__(self, image: np.ndarray, score_side: int = SCORE_MAX_SIDE, parent: _Search | None = None) -> None:
         self.image = image
-        self.encoded: dict[PixelSettings, list[PixelLevel]] = {}
+        # what codecs derive from the image once (the thumbnails' down-sampled targets), the encodes and the
+        # proxy encodes do not depend on how candidates are scored: a parent's are shared
+        self.scratch = Scratch() if parent is None else parent.scratch
+        self.encoded: dict[PixelSettings, list[PixelLevel]] = {} if parent is None else parent.encoded
+        self.proxies: dict[tuple[str, str], dict] = {} if parent is None else parent.proxies
         self.scores: dict[PixelSettings, float] = {}
-        self.proxies: dict[str, dict] = {}  # the quick search's proxy encodes, per codec (see _fast)
-        # Scoring decodes every candidate at full size. Above SCORE_MAX_SIDE the PSNR is taken at that
-        # size instead: rasters stop at 512 px, three times smaller, so what the smaller reference drops
-        # is detail that no candidate carries; the ranking stays the same at a fraction of the time.
+        self.proxy_scores: dict[tuple, float] = {}  # (codec, chroma, raster, quality) -> the proxy's PSNR
+        self.drafts: dict[PixelSettings, list] = {}  # the quick search's draft encodes: [size, payload, psnr]
+        self.grey = bool(np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 0], image[..., 2]))
+        self._previews: _Search | None = None
+        # Scoring decodes every candidate at full size. Above ``score_side`` the PSNR is taken at that
+        # size instead: what the smaller reference drops is detail that hardly any candidate carries
+        # (rasters that large need budgets of tens of kB), and the ranking stays the same at a fraction
+        # of the time.
         h, w = image.shape[:2]
-        if max(w, h) > SCORE_MAX_SIDE:
-            f = SCORE_MAX_SIDE / max(w, h)
+        if max(w, h) > score_side:
+            f = score_side / max(w, h)
             self.score_size = (max(1, round(w * f)), max(1, round(h * f)))
             self.reference = np.asarray(Image.fromarray(image).resize(self.score_size, DOWN_FILTER))
         else:
             self.score_size, self.reference = (w, h), image
+
+    def for_previews(self) -> _Search:
+        """The search the preview levels are chosen by: the same encodes, scored at PREVIEW_SCORE_SIDE (a
+        preview of a few dozen bytes is a few dozen pixels wide; its ranking needs no more)."""
+        if self._previews is None:
+            self._previews = _Search(self.image, PREVIEW_SCORE_SIDE, parent=self)
+        return self._previews
 
     def encode(self, s: PixelSettings) -> list[PixelLevel]:
         if s not in self.encoded:
@@ -123,7 +151,7 @@ class _Search:
         if not s.previews:
             return self.encode(s)
         singles = [PixelSettings(s.codec, w, h, quality=q) for w, h, q in s.previews]
-        singles.append(PixelSettings(s.codec, s.width, s.height, quality=s.quality))
+        singles.append(PixelSettings(s.codec, s.width, s.height, quality=s.quality, chroma=s.chroma))
         return [replace(self.encode(one)[0], level=k) for k, one in enumerate(singles)]
 
     def targets(self):
@@ -138,6 +166,33 @@ class _Search:
         if s not in self.scores:
             self.scores[s] = psnr(decode_pixels(self.encode(s), *self.score_size), self.reference)
         return self.scores[s]
+
+    def score_thumbnail(self, recon: np.ndarray) -> float:
+        """PSNR of a decoded uint8 thumbnail, up-sampled as the receiver does."""
+        return psnr(np.asarray(Image.fromarray(recon).resize(self.score_size, UP_FILTER)), self.reference)
+
+    def target(self, width: int, height: int) -> np.ndarray:
+        """The uint8 thumbnail the thumbnail codecs code at this raster."""
+        key = ("rate_control.uint8", width, height)
+        if key not in self.scratch:
+            self.scratch[key] = to_uint8(self.targets().get(width, height))
+        return self.scratch[key]
+
+    def draft_size(self, c: ThumbnailCodec, s: PixelSettings) -> int:
+        """Payload size of the codec's draft encode of single-level settings (the real one where it has none)."""
+        d = self.drafts.get(s)
+        if d is None:
+            payload = c.draft_thumbnail(self.target(s.width, s.height), s.quality, s.chroma)
+            d = self.drafts[s] = [self.size(s) if payload is None else len(payload), payload, None]
+        return d[0]
+
+    def draft_score(self, c: ThumbnailCodec, s: PixelSettings) -> float:
+        self.draft_size(c, s)
+        d = self.drafts[s]
+        if d[2] is None:
+            d[2] = self.score(s) if d[1] is None else \
+                self.score_thumbnail(c.decode_thumbnail(d[1], s.width, s.height, s.quality))
+        return d[2]
 
 
 _SEARCH_CACHE: list[tuple[bytes, _Search]] = []
@@ -160,11 +215,14 @@ def _search_for(image: np.ndarray) -> _Search:
     return search
 
 
-def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int, exhaustive: bool = True):
+def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int, exhaustive: bool = True,
+                       preview: bool = False):
     """(psnr, settings) of the best point of one codec under the budget, and the smallest size seen.
 
-    ``exhaustive``: every raster is encoded for real (what rate control always did). Otherwise the rasters
-    are ranked by the codec's quicker proxy encoder and only the winner is encoded for real (``_fast``).
+    ``exhaustive``: every raster and chroma option is encoded for real. Otherwise the rasters are ranked
+    by the codec's quicker proxy encoder and only the winner is encoded for real (``_fast``).
+    ``preview``: a preview level's search, the codec's first chroma option only (preview settings do not
+    record one) and, when quick, a lighter one (see ``_fast``).
     """
     h, w = search.image.shape[:2]
     c = lookup(codec)
@@ -182,27 +240,34 @@ def _best_under_budget(search: _Search, codec: str, levels: int, max_bytes: int,
             cand = (search.score(s), s)
             best = cand if best is None or cand[0] > best[0] else best
         return best, smallest
-    ladder = raster_ladder(w, h, smallest=c.ladder_smallest)
+    ladder = codec_ladder(c, w, h)
     if not exhaustive and isinstance(c, ThumbnailCodec):  # the codecs with a proxy encoder
-        found = _fast(search, c, ladder, levels, max_bytes)
+        found = _fast(search, c, ladder, levels, max_bytes, preview)
         if found is not None:
             return found, None
-    return _ladder_search(ladder, lambda i: _fit_raster(search, codec, ladder[i], levels, max_bytes))
+    for chroma in c.chroma_options[:1] if preview else c.chroma_options:
+        found, low = _ladder_search(ladder, lambda i, ch=chroma: _fit_raster(search, codec, ladder[i], levels,
+                                                                            max_bytes, ch))
+        if low is not None:
+            smallest = low if smallest is None else min(smallest, low)
+        if found is not None and (best is None or found[0] > best[0]):
+            best = found
+    return best, smallest
 
 
 def _fit_raster(search: _Search, codec: str, raster: tuple[int, int], levels: int, max_bytes: int,
-                prior: dict[int, int] | None = None):
+                chroma: str = "420"):
     """((psnr, settings) at the best quality that fits on this raster, or None; size at quality 1)."""
     rw, rh = raster
 
     def size(q: int) -> int:
-        return search.size(PixelSettings(codec, rw, rh, quality=q, levels=levels))
+        return search.size(PixelSettings(codec, rw, rh, quality=q, levels=levels, chroma=chroma))
 
     low = size(1)
     if low > max_bytes:
         return None, low
-    q, _ = _fit_quality(size, max_bytes, prior or {})
-    s = PixelSettings(codec, rw, rh, quality=q, levels=levels)
+    q, _ = _fit_quality(size, max_bytes, {})
+    s = PixelSettings(codec, rw, rh, quality=q, levels=levels, chroma=chroma)
     return (search.score(s), s), low
 
 
@@ -243,86 +308,98 @@ def _ladder_search(ladder: list[tuple[int, int]], evaluate: Callable[[int], tupl
             return fitted[best_i], smallest
 
 
-def _fast(search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], levels: int, max_bytes: int):
-    """Rate control with few real encodes; None when no raster fits (the exhaustive search then says
-    what the smallest size is).
+class _Proxy:
+    """The codec's proxy encoder on one ladder and chroma option: ``fits_low(i)`` (quality 1 fits) and
+    ``evaluate(i)`` for the ladder searches: ((proxy psnr, raster) or None, size at quality 1), the
+    quality that fits left in ``predicted``."""
 
-    The codec's proxy encoder (much quicker) predicts, on every raster, the quality that fits within a
-    step or two, and its PSNR there; it scores large rasters low (it lacks the slow tools) but not small
-    ones, so the real peak lies at or above the proxy's. Real encodes then start just below the proxy's
-    peak, fit the quality from the predicted one and climb while the real PSNR rises.
+    def __init__(self, search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], max_bytes: int,
+                 chroma: str) -> None:
+        self.search, self.c, self.ladder, self.max_bytes, self.chroma = search, c, ladder, max_bytes, chroma
+        self.proxies = search.proxies.setdefault((c.name, chroma), {})  # raster -> quality -> (payload, size)
+        self.predicted: dict[int, int] = {}
+        self.results: dict[int, tuple] = {}
+
+    def size(self, i: int, q: int) -> int:
+        raster = self.ladder[i]
+        seen = self.proxies.setdefault(raster, {})
+        if q not in seen:
+            same = self.c.canonical_quality(q)
+            if same not in seen:
+                seen[same] = self.c.proxy_thumbnail(self.search.target(*raster), same, self.chroma)
+            seen[q] = seen[same]
+        return seen[q][1]
+
+    def fits_low(self, i: int) -> bool:
+        return self.size(i, 1) <= self.max_bytes
+
+    def evaluate(self, i: int):
+        if i in self.results:
+            return self.results[i]
+        low = self.size(i, 1)
+        if low > self.max_bytes:
+            self.results[i] = (None, low)
+            return self.results[i]
+        raster = self.ladder[i]
+        # the nearest raster already fitted predicts this one's curve (fewer probes)
+        tried = [k for k in self.predicted if len(self.proxies.get(self.ladder[k], ())) > 1]
+        near = self.proxies[self.ladder[min(tried, key=lambda k: abs(k - i))]] if tried else {}
+        q, _ = _fit_quality(lambda q: self.size(i, q), self.max_bytes, {k: n for k, (_, n) in near.items()})
+        self.predicted[i] = q
+        key = (self.c.name, self.chroma, raster, self.c.canonical_quality(q))
+        if key not in self.search.proxy_scores:  # searches of other budgets meet the same points
+            recon = self.c.decode_thumbnail(self.proxies[raster][q][0], *raster, q)
+            self.search.proxy_scores[key] = self.search.score_thumbnail(recon)
+        self.results[i] = ((self.search.proxy_scores[key], raster), low)
+        return self.results[i]
+
+
+PEAK_FALL_DB = 0.6  # the proxy's descent stops this far under the best PSNR it has seen
+PREVIEW_FALL_DB = 0.3  # ... for a preview, whose choice matters less
+PEAK_TIE_DB = 0.15
+
+
+def _proxy_peak(proxy: _Proxy, fall_db: float = PEAK_FALL_DB) -> int | None:
+    """The ladder index where the proxy's PSNR peaks, or None when nothing fits.
+
+    PSNR against the raster (each at the best quality that fits) rises, peaks and falls, with bumps of a
+    few tenths of a dB where the quality steps are coarse (the proxy's largest at the largest rasters). The
+    largest raster that fits at quality 1 is found by bisection; the search then descends two rasters at
+    a time until the PSNR is ``fall_db`` under the best seen, and settles between the best one's
+    neighbours.
     """
-    proxies = search.proxies.setdefault(c.name, {})  # raster -> quality -> (payload, size), shared by searches
-    predicted: dict[int, int] = {}
-
-    def evaluate(i: int):
-        raster = ladder[i]
-        seen = proxies.setdefault(raster, {})
-        target = None
-
-        def size(q: int) -> int:
-            nonlocal target
-            if q not in seen:
-                target = to_uint8(search.targets().get(*raster)) if target is None else target
-                seen[q] = c.proxy_thumbnail(target, q)
-            return seen[q][1]
-
-        low = size(1)
-        if low > max_bytes:
-            return None, low
-        # the nearest smaller raster already tried predicts this one's curve (fewer probes)
-        below = next((proxies[r] for r in reversed(ladder[:i]) if len(proxies.get(r, ())) > 1), {})
-        q, _ = _fit_quality(size, max_bytes, {k: n for k, (_, n) in below.items()})
-        predicted[i] = q
-        recon = c.decode_thumbnail(seen[q][0], *raster, q)
-        score = psnr(np.asarray(Image.fromarray(recon).resize(search.score_size, UP_FILTER)), search.reference)
-        return (score, raster), low
-
-    found, _ = _ladder_search(ladder, evaluate)
-    if found is None:
+    n = len(proxy.ladder)
+    if not proxy.fits_low(0):
         return None
-    peak = ladder.index(found[1])
-    real: dict[int, tuple[float, PixelSettings] | None] = {}
+    lo, hi = 0, n  # fits_low(lo); hi: n or a raster that does not fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if proxy.fits_low(mid) else (lo, mid)
 
-    def fit(i: int):
-        if i not in real:
-            real[i] = None
-            if 0 <= i < len(ladder) and (i in predicted or evaluate(i)[0] is not None):
-                # ranking takes the predicted quality when it fits (one encode); the winner is then
-                # pushed up to the largest quality that fits
-                real[i] = _fit_near(search, c.name, ladder[i], levels, max_bytes, predicted[i], upward=False)
-        return real[i]
+    def score(i: int) -> float:
+        r = proxy.evaluate(i)[0]
+        return -math.inf if r is None else r[0]
 
-    best_i = peak if fit(peak) is not None else None
-    if best_i is None:
-        return None
-    for step in (1, -1):  # the climb goes up first: the proxy undervalues the larger rasters
-        moved = False
-        while True:  # quality steps make the curve bumpy: look two rasters ahead before stopping
-            ahead = [j for j in (best_i + step, best_i + 2 * step) if (r := fit(j)) is not None
-                     and r[0] > real[best_i][0]]
-            if not ahead:
-                break
-            best_i, moved = ahead[0], True
-        if moved:
+    best, i = lo, lo
+    while i >= 2 and score(i) > score(best) - fall_db:
+        i -= 2
+        best = i if score(i) > score(best) else best
+    while True:
+        j = max((k for k in (best - 1, best + 1) if 0 <= k < n), key=score, default=best)
+        if score(j) <= score(best):
             break
-    return _fit_near(search, c.name, ladder[best_i], levels, max_bytes, real[best_i][1].quality)
+        best = j
+    # The proxy's PSNR is noisy by a few tenths where the curve is flat (it can overrate the largest
+    # rasters): the smallest raster within PEAK_TIE_DB of the best is where the drafts start (and climb).
+    return min((i for i in proxy.results if i <= best and score(i) >= score(best) - PEAK_TIE_DB), default=best)
 
 
-def _fit_near(search: _Search, codec: str, raster: tuple[int, int], levels: int, max_bytes: int, guess: int,
-              upward: bool = True):
-    """(psnr, settings) at the largest quality that fits on this raster, searched from ``guess`` (a good
-    guess costs two encodes); None when quality 1 does not fit. Without ``upward``, a guess that fits
-    is taken as it is."""
-    def at(q: int) -> PixelSettings:
-        return PixelSettings(codec, *raster, quality=q, levels=levels)
-
-    def fits(q: int) -> bool:
-        return search.size(at(q)) <= max_bytes
-
+def _largest_quality(fits: Callable[[int], bool], guess: int, upward: bool = True) -> int | None:
+    """The largest quality in 1..100 that fits, searched from ``guess`` (a good guess costs two tries);
+    None when quality 1 does not fit. Without ``upward``, a guess that fits is taken as it is (one try)."""
     q = min(100, max(1, guess))
     if fits(q) and not upward:
-        return search.score(at(q)), at(q)
+        return q
     if fits(q):  # gallop up to a quality that does not fit, then bisect
         lo, step = q, 1
         while lo + step <= 100 and fits(lo + step):
@@ -340,8 +417,106 @@ def _fit_near(search: _Search, codec: str, raster: tuple[int, int], levels: int,
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    q = lo
-    return search.score(at(q)), at(q)
+    return lo
+
+
+CHROMA_MARGIN_DB = 0.3  # a chroma option the proxy scores this much under the first is not drafted
+
+
+def _fast(search: _Search, c: ThumbnailCodec, ladder: list[tuple[int, int]], levels: int, max_bytes: int,
+          preview: bool = False):
+    """Rate control with few slow encodes; None when no raster fits (the exhaustive search then says
+    what the smallest size is). ``levels`` is 1 (previews are searched as single levels).
+
+    Three encoders of the codec, quickest first. The proxy (``proxy_thumbnail``) finds the raster where
+    its PSNR peaks (``_proxy_peak``) and predicts the quality that fits on each raster within a step or
+    two; it scores large rasters low (it lacks the slow tools), so the real peak lies at or above its
+    peak. Draft encodes (``draft_thumbnail``: the real tools, quicker settings) fit the largest quality
+    on the rasters from there and climb while their PSNR rises; a second chroma option is drafted where
+    the proxy does not rule it out (never for a grey image). The real encoder then fits the quality on
+    the draft's best raster only.
+    """
+    base = c.chroma_options[0]
+    proxy = _Proxy(search, c, ladder, max_bytes, base)
+    peak = _proxy_peak(proxy, PREVIEW_FALL_DB if preview else PEAK_FALL_DB)
+    if peak is None:
+        return None
+    if preview:  # a preview of a few dozen bytes: the real encode on the proxy's raster
+        s = PixelSettings(c.name, *ladder[peak], quality=c.canonical_quality(proxy.predicted[peak]), chroma=base)
+        q = _largest_quality(lambda q: search.size(replace(s, quality=c.canonical_quality(q))) <= max_bytes,
+                             s.quality)
+        if q is None:
+            return None
+        s = replace(s, quality=c.canonical_quality(q))
+        return search.score(s), s
+
+    def drafted(p: _Proxy):
+        found: dict[int, tuple[float, PixelSettings] | None] = {}
+        offset = 0  # the draft's quality minus the proxy's, as last seen: the next guess
+
+        def fit(i: int):
+            nonlocal offset
+            if i not in found:
+                found[i] = None
+                if 0 <= i < len(ladder) and p.evaluate(i)[0] is not None:
+                    def at(q: int) -> PixelSettings:
+                        return PixelSettings(c.name, *ladder[i], quality=c.canonical_quality(q), chroma=p.chroma)
+
+                    q = _largest_quality(lambda q: search.draft_size(c, at(q)) * scale <= max_bytes,
+                                         p.predicted[i] + offset)
+                    if q is not None:
+                        offset = q - p.predicted[i]
+                        found[i] = (search.draft_score(c, at(q)), at(q))
+            return found[i]
+
+        return fit
+
+    # The real encode's size over the draft's, measured once where the drafts start (at the draft's fitted
+    # quality): the drafts are then fitted again to the bytes the real encoder will take (their sizes differ
+    # by 5 to 15 % either way, and by more at the lowest qualities).
+    scale = 1.0
+    fit = drafted(proxy)
+    best_i = next((i for i in range(peak, -1, -1) if fit(i)), None)
+    if best_i is None:
+        return None
+    d = fit(best_i)[1]
+    if search.draft_size(c, d) != search.size(d):  # the codec has drafts: measure, and fit again
+        scale = search.size(d) / search.draft_size(c, d)
+        fit = drafted(proxy)
+        best_i = next((i for i in range(best_i, -1, -1) if fit(i)), None)
+        if best_i is None:
+            return None
+    # The climb goes up only: the proxy undervalues the larger rasters, and its peak is the smallest of the
+    # rasters it scores about alike; quality steps make the curve bumpy, so it looks two rasters ahead.
+    while True:
+        ahead = [j for j in (best_i + 1, best_i + 2) if (r := fit(j)) is not None and r[0] > fit(best_i)[0]]
+        if not ahead:
+            break
+        best_i = ahead[0]
+    best = fit(best_i)
+    options = () if preview or search.grey else c.chroma_options[1:]
+    for option in options:
+        other = _Proxy(search, c, ladder, max_bytes, option)
+        mine, theirs = proxy.evaluate(best_i)[0], other.evaluate(best_i)[0]
+        if theirs is None or mine is None or theirs[0] < mine[0] - CHROMA_MARGIN_DB:
+            continue
+        fit_other = drafted(other)
+        for i in (best_i, best_i - 1):  # the costlier chroma peaks on the same raster or the one below
+            r = fit_other(i)
+            if r is not None and r[0] > best[0]:
+                best = r
+    s = best[1]
+    while True:
+        def real(q: int, s: PixelSettings = s) -> PixelSettings:
+            return replace(s, quality=c.canonical_quality(q))
+
+        q = _largest_quality(lambda q: search.size(real(q)) <= max_bytes, s.quality)
+        if q is not None:
+            return search.score(real(q)), real(q)
+        i = ladder.index((s.width, s.height))  # the real encode is larger than the draft even at quality 1
+        if i == 0:
+            return None
+        s = replace(s, width=ladder[i - 1][0], height=ladder[i - 1][1], quality=1)
 
 
 def _fit_quality(
@@ -350,8 +525,8 @@ def _fit_quality(
     """Largest quality in 1..100 whose size fits ``budget`` (quality 1 must fit), and the sizes seen.
 
     The size-quality curve of one raster looks like the previous raster's shifted in log-size, so
-    ``prior`` (the previous raster's samples) predicts a first guess; a widening probe brackets the
-    answer and bisection finishes it. Sizes are (nearly) monotone in quality.
+    ``prior`` (the previous raster's samples) predicts a first guess; a galloping probe brackets the
+    answer and bisection finishes it (``_largest_quality``). Sizes are (nearly) monotone in quality.
     """
     seen = {1: size(1)}
 
@@ -360,7 +535,8 @@ def _fit_quality(
             seen[q] = size(q)
         return seen[q] <= budget
 
-    guess = 50
+    # without a prior: sizes grow about 4 % a quality step from quality 1 (AVIF and WebP at these sizes)
+    guess = round(math.log(max(1.0, budget / max(1, seen[1]))) / 0.04) if seen[1] <= budget else 1
     if len(prior) > 1 and 1 in prior:
         target = math.log(budget) - math.log(seen[1]) + math.log(prior[1])
         pts = sorted((q, math.log(b)) for q, b in prior.items())
@@ -369,61 +545,65 @@ def _fit_quality(
             if l1 > target:  # the shifted curve crosses the budget between q0 and q1
                 guess = q0 + int((q1 - q0) * (target - l0) / (l1 - l0)) if l1 > l0 else q0
                 break
-    lo, hi = 1, 101  # size(lo) fits, size(hi) does not (101: past the end)
-    q, step = min(100, max(2, guess)), 3
-    if probe(q):
-        lo = q
-        while lo < 100:
-            q = min(100, lo + step)
-            if not probe(q):
-                hi = q
-                break
-            lo, step = q, step * 2
-        if lo == 100:
-            return 100, seen
-    else:
-        hi = q
-        while hi - lo > 1:
-            q = max(lo + 1, hi - step)
-            if probe(q):
-                lo = q
-                break
-            hi, step = q, step * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if probe(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, seen
+    return _largest_quality(probe, guess) or 1, seen
 
 
-PREVIEW_SHARE = 0.04  # the last preview level's share of the pixel budget; each earlier one has half
+PREVIEW_SHARE = 0.04  # the last preview level's share of the pixel budget up to PREVIEW_SHARE_BYTES
+PREVIEW_SHARE_BYTES = 1000  # above, the preview grows with the square root of the budget (its share falls)
 
 
 def preview_budgets(levels: int, max_bytes: int) -> list[int]:
-    """Bytes for each level before the last: small, so that the last level is nearly a single level's."""
-    return [int(max_bytes * PREVIEW_SHARE / 2 ** (levels - 2 - k)) for k in range(levels - 1)]
+    """Bytes for each level before the last (each earlier one has half the next one's): small, so that the
+    last level is nearly a single level's. A preview is a first look, which a few dozen bytes give at any
+    budget: above PREVIEW_SHARE_BYTES its bytes grow as the square root of the budget (80 B of 4000 B)."""
+    last = PREVIEW_SHARE * (max_bytes if max_bytes <= PREVIEW_SHARE_BYTES else
+                            math.sqrt(max_bytes * PREVIEW_SHARE_BYTES))
+    return [int(last / 2 ** (levels - 2 - k)) for k in range(levels - 1)]
+
+
+PREVIEW_FLOOR = 4  # a preview is first searched in 1/PREVIEW_FLOOR of its share (see _best_levels) ...
+PREVIEW_FLOOR_BYTES = 24  # ... or in this many bytes, where the share is larger (an 8 x 8 AVIF takes about 15)
+
+
+def _best_preview(search: _Search, codec: str, budget: int, exhaustive: bool):
+    """(psnr, settings) of the best single-level preview in ``budget`` bytes, else the smallest preview
+    there is; None, and its size, when not even that fits."""
+    found, low = _best_under_budget(search, codec, 1, budget, exhaustive, preview=True)
+    if found is None and low:  # too small a share: the smallest preview there is
+        found, _ = _best_under_budget(search, codec, 1, low, exhaustive, preview=True)
+    return found, low
 
 
 def _best_levels(search: _Search, codec: str, levels: int, max_bytes: int, exhaustive: bool):
     """Like _best_under_budget, for any number of levels. Thumbnail codecs send small previews first,
-    each a picture of its own (see miscnet.core.pixel.thumbnail); the last level gets what is left."""
+    each a picture of its own (see miscnet.core.pixel.thumbnail); the last level gets what is left.
+
+    The last level's quality comes in steps (libaom's quantisers are 5 to 10 % apart in bytes at these
+    sizes), so it seldom fills its budget to the byte. The previews are therefore searched in a quarter of
+    their shares first, the last level gets the rest, and the last preview then takes what the last level
+    left over, up to its whole share: the previews keep about their share on average, and the last level
+    loses only the quarter to them."""
     c = lookup(codec)
     if levels == 1 or not c.quality_search:
         return _best_under_budget(search, codec, levels, max_bytes, exhaustive)
+    shares = preview_budgets(levels, max_bytes)
     previews: list[PixelSettings] = []
-    for budget in preview_budgets(levels, max_bytes):
-        found, low = _best_under_budget(search, codec, 1, budget, exhaustive)
-        if found is None:  # too small a share: the smallest preview there is, if it leaves room
-            found, _ = _best_under_budget(search, codec, 1, low or 0, exhaustive) if low else (None, None)
-            if found is None:
-                return None, low
+    for share in shares:
+        floor = max(share // PREVIEW_FLOOR, min(share, PREVIEW_FLOOR_BYTES), 1)
+        found, low = _best_preview(search.for_previews(), codec, floor, exhaustive)
+        if found is None:
+            return None, low
         previews.append(found[1])
     used = sum(search.size(p) for p in previews)
     final, low = _best_under_budget(search, codec, 1, max_bytes - used, exhaustive)
     if final is None:
         return None, None if low is None else low + used
+    room = min(shares[-1], max_bytes - search.size(final[1]) - sum(search.size(p) for p in previews[:-1]))
+    last = previews[-1]
+    if room > search.size(last):  # the last preview's raster at the largest quality that now fits
+        canonical = getattr(c, "canonical_quality", lambda q: q)
+        q = _largest_quality(lambda q: search.size(replace(last, quality=canonical(q))) <= room, last.quality)
+        previews[-1] = replace(last, quality=canonical(q or last.quality))
     return (final[0], replace(final[1], levels=levels, previews=tuple((p.width, p.height, p.quality)
                                                                        for p in previews))), None
 
@@ -490,7 +670,7 @@ def settings_for_psnr(image: np.ndarray, codec: str, levels: int, min_psnr: floa
             if search.score(s) >= min_psnr:
                 best = (n, s)
     else:
-        for rw, rh in raster_ladder(w, h, smallest=c.ladder_smallest):
+        for rw, rh in codec_ladder(c, w, h):
             def at(q: int, rw: int = rw, rh: int = rh) -> PixelSettings:
                 return PixelSettings(codec, rw, rh, quality=q, levels=levels)
 

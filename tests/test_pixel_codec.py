@@ -177,9 +177,10 @@ def test_module_psnr_matches_formula():
 def test_candidate_settings_ladder():
     cands = candidate_settings(512, 384, "webp", 1)
     rasters = sorted({(s.width, s.height) for s in cands})
-    assert min(min(r) for r in rasters) == 8 and max(r[1] for r in rasters) == 192
+    assert min(min(r) for r in rasters) == 8 and max(rasters) == (512, 384)  # thumbnails: up to full size
     assert all(abs(w / h - 512 / 384) < 0.15 for w, h in rasters)
     blocks = candidate_settings(512, 384, "block", 1)
+    assert max(s.height for s in blocks) == 192  # the block codec: up to half the short side
     assert [s.nbytes_hint for s in blocks] == sorted(s.nbytes_hint for s in blocks)
     assert {s.codec for s in candidate_settings(64, 64, "auto", 1)} == set(pc.auto_codec_names())
     with pytest.raises(MiscError):
@@ -412,7 +413,7 @@ def test_preview_levels_are_pictures_of_their_own(codec):
     first, full = decode_pixels(coded[:1], 256, 192), decode_pixels(coded, 256, 192)
     assert psnr(first, PHOTO) < psnr(full, PHOTO)
     # the last level is the picture a single level of its settings gives
-    single = encode_pixels(PHOTO, PixelSettings(codec, s.width, s.height, quality=s.quality))
+    single = encode_pixels(PHOTO, PixelSettings(codec, s.width, s.height, quality=s.quality, chroma=s.chroma))
     np.testing.assert_array_equal(full, decode_pixels(single, 256, 192))
 
 
@@ -442,11 +443,11 @@ def test_quick_choice_is_a_valid_deterministic_choice():
     (s, coded), (s2, coded2) = picks
     assert s == s2 and coded == coded2
     assert s.codec == "avif"  # the predicted codec
-    assert (s.width, s.height) in raster_ladder(256, 192)
+    assert (s.width, s.height) in raster_ladder(256, 192, full_size=True)
     # the largest quality that fits on its raster, as the exhaustive search would take there
     assert payload_bytes(coded) <= 900
     if s.quality < 100:
-        bigger = encode_pixels(PHOTO, PixelSettings("avif", s.width, s.height, quality=s.quality + 1))
+        bigger = encode_pixels(PHOTO, PixelSettings("avif", s.width, s.height, quality=s.quality + 1, chroma=s.chroma))
         assert payload_bytes(bigger) > 900
     clear_search_cache()
     s3, coded3 = choose_settings(PHOTO, "auto", 1, 900, exhaustive=True)

@@ -1,7 +1,9 @@
 """AVIF thumbnails: only AV1 OBUs cross the link.
 
-Format note: the AVIF encoder speed follows from the raster size (``avif_speed``), so the receiver can
-predict the sequence header.
+Format note: the sequence header the receiver predicts follows from the raster size (``avif_speed``: the
+libaom speed this codec first used there, whose loop-restoration flag the header carries). The encoder
+now runs libaom at ``encoder_speed`` (4 up to ENCODER_SPEED4_AREA) with loop restoration set as the
+prediction says, so the header is still left out; a 4:4:4 thumbnail (``chroma="444"``) sends its header.
 """
 
 from __future__ import annotations
@@ -24,17 +26,33 @@ from miscnet.v1 import bitstream_pb2 as pb
 
 
 def avif_speed(width: int, height: int) -> int:
-    """libaom speed for a raster: slower (smaller files) where encoding is cheap.
-
-    Measured on the samples: speed 4 up to 96 x 96 and 6 above matches speed 4 up to 160 x 160 in
-    bytes at block mode's PSNR (mean ratio 0.1206 vs 0.1202) at half the rate-control time; at the
-    default 0.025 bpp budget, where rasters are larger, it costs about 0.2 dB.
+    """The libaom speed the wire format's predicted sequence header assumes for a raster (part of the
+    format: its loop-restoration flag is on at speed 4, up to 96 x 96). The encoder's own speed is
+    ``encoder_speed``; it sets loop restoration to match, so the header stays predictable.
     """
     area = width * height
     return 4 if area <= 96 * 96 else 6 if area <= 384 * 384 else 8
 
 
+# libaom speed 4 codes 0.1 to 0.6 dB better than speed 6 at equal bytes on these rasters and matches the
+# baselines' files (experiments/baselines.py AVIF_SPEED); it costs about 0.1 s at 256 x 256 and 0.4 s at
+# 512 x 512 per encode on this CPU, so rasters above ENCODER_SPEED4_AREA (large images at large budgets)
+# are coded at speed 6. Loop restoration, which the predicted header fixes, changes PSNR by +-0.05 dB.
+ENCODER_SPEED4_AREA = 640 * 640
+
+
+def encoder_speed(width: int, height: int) -> int:
+    """libaom speed the encoder runs at for a raster (the receiver does not need to know it)."""
+    return 4 if width * height <= ENCODER_SPEED4_AREA else 6
+
+
+def _restoration(width: int, height: int) -> bool:
+    """The loop-restoration flag of the predicted sequence header."""
+    return avif_speed(width, height) <= 4
+
+
 _AVIF_OPTIONS = {"subsampling": "4:2:0", "max_threads": 1, "codec": "aom", "advanced": {"tune": "psnr"}}
+_SUBSAMPLING = {"420": "4:2:0", "444": "4:4:4"}
 
 # AV1 Annex A: (seq_level_idx, MaxPicSize, MaxHSize, MaxVSize), enough for rasters up to 4096.
 _AV1_LEVELS = (
@@ -135,7 +153,7 @@ def _predicted_seq_header(width: int, height: int) -> bytes:
     w.write(hbits - 1, 4)
     w.write(width - 1, wbits)
     w.write(height - 1, hbits)
-    restoration = 1 if avif_speed(width, height) <= 4 else 0
+    restoration = 1 if _restoration(width, height) else 0
     # 64x64 superblocks, filter intra, intra edge filter, no superres, no cdef (tune=psnr), restoration
     w.write(0b011000 | restoration, 6)
     w.write(0, 1)  # 8 bits
@@ -251,13 +269,16 @@ def _obu_body(obu: bytes) -> bytes:
     return obu[p + 1 :]
 
 
-PROXY_SPEED = 9  # rate control's quick look: far faster than avif_speed, at about the same size per quality
+PROXY_SPEED = 9  # rate control's quick look: far faster than the encoder, at about the same size per quality
+DRAFT_SPEED = 6  # rate control's ranking encodes: 3 to 5 times faster than speed 4, within 0.1 to 0.5 dB of it
+_DRAFT_MIN_AREA = 32 * 32  # up to here a real encode takes a millisecond or two: no drafts
 
 
-def _avif_encode(thumb: np.ndarray, quality: int, speed: int | None = None) -> bytes:
+def _avif_encode(thumb: np.ndarray, quality: int, speed: int | None = None, chroma: str = "420") -> bytes:
     h, w = thumb.shape[:2]
-    data = pil_encode("AVIF", thumb, quality=quality, speed=avif_speed(w, h) if speed is None else speed,
-                      **_AVIF_OPTIONS)
+    options = {**_AVIF_OPTIONS, "subsampling": _SUBSAMPLING[chroma],
+               "advanced": {**_AVIF_OPTIONS["advanced"], "enable-restoration": "1" if _restoration(w, h) else "0"}}
+    data = pil_encode("AVIF", thumb, quality=quality, speed=encoder_speed(w, h) if speed is None else speed, **options)
     obus = file_obus(data)
     types = [t for t, _ in obus]
     if types[:2] != [2, 1] or any(t not in (3, 4, 6) for t in types[2:]):
@@ -279,21 +300,43 @@ def _avif_decode(payload: bytes, width: int, height: int, quality: int) -> np.nd
     return pil_decode("avif", "AVIF", _avif_rebuild(payload, width, height), width, height)
 
 
+def _canonical_qualities() -> tuple[int, ...]:
+    top: dict[int, int] = {}
+    for q in range(101):
+        top[((100 - q) * 63 + 50) // 100] = q  # ascending q: the largest q of each quantiser wins
+    return tuple(top[((100 - q) * 63 + 50) // 100] for q in range(101))
+
+
+_CANONICAL_QUALITY = _canonical_qualities()
+
+
 class AvifCodec(ThumbnailCodec):
     name = "avif"
     codec_id = pb.CODEC_PIXEL_AVIF
+    chroma_options = ("420", "444")  # 4:4:4 (AV1 profile 1) pays for itself on colourful graphics
 
-    def encode_thumbnail(self, thumb: np.ndarray, quality: int) -> bytes:
-        return _avif_encode(thumb, quality)
+    def encode_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> bytes:
+        return _avif_encode(thumb, quality, chroma=chroma)
 
     def decode_thumbnail(self, payload: bytes, width: int, height: int, quality: int) -> np.ndarray:
         return _avif_decode(payload, width, height, quality)
 
-    def proxy_thumbnail(self, thumb: np.ndarray, quality: int) -> tuple[bytes, int]:
-        payload = _avif_encode(thumb, quality, speed=PROXY_SPEED)
+    def proxy_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> tuple[bytes, int]:
+        payload = _avif_encode(thumb, quality, speed=PROXY_SPEED, chroma=chroma)
         obus = _read_obus(payload)
-        # the proxy's tools differ, so its sequence header is sent; the real encode's usually is not
-        return payload, len(payload) - (len(obus[0][1]) if obus[0][0] == 1 else 0)
+        # the proxy's tools differ, so its sequence header is sent; the real 4:2:0 encode's usually is not
+        head = len(obus[0][1]) if obus[0][0] == 1 and chroma == "420" else 0
+        return payload, len(payload) - head
+
+    def canonical_quality(self, quality: int) -> int:
+        # libavif maps quality q to the quantiser ((100 - q) * 63 + 50) // 100: 64 quantisers for 101 qualities
+        return _CANONICAL_QUALITY[quality]
+
+    def draft_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> bytes | None:
+        h, w = thumb.shape[:2]
+        if w * h <= _DRAFT_MIN_AREA or encoder_speed(w, h) >= DRAFT_SPEED:
+            return None  # the real encode is as quick, or is the draft's
+        return _avif_encode(thumb, quality, DRAFT_SPEED, chroma)
 
     def file_form(self, level: PixelLevel) -> bytes:
         return _avif_rebuild(level.payload, level.params.width, level.params.height)

@@ -46,6 +46,8 @@ class PixelSettings:
     # thumbnail codecs: (width, height, quality) of each level before the last, every level a picture of
     # its own (empty: levels after the first are residuals at twice the resolution)
     previews: tuple[tuple[int, int, int], ...] = ()
+    # thumbnail codecs: chroma subsampling of the last level ("420", or "444" where the codec offers it)
+    chroma: str = "420"
 
     @property
     def nbytes_hint(self) -> int | None:
@@ -80,6 +82,11 @@ class PixelCodec:
     # setting it may pick and ``exact_bytes`` gives their sizes without encoding.
     quality_search: bool = False
     ladder_smallest: int = 8  # smallest short side of the raster ladder its candidates start from
+    # the ladder's top and step: half the image's short side (at most 512) in steps of 2**(1/4), or, with
+    # ladder_full_size, the image's own size in steps of 2**(1/6) (the thumbnail codecs: a standard file
+    # of the same bytes may use any raster, so rate control must be able to as well)
+    ladder_full_size: bool = False
+    chroma_options: tuple[str, ...] = ("420",)  # PixelSettings.chroma values it encodes; rate control tries each
 
     def check_settings(self, settings: PixelSettings) -> None:
         """Raise MiscError for settings this codec cannot encode (the raster is checked already)."""

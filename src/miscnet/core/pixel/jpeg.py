@@ -180,8 +180,8 @@ class JpegCodec(ThumbnailCodec):
     codec_id = pb.CODEC_PIXEL_JPEG
     decoder_needs_quality = True  # the quantisation tables are rebuilt from it
 
-    def encode_thumbnail(self, thumb: np.ndarray, quality: int) -> bytes:
-        return _jpeg_encode(thumb, quality)
+    def encode_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> bytes:
+        return _jpeg_encode(thumb, quality)  # the rebuilt header says 4:2:0
 
     def decode_thumbnail(self, payload: bytes, width: int, height: int, quality: int) -> np.ndarray:
         return _jpeg_decode(payload, width, height, quality)

@@ -127,25 +127,41 @@ class ThumbnailCodec(PixelCodec):
     quality_search = True
     decoder_needs_quality = False  # PixelParams.quality is written only where the decoder reads it (jpeg)
 
-    def encode_thumbnail(self, thumb: np.ndarray, quality: int) -> bytes:
-        """The payload of one uint8 thumbnail: the encoder's file less what the receiver rebuilds."""
+    ladder_full_size = True
+
+    def encode_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> bytes:
+        """The payload of one uint8 thumbnail: the encoder's file less what the receiver rebuilds.
+        ``chroma``: one of ``chroma_options`` (the decoder reads it from the payload)."""
         raise NotImplementedError
 
     def decode_thumbnail(self, payload: bytes, width: int, height: int, quality: int) -> np.ndarray:
         """The uint8 thumbnail of one payload; anything malformed: BitstreamError."""
         raise NotImplementedError
 
-    def proxy_thumbnail(self, thumb: np.ndarray, quality: int) -> tuple[bytes, int]:
+    def proxy_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> tuple[bytes, int]:
         """A quicker encode that ``decode_thumbnail`` reads, and the size the real encode would about
         have: rate control predicts the quality that fits with it and encodes only a few for real."""
-        payload = self.encode_thumbnail(thumb, quality)
+        payload = self.encode_thumbnail(thumb, quality, chroma)
         return payload, len(payload)
+
+    def canonical_quality(self, quality: int) -> int:
+        """The largest quality that codes exactly as ``quality`` does (rate control encodes each once)."""
+        return quality
+
+    def draft_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> bytes | None:
+        """A quicker real encode that ``decode_thumbnail`` reads, of about the size and PSNR the real one
+        has (rate control ranks rasters with it and encodes only the winner for real); None where the
+        codec has none (its real encode is quick)."""
+        return None
 
     def check_settings(self, s: PixelSettings) -> None:
         if not 0 <= s.quality <= 100:
             raise MiscError(f"pixel layer: quality {s.quality} is outside 0..100 (0: the default, 50)")
         if not 1 <= s.levels <= MAX_THUMBNAIL_LEVELS:
             raise MiscError(f"pixel layer: levels must be 1..{MAX_THUMBNAIL_LEVELS}")
+        if s.chroma not in self.chroma_options:
+            raise MiscError(f"pixel layer: {self.name} has no chroma option {s.chroma!r} "
+                            f"(use {', '.join(self.chroma_options)})")
         if s.previews and len(s.previews) != s.levels - 1:
             raise MiscError(f"pixel layer: {len(s.previews)} previews for {s.levels} levels (need levels - 1)")
         for w, h, q in s.previews:
@@ -166,7 +182,9 @@ def encode_thumbnail_levels(codec: ThumbnailCodec, targets: _Targets, s: PixelSe
         out = []
         for k, (w, h, q) in enumerate((*s.previews, (s.width, s.height, quality))):
             params = pb.PixelParams(width=w, height=h, quality=q if codec.decoder_needs_quality else 0)
-            out.append(PixelLevel(k, codec.codec_id, params, codec.encode_thumbnail(to_uint8(targets.get(w, h)), q)))
+            chroma = s.chroma if k == len(s.previews) else "420"  # the previews are a few dozen bytes
+            out.append(PixelLevel(k, codec.codec_id, params,
+                                  codec.encode_thumbnail(to_uint8(targets.get(w, h)), q, chroma)))
         return out
     stored_quality = quality if codec.decoder_needs_quality else 0
     out: list[PixelLevel] = []
@@ -181,7 +199,7 @@ def encode_thumbnail_levels(codec: ThumbnailCodec, targets: _Targets, s: PixelSe
                                     residual_gain=RESIDUAL_GAIN)
             pred = resize(recon, w, h, UP_FILTER)
             coded = to_uint8((target - pred) * (RESIDUAL_GAIN / 8.0) + 128.0)
-        lv = PixelLevel(k, codec.codec_id, params, codec.encode_thumbnail(coded, quality))
+        lv = PixelLevel(k, codec.codec_id, params, codec.encode_thumbnail(coded, quality, s.chroma))
         out.append(lv)
         if RESIDUAL_LEVELS and k + 1 < s.levels:
             recon = decode_thumbnail_levels(codec, out)  # the receiver's view, so both sides stay in step

@@ -49,8 +49,8 @@ class WebpCodec(ThumbnailCodec):
     name = "webp"
     codec_id = pb.CODEC_PIXEL_WEBP
 
-    def encode_thumbnail(self, thumb: np.ndarray, quality: int) -> bytes:
-        return _webp_encode(thumb, quality)
+    def encode_thumbnail(self, thumb: np.ndarray, quality: int, chroma: str = "420") -> bytes:
+        return _webp_encode(thumb, quality)  # lossy WebP is 4:2:0 only
 
     def decode_thumbnail(self, payload: bytes, width: int, height: int, quality: int) -> np.ndarray:
         return _webp_decode(payload, width, height, quality)
