@@ -3,6 +3,12 @@
 Generic over the registered codecs (miscnet.core.pixel): a codec either has its quality searched on each
 raster of a geometric ladder (``quality_search``: the thumbnail codecs), or lists its candidates with
 sizes known without encoding (the block codec). Only the sender runs this; receivers never import it.
+
+The thumbnail codecs search what a standard file of the same bytes may use (experiments/baselines.py):
+every raster of the image's aspect up to its own size, every quality, and AVIF's 4:4:4 chroma. The quick
+search (the default) ranks rasters with the codec's proxy encoder, fits and climbs with its draft encoder
+(sized as the real one by one measured ratio), and encodes the winner for real; ``exhaustive`` encodes
+every candidate for real (experiments/bench_levels.py compares the two).
 """
 
 from __future__ import annotations
