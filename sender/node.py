@@ -143,19 +143,31 @@ class StreamBroken(Exception):
 
 
 class _InFlight:
-    """One image on a stream: its transport state machine and, for none / fec, when its final report is due."""
+    """One image on a stream: its transport state machine and, for none / fec (nothing to wait for but the
+    receiver's report), when that report is due."""
 
     def __init__(self, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
                  path: PathEstimate | None):
         self.image_id, self.name, self.image = image_id, name, image
         self.sender = ImageSender(image_id, image, options.transport, path=path)
         self.t0 = time.monotonic()
-        self.complete: bool | None = None
-        self.final_poll_at: float | None = None  # none / fec: stop waiting for the receiver's report then
+        self.complete: bool | None = None  # the receiver's word, when it gave it
+        self.report_due: float | None = None  # none / fec: waiting for the final report until then
+        self.reported = False  # none / fec: the report came, or its wait ran out
 
     @property
     def wakes_at(self) -> float | None:
-        return self.final_poll_at if self.final_poll_at is not None else self.sender.timer_at
+        return self.report_due if self.report_due is not None else self.sender.timer_at
+
+    @property
+    def over(self) -> bool:
+        return self.reported if self.report_due is not None else self.sender.finished
+
+    def result(self) -> SendResult:
+        sender, complete = self.sender, self.complete
+        detail = sender.failure or ("delivered" if complete else "sent" if complete is None else "sent, incomplete")
+        return SendResult(self.name, sender.state == "done", complete, detail, sender.stats.as_dict(),
+                          time.monotonic() - self.t0, layers_digest(self.image.layers))
 
 
 class StreamSender:
@@ -179,32 +191,31 @@ class StreamSender:
             # nothing was promised, but ask the receiver what it got, for the report
             # (through the pacer, behind the image's packets)
             self.stream.send([Datagram(Packet(POLL, image_id, 0, FINAL_TOKEN, POLL_ASK).encode(), "poll", image_id)])
-            one.final_poll_at = time.monotonic() + self.options.linger_s
+            one.report_due = time.monotonic() + self.options.linger_s
 
     def step(self, until: float | None = None) -> list[SendResult]:
         """Wait for feedback or a timer, up to monotonic time ``until`` (None: until an image ends), and run
         it; returns the images that ended meanwhile (possibly none). Raises StreamBroken when the stream ends
         under images in flight (they are then forgotten: the caller decides whether to resend them)."""
         while True:
-            ended = self._collect()
+            ended = self._take_over()
             if ended or not self.in_flight and until is None:
                 return ended
-            now = time.monotonic()
             wakes = [w for w in (one.wakes_at for one in self.in_flight.values()) if w is not None]
             if until is not None:
                 wakes.append(until)
-            wait = None if not wakes else max(0.0, min(wakes) - now)
+            wait = None if not wakes else max(0.0, min(wakes) - time.monotonic())
             try:
                 item = self.stream.inbox.get(timeout=wait)
             except queue.Empty:
                 now = time.monotonic()
                 for one in self.in_flight.values():
-                    if one.final_poll_at is not None and now >= one.final_poll_at:
-                        one.final_poll_at = -1.0  # the report did not come: over, complete unknown
-                    elif one.final_poll_at is None and one.sender.timer_at is not None and now >= one.sender.timer_at:
+                    if one.report_due is not None:
+                        one.reported = one.reported or now >= one.report_due  # no report: complete unknown
+                    elif one.sender.timer_at is not None and now >= one.sender.timer_at:
                         self.stream.send(one.sender.on_timer(now))
                 if until is not None and now >= until:
-                    return self._collect()
+                    return self._take_over()
                 continue
             if item is _END:
                 diagnose = None if self.stream.replied else (
@@ -218,45 +229,29 @@ class StreamSender:
             one = self.in_flight.get(image_id)
             if one is None:
                 continue  # an image already over (a late answer), or never ours
-            if one.final_poll_at is not None:
+            if one.report_due is not None:
                 if feedback.token == FINAL_TOKEN:  # the answer to the final report request
-                    one.complete, one.final_poll_at = feedback.complete, -1.0
+                    one.complete, one.reported = feedback.complete, True
                 continue
             self.stream.send(one.sender.on_feedback(feedback, time.monotonic()))
             if one.sender.state == "done":
                 one.complete = True
 
-    def _collect(self) -> list[SendResult]:
-        ended = []
-        for image_id in [i for i, one in self.in_flight.items() if self._over(one)]:
-            one = self.in_flight.pop(image_id)
-            sender = one.sender
-            delivered = sender.state == "done"
-            complete = one.complete
-            detail = sender.failure or ("delivered" if complete else "sent" if complete is None else "sent, incomplete")
-            ended.append(SendResult(one.name, delivered, complete, detail, sender.stats.as_dict(),
-                                    time.monotonic() - one.t0, layers_digest(one.image.layers)))
-        return ended
-
-    @staticmethod
-    def _over(one: _InFlight) -> bool:
-        if one.final_poll_at is not None:  # none / fec: over once the report came or its wait ran out
-            return one.final_poll_at < 0
-        return one.sender.finished
+    def _take_over(self) -> list[SendResult]:
+        """The results of the images that are over, which leave the stream."""
+        return [self.in_flight.pop(i).result() for i in [i for i, one in self.in_flight.items() if one.over]]
 
 
 def send_one_image(stream: ExchangeStream, image_id: int, name: str, image: EncodedImage, options: SenderOptions,
-                   progress=None, path: PathEstimate | None = None) -> SendResult:
+                   path: PathEstimate | None = None) -> SendResult:
     """Send one image on ``stream`` and wait until it is over (the stream carries no other image meanwhile)."""
     one = StreamSender(stream, options, path)
     one.start(image_id, name, image)
     (result,) = one.step()
-    if progress:
-        progress(name, result)
     return result
 
 
-def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, progress=None) -> list[SendResult]:
+def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions) -> list[SendResult]:
     """Send every image in order; reconnects up to options.retries times, restarting the current image."""
     results: list[SendResult] = []
     attempts = 0
@@ -270,7 +265,7 @@ def send_images(items: list[tuple[str, EncodedImage]], options: SenderOptions, p
                 stream = ExchangeStream(options)
             name, image = items[index]
             try:
-                results.append(send_one_image(stream, next_id, name, image, options, progress, path))
+                results.append(send_one_image(stream, next_id, name, image, options, path))
                 next_id = (next_id + 1) & 0xFFFF
                 index += 1
             except StreamBroken as broken:
