@@ -281,32 +281,27 @@ def _pair_tensors(reference, reconstruction, device):
     return to_tensor(a, device), to_tensor(b, device)
 
 
-def lpips(reference, reconstruction, heads: str, backbone: str, device: str = "auto") -> float | None:
-    """LPIPS v0.1 of ``reconstruction`` against ``reference`` (uint8); None below 32 px on a side."""
+def _full_reference(model, reference, reconstruction) -> float | None:
+    """A full-reference network's score of a pair (LPIPS, DISTS); None below MIN_SIDE px on a side."""
     import torch
 
     from miscnet.experiments.learned_nets import MIN_SIDE
 
-    model = lpips_model(heads, backbone, device)
     if min(np.asarray(reference).shape[:2]) < MIN_SIDE:
         return None
-    x, y = _pair_tensors(reference, reconstruction, model.shift.device)
+    x, y = _pair_tensors(reference, reconstruction, next(model.parameters()).device)
     with torch.inference_mode():
         return float(model(x, y)[0])
+
+
+def lpips(reference, reconstruction, heads: str, backbone: str, device: str = "auto") -> float | None:
+    """LPIPS v0.1 of ``reconstruction`` against ``reference`` (uint8); None below 32 px on a side."""
+    return _full_reference(lpips_model(heads, backbone, device), reference, reconstruction)
 
 
 def dists(reference, reconstruction, weights: str, backbone: str, device: str = "auto") -> float | None:
     """DISTS of ``reconstruction`` against ``reference`` (uint8); None below 32 px on a side."""
-    import torch
-
-    from miscnet.experiments.learned_nets import MIN_SIDE
-
-    model = dists_model(weights, backbone, device)
-    if min(np.asarray(reference).shape[:2]) < MIN_SIDE:
-        return None
-    x, y = _pair_tensors(reference, reconstruction, model.mean.device)
-    with torch.inference_mode():
-        return float(model(x, y)[0])
+    return _full_reference(dists_model(weights, backbone, device), reference, reconstruction)
 
 
 def inception_features(images, path: str, device: str = "auto") -> np.ndarray:
