@@ -26,6 +26,7 @@ from miscnet.cli.argtypes import positive_float as _positive_float
 from miscnet.cli.argtypes import positive_int as _positive_int
 from miscnet.core.config import MAP_BACKENDS, EncoderConfig, SemanticsConfig, pixel_codec_choices
 from miscnet.core.errors import MiscError
+from miscnet.core.pixel import lookup as lookup_pixel_codec
 from miscnet.core.pixel.block import BLOCK_RULES
 from miscnet.receiver.stages import MAX_RENDER_PIXELS
 
@@ -46,7 +47,7 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pixel", dest="pixel_codec", default=_ENC.pixel_codec, choices=list(pixel_codec_choices()),
                    help=f"pixel layer codec (default {_ENC.pixel_codec})")
     g.add_argument("--net-model", metavar="PATH", help="--pixel net: its weights (default $MISCNET_NET_MODEL)")
-    # default None, not 2: the net and ref codecs code one level, so they take 1 unless told otherwise
+    # default None, not 2: codecs that code fewer levels (net, ref: one) take what they code
     g.add_argument("--levels", type=_positive_int, default=None,
                    help=f"pixel levels, coarse first (default {_ENC.levels}; 1 for net and ref, which code one)")
     g.add_argument("--ref", default=_ENC.ref, metavar="FILE",
@@ -65,9 +66,11 @@ def add_encoder_options(p: argparse.ArgumentParser) -> None:
 
 
 def _levels(args) -> int:
+    """--levels, else the default capped at what the codec codes (net and ref: one level; auto: the default)."""
     if args.levels is not None:
         return args.levels
-    return 1 if args.pixel_codec in ("net", "ref") else _ENC.levels
+    codec = lookup_pixel_codec(args.pixel_codec)
+    return _ENC.levels if codec is None else min(_ENC.levels, codec.max_levels)
 
 
 def encoder_config(args: argparse.Namespace) -> EncoderConfig:
