@@ -63,6 +63,7 @@ from miscnet.core.pixel import (
     thumbnail_file,
 )
 from miscnet.experiments.jpeg_progressive import JPEG_PROGRESSIVE, encode_progressive_jpeg
+from miscnet.sender import rate_control
 from miscnet.v1 import bitstream_pb2 as pb
 
 BASELINE_CODECS = ("jpeg", "webp", "avif", JPEG_PROGRESSIVE)
@@ -319,36 +320,8 @@ VERIFY_STEPS = 4
 
 
 def largest_fitting(fits, n: int, hint: int = 0) -> int | None:
-    """The largest index i < n with fits(i), for a ``fits`` that is monotone (true, then false) up to
-    wiggles of at most VERIFY_STEPS steps: a galloping bisection from ``hint``, then a scan past the edge."""
-    hint = min(max(hint, 0), n - 1)
-    if fits(hint):
-        lo, step = hint, 1
-        while lo + step < n and fits(lo + step):
-            lo, step = lo + step, step * 2
-        hi = min(n, lo + step)  # hi: n, or an index that does not fit
-    else:
-        hi, step = hint, 1
-        while hi - step >= 0 and not fits(hi - step):
-            hi, step = hi - step, step * 2
-        lo = hi - step
-        if lo < 0:
-            lo = next((i for i in range(min(n, VERIFY_STEPS + 1)) if fits(i)), None)
-            if lo is None:
-                return None
-            hi = max(hi, lo + 1)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
-    j = lo + 1
-    while j < n and j - lo <= VERIFY_STEPS:
-        if fits(j):
-            lo = j
-        j += 1
-    return lo
+    """The largest index i < n with fits(i), for a ``fits`` monotone up to wiggles of VERIFY_STEPS steps."""
+    return rate_control.largest_fitting(fits, n, hint, VERIFY_STEPS)
 
 
 def _scan_fitting(table: _Table, w: int, h: int, option: str, budget: int, fit_wire: bool

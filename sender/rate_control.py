@@ -400,30 +400,49 @@ def _proxy_peak(proxy: _Proxy, fall_db: float = PEAK_FALL_DB) -> int | None:
     return min((i for i in proxy.results if i <= best and score(i) >= score(best) - PEAK_TIE_DB), default=best)
 
 
-def _largest_quality(fits: Callable[[int], bool], guess: int, upward: bool = True) -> int | None:
-    """The largest quality in 1..100 that fits, searched from ``guess`` (a good guess costs two tries);
-    None when quality 1 does not fit. Without ``upward``, a guess that fits is taken as it is (one try)."""
-    q = min(100, max(1, guess))
-    if fits(q) and not upward:
-        return q
-    if fits(q):  # gallop up to a quality that does not fit, then bisect
-        lo, step = q, 1
-        while lo + step <= 100 and fits(lo + step):
+def largest_fitting(fits: Callable[[int], bool], n: int, hint: int = 0, verify_steps: int = 0) -> int | None:
+    """The largest index i < n with fits(i), None when none fits, for a ``fits`` that is monotone (true, then
+    false) up to wiggles of at most ``verify_steps`` steps: a galloping bisection from ``hint`` (a good hint
+    costs two tries), then a scan of ``verify_steps`` indices past the edge. The baselines' search
+    (experiments/baselines.py) uses it with wiggles; the encoder's quality search without."""
+    hint = min(max(hint, 0), n - 1)
+    if fits(hint):
+        lo, step = hint, 1
+        while lo + step < n and fits(lo + step):
             lo, step = lo + step, step * 2
-        hi = min(101, lo + step)
+        hi = min(n, lo + step)  # hi: n, or an index that does not fit
     else:
-        hi, step = q, 1
-        while hi - step >= 1 and not fits(hi - step):
+        hi, step = hint, 1
+        while hi - step >= 0 and not fits(hi - step):
             hi, step = hi - step, step * 2
         lo = hi - step
-        if lo < 1:
-            if not fits(1):
+        if lo < 0:
+            lo = next((i for i in range(min(n, verify_steps + 1)) if fits(i)), None)
+            if lo is None:
                 return None
-            lo = 1
+            hi = max(hi, lo + 1)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    j = lo + 1
+    while j < n and j - lo <= verify_steps:
+        if fits(j):
+            lo = j
+        j += 1
     return lo
+
+
+def _largest_quality(fits: Callable[[int], bool], guess: int, upward: bool = True) -> int | None:
+    """The largest quality in 1..100 that fits, searched from ``guess`` (``largest_fitting``); None when
+    quality 1 does not fit. Without ``upward``, a guess that fits is taken as it is (one try)."""
+    q = min(100, max(1, guess))
+    if not upward and fits(q):
+        return q
+    i = largest_fitting(lambda i: fits(i + 1), 100, q - 1)
+    return None if i is None else i + 1
 
 
 CHROMA_MARGIN_DB = 0.3  # a chroma option the proxy scores this much under the first is not drafted
