@@ -329,6 +329,6 @@ class RelayNode(sgrpc.LinkServicer):
 
 def serve_relay(options: RelayOptions) -> tuple[grpc.Server, RelayNode, int]:
     node = RelayNode(options)
-    server, port = serve_node(node, {"Link": sgrpc.add_LinkServicer_to_server}, node.counters, options.listen,
+    server, port = serve_node(node, {"Link": sgrpc.add_LinkServicer_to_server}, options.listen,
                               options.tls, options.token, options.grpc_workers)
     return server, node, port

@@ -127,17 +127,17 @@ def add_stats_service(server: grpc.Server, counters: Counters, token: str | None
     return SERVICE_NAME
 
 
-def serve_node(node, services: dict[str, Callable], counters: Counters, listen: str, tls: TlsFiles,
-               token: str | None, workers: int) -> tuple[grpc.Server, int]:
+def serve_node(node, services: dict[str, Callable], listen: str, tls: TlsFiles, token: str | None,
+               workers: int) -> tuple[grpc.Server, int]:
     """Start a node's gRPC server: ``services`` maps each miscnet.v1 service name to its ``add_*_to_server``
-    (each given ``node``), plus Stats over ``counters``, health and reflection. A failed start closes the node,
+    (each given ``node``), plus Stats over ``node.counters``, health and reflection. A failed start closes the node,
     so a port in use leaves no thread behind."""
     names = [spb.DESCRIPTOR.services_by_name[name].full_name for name in services]
 
     def register(server: grpc.Server) -> None:
         for add in services.values():
             add(node, server)
-        names.append(add_stats_service(server, counters, token))
+        names.append(add_stats_service(server, node.counters, token))
 
     try:
         server, _, port = start_server(listen, tls, register, names, workers=workers)

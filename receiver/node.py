@@ -624,6 +624,5 @@ class ReceiverNode(sgrpc.LinkServicer, sgrpc.WatchServicer):
 def serve_receiver(options: ReceiverOptions, decoder) -> tuple[grpc.Server, ReceiverNode, int]:
     node = ReceiverNode(options, decoder)
     services = {"Link": sgrpc.add_LinkServicer_to_server, "Watch": sgrpc.add_WatchServicer_to_server}
-    server, port = serve_node(node, services, node.counters, options.listen, options.tls, options.token,
-                              options.grpc_workers)
+    server, port = serve_node(node, services, options.listen, options.tls, options.token, options.grpc_workers)
     return server, node, port
